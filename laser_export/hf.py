@@ -1,0 +1,104 @@
+"""``from_pretrained`` support for factorised checkpoints (transformers' pluggable quantizer API).
+
+A factorised export writes ``"quantization_config": {"quant_method": "laser", "ranks": {module: k}}``
+into ``config.json``. With ``laser_export`` imported, the registered :class:`LaserQuantizer` swaps
+each named ``nn.Linear``/``Conv1D`` for a :class:`~laser_export.lowrank.LowRankLinear` of that rank
+before the weights load, so ``AutoModelForCausalLM.from_pretrained(folder)`` gives the reduced model.
+
+Without ``laser_export``, transformers only *warns* about the unknown quantization type and loads the
+plain architecture. That must not load silently wrong weights, and it does not: the factorised
+module's right factor is stored under ``<module>.weight`` with shape (k, in) where the plain module
+expects (out, in), so the plain loader stops with a size-mismatch error (see tests/test_roundtrip.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .lowrank import LowRankLinear, is_conv1d
+
+QUANT_METHOD = "laser"
+
+
+class LaserConfig(QuantizationConfigMixin):
+    """``ranks``: qualified module name → rank of its LowRankLinear replacement."""
+
+    def __init__(self, ranks: dict[str, int] | None = None, laser_export_version: str | None = None, **kwargs):
+        from . import __version__
+
+        self.quant_method = QUANT_METHOD
+        self.ranks = dict(ranks or {})
+        self.laser_export_version = laser_export_version or __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "ranks": dict(self.ranks),
+            "laser_export_version": self.laser_export_version,
+        }
+
+
+def swap_to_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each named Linear/Conv1D with an (uninitialised) LowRankLinear of the given rank."""
+    for name, rank in ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config.ranks names {name!r}, which this model does not have") from None
+        if isinstance(old, LowRankLinear):
+            continue
+        w = old.weight
+        out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(old) else (w.shape[0], w.shape[1])
+        new = LowRankLinear(in_f, out_f, int(rank), bias=old.bias is not None, device=w.device, dtype=w.dtype)
+        model.set_submodule(name, new)
+
+
+class LaserQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def __init__(self, quantization_config: LaserConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        swap_to_lowrank(model, self.quantization_config.ranks)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the 'laser' quantization method with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(LaserConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(LaserQuantizer)
+
+
+def mark_factorised(model: nn.Module) -> dict[str, int]:
+    """Record the LowRankLinear modules of an in-memory model in its config, so save_pretrained
+    writes the quantization_config that from_pretrained needs. Returns the ranks."""
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if ranks:
+        model.config.quantization_config = LaserConfig(ranks)
+    elif getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return ranks
+
+
+register()

@@ -1,0 +1,167 @@
+"""The recipe: a YAML file that names a model, its LASER interventions, storage, benchmark, claims
+and export targets. Pydantic models with unknown fields forbidden; every error names its field path
+(``interventions[1].rho: ...``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe problem. ``str()`` is one line per problem, each starting with its field path."""
+
+    def __init__(self, problems: list[str], file: str | Path | None = None):
+        self.problems = problems
+        self.file = str(file) if file else None
+        where = f"{self.file}: " if self.file else ""
+        super().__init__("\n".join(f"{where}{p}" for p in problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        description="Hub id (org/name, optional @revision), local folder, path to a .gguf file, "
+        "or package:PKG/FILE for a file inside an installed Python package"
+    )
+    revision: str | None = Field(None, description="Hub revision (commit sha, tag or branch)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
+    license: str | None = Field(None, description="license of the source weights, carried to the model card")
+    trust_remote_code: bool = False
+    model_type: str | None = Field(
+        None, description="expected config.model_type; lets `check` validate without the weights"
+    )
+    num_layers: int | None = Field(None, ge=1, description="expected number of layers (checked like model_type)")
+
+
+class Intervention(_Strict):
+    layer: int = Field(ge=0)
+    matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
+    rho: float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
+    rank: int | None = Field(None, ge=1, description="explicit rank instead of rho")
+
+    @field_validator("rho")
+    @classmethod
+    def _rho_range(cls, v):
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1] (fraction of max rank kept), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.rho is None) == (self.rank is None):
+            raise ValueError("give exactly one of rho (fraction of max rank kept) or rank")
+        return self
+
+
+class Reduction(_Strict):
+    method: Literal["exact", "randomized"] = "exact"
+    svd_dtype: Literal["float32", "float64"] = "float32"
+    oversampling: int = Field(10, ge=0)
+    power_iterations: int = Field(4, ge=0)
+    seed: int = 0
+
+
+class BenchmarkSpec(_Strict):
+    name: str = Field(description="counterfact | qa_wikidata | epistemic_reasoning | fever | jsonl")
+    path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
+    split: Literal["validation", "test"] = "test"
+    seed: int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    max_examples: int | None = Field(None, ge=1, description="use only the first N examples of the task")
+    metric: str = "top1"
+    batch_size: int = Field(16, ge=1)
+
+
+class Claim(_Strict):
+    accuracy: float = Field(ge=0, le=1)
+
+
+class Claims(_Strict):
+    baseline: Claim
+    reduced: Claim
+    tolerance: float = Field(0.01, ge=0, le=1)
+
+
+class HubSpec(_Strict):
+    repo_id: str
+    private: bool = False
+
+
+class ExportSpec(_Strict):
+    formats: list[Literal["safetensors", "onnx"]] = ["safetensors"]
+    max_shard_size: str = "2GB"
+    onnx_with_past: bool = True
+    hub: HubSpec | None = None
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = None
+    model: ModelSpec
+    interventions: list[Intervention] = Field(min_length=1)
+    reduction: Reduction = Reduction()
+    storage: Literal["dense", "factorised"] = "dense"
+    benchmark: BenchmarkSpec | None = None
+    claims: Claims | None = None
+    export: ExportSpec = ExportSpec()
+
+    @model_validator(mode="after")
+    def _claims_need_benchmark(self):
+        if self.claims is not None and self.benchmark is None:
+            raise ValueError("claims need a benchmark to be verified on")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<recipe>"
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"{_path(loc)}: {msg}")
+    return problems
+
+
+def parse_recipe(data: object, file: str | Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(["<recipe>: expected a mapping at the top level"], file)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err), file) from None
+
+
+def load_recipe(path: str | Path) -> tuple[Recipe, str]:
+    """Read and validate a recipe file; returns (recipe, yaml_text)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecipeError([f"<file>: cannot read recipe: {err.strerror}"], path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError([f"<yaml>: {err}"], path) from None
+    return parse_recipe(data, path), text

@@ -1,0 +1,59 @@
+"""Tiny random models, one per architecture family in the table, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+H, L, V = 32, 3, 128  # hidden size, layers, vocab
+
+# model_type -> (config class, model class, config kwargs)
+TINY = {
+    "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM, dict(n_embd=H, n_layer=L, n_head=4, rotary_dim=4, n_positions=64, vocab_size=V, bos_token_id=1, eos_token_id=2)),
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
+    "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V)),
+    "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=H, n_layer=L, n_head=4, n_positions=64, vocab_size=V, bos_token_id=1, eos_token_id=2)),
+    "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "opt": (tf.OPTConfig, tf.OPTForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, ffn_dim=64, vocab_size=V, max_position_embeddings=64, word_embed_proj_dim=H)),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0):
+    cfg_cls, model_cls, kw = TINY[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    # random init gives near-identical tiny weights in some families: make matrices full-rank-ish
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model
+
+
+def tiny_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, V, (batch, seq), generator=g)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over a small vocabulary (offline), wrapped for transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny(model_type: str, folder, seed: int = 0):
+    model = tiny_model(model_type, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
