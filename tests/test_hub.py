@@ -1,0 +1,219 @@
+"""push_folder against a local Hub-compatible server, then from_pretrained back through it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from laser_export.export.hub import PushError, folder_operations, hub_repo_url, push_folder, retry_command
+
+try:  # tests/ may or may not be a package
+    from tests.hub_server import HubServer, git_blob_sha1
+except ImportError:  # pragma: no cover
+    from hub_server import HubServer, git_blob_sha1
+
+
+REPO_ID = "laser-tests/tiny-llama-laser"
+README = textwrap.dedent(
+    """\
+    ---
+    license: apache-2.0
+    library_name: transformers
+    tags:
+    - laser
+    ---
+    # tiny llama
+    """
+)
+
+
+@pytest.fixture
+def hub_server(tmp_path):
+    """A running test Hub on 127.0.0.1: yields the HubServer (`.endpoint`, `.storage`, `.requests`)."""
+    with HubServer(tmp_path / "hub-storage") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """A saved tiny random Llama + manifest.json + README.md, and the logits of the in-memory model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("export") / "tiny-llama-laser"
+    model.save_pretrained(folder)
+    manifest = {"laser_export_version": "0.1.0", "storage": "dense", "matrices": [], "totals": {"bytes_saved": 0, "n_matrices": 0}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (folder / "README.md").write_text(README)
+    input_ids = torch.tensor([[1, 5, 17, 99, 3, 42, 7, 64]])
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    return folder, input_ids, logits
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_retry_command_and_url():
+    assert retry_command("out/x", "me/m") == "laser-export push out/x --repo-id me/m"
+    assert retry_command("out dir/x", "me/m", private=True) == "laser-export push 'out dir/x' --repo-id me/m --private"
+    assert retry_command("o", "me/m", endpoint="http://h:1") == "laser-export push o --repo-id me/m --endpoint http://h:1"
+    assert hub_repo_url("me/m", endpoint="http://h:1/") == "http://h:1/me/m"
+
+
+def test_folder_operations_skip_git_and_cache(tmp_path):
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    (tmp_path / ".cache" / "huggingface").mkdir(parents=True)
+    (tmp_path / ".cache" / "huggingface" / "x.lock").write_text("")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    assert folder_operations(tmp_path) == ["config.json", "sub/a.json"]
+
+
+def test_push_then_from_pretrained_roundtrip(hub_server, tiny_export, tmp_path):
+    folder, input_ids, logits = tiny_export
+    before = _snapshot(folder)
+
+    url = push_folder(folder, REPO_ID, endpoint=hub_server.endpoint, token=False)
+
+    # Returned URL is the commit URL of the one commit made on the server.
+    repo = hub_server.repos[REPO_ID]
+    assert len(repo.commits) == 2  # server's initial commit (.gitattributes) + exactly one push commit
+    assert url == f"{hub_server.endpoint}/{REPO_ID}/commit/{repo.head.oid}"
+    assert [r for r in hub_server.requests if r[0] == "POST" and "/commit/" in r[1]] == [
+        ("POST", f"/api/models/{REPO_ID}/commit/main")
+    ]
+    assert ("POST", "/api/validate-yaml") in hub_server.requests  # README front matter was validated
+    assert "LASER" in repo.head.summary
+
+    # Every local file is on the server, byte-identical; local folder untouched.
+    expected = {"config.json", "generation_config.json", "model.safetensors", "manifest.json", "README.md"}
+    assert expected <= set(before)
+    assert set(repo.head.files) == set(before) | {".gitattributes"}
+    for rel, digest in before.items():
+        assert hashlib.sha256(repo.head.files[rel]).hexdigest() == digest
+        assert hashlib.sha256((hub_server.storage / REPO_ID / rel).read_bytes()).hexdigest() == digest
+    assert _snapshot(folder) == before
+
+    # model_info through huggingface_hub sees the same siblings and sha.
+    from huggingface_hub import HfApi
+
+    info = HfApi(endpoint=hub_server.endpoint, token=False).model_info(REPO_ID)
+    assert info.sha == repo.head.oid
+    assert {s.rfilename for s in info.siblings} == set(repo.head.files)
+
+    # Pushing the same folder again is a no-op (no new commit) and still succeeds.
+    url2 = push_folder(folder, REPO_ID, endpoint=hub_server.endpoint, token=False)
+    assert len(repo.commits) == 2 and repo.head.oid in url2
+
+    # Load back through the endpoint in a fresh interpreter (HF_ENDPOINT is read at import time).
+    out = tmp_path / "logits.pt"
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from huggingface_hub import constants
+        assert constants.ENDPOINT == {hub_server.endpoint!r}, constants.ENDPOINT
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({REPO_ID!r}).eval()
+        with torch.no_grad():
+            logits = model(torch.tensor({input_ids.tolist()!r})).logits
+        torch.save(logits, {str(out)!r})
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=hub_server.endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loaded = torch.load(out)
+    assert loaded.shape == logits.shape == (1, 8, 128)
+    assert (loaded - logits).abs().max().item() <= 1e-6
+    # The download really went through the test server, into the temp cache.
+    assert ("GET", f"/{REPO_ID}/resolve/{repo.head.oid}/model.safetensors") in hub_server.requests or (
+        "GET", f"/{REPO_ID}/resolve/main/model.safetensors") in hub_server.requests
+    cached = list((tmp_path / "hf_home").rglob("model.safetensors"))
+    assert cached and hashlib.sha256(cached[0].read_bytes()).hexdigest() == before["model.safetensors"]
+
+
+def test_push_failure_keeps_folder_and_names_retry(hub_server, tiny_export):
+    folder, _, _ = tiny_export
+    before = _snapshot(folder)
+    mtimes = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    hub_server.fail_commits = True
+
+    with pytest.raises(PushError) as excinfo:
+        push_folder(folder, REPO_ID, endpoint=hub_server.endpoint, token=False)
+
+    err = excinfo.value
+    msg = str(err)
+    assert isinstance(err, RuntimeError)
+    assert f"laser-export push {folder} --repo-id {REPO_ID}" in msg
+    assert err.retry_command == f"laser-export push {folder} --repo-id {REPO_ID} --endpoint {hub_server.endpoint}"
+    assert f"local export at {folder} is intact" in msg
+    assert "500" in msg
+    assert err.folder == str(folder) and err.repo_id == REPO_ID
+    # Nothing changed locally, nothing committed remotely beyond the repo creation.
+    assert _snapshot(folder) == before
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == mtimes
+    assert len(hub_server.repos[REPO_ID].commits) == 1
+    assert set(hub_server.repos[REPO_ID].head.files) == {".gitattributes"}
+
+
+def test_push_failure_unreachable_endpoint_and_missing_folder(tmp_path, tiny_export):
+    folder, _, _ = tiny_export
+    before = _snapshot(folder)
+    # A port nobody listens on: connection refused -> PushError, folder intact.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(PushError, match=r"Retry with: laser-export push \S+ --repo-id laser-tests/tiny-llama-laser --endpoint http://127"):
+        push_folder(folder, REPO_ID, endpoint=f"http://127.0.0.1:{port}", token=False)
+    assert _snapshot(folder) == before
+
+    with pytest.raises(PushError, match="is not a directory"):
+        push_folder(tmp_path / "nope", REPO_ID, endpoint=f"http://127.0.0.1:{port}", token=False)
+
+
+def test_server_validate_yaml_rejects_broken_model_index(hub_server):
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub_server.endpoint, token=False)
+    api._validate_yaml("---\nlicense: mit\n---\nhi\n")  # accepted
+    with pytest.raises(ValueError, match="Invalid metadata"):
+        api._validate_yaml("---\nmodel-index:\n- name: x\n  results:\n  - task: {}\n---\n")
+
+
+def test_push_private_with_commit_message(hub_server, tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "README.md").write_text(README)
+    url = push_folder(folder, "me/private-one", private=True, endpoint=hub_server.endpoint, token=False,
+                      commit_message="custom message")
+    repo = hub_server.repos["me/private-one"]
+    assert repo.private is True
+    assert repo.head.summary == "custom message"
+    assert url.endswith(f"/me/private-one/commit/{repo.head.oid}")
+    assert repo.head.files["config.json"] == b'{"model_type": "llama"}'
