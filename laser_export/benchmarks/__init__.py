@@ -1,0 +1,99 @@
+"""Benchmarks: loaders, a name → loader registry, and seeded held-out splits.
+
+>>> from laser_export.benchmarks import load_examples, split_examples
+>>> examples = load_examples("counterfact", "counterfact.json")          # doctest: +SKIP
+>>> split = split_examples(examples, seed=0, validation_fraction=0.2)    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from . import bigbench, counterfact, jsonl
+from .base import (
+    BenchmarkError,
+    Example,
+    Split,
+    check_unique_ids,
+    examples_sha256,
+    split_examples,
+)
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    kind: str  # "generative" or "choice" (jsonl: either)
+    description: str
+    loader: Callable[[str | os.PathLike | None], list[Example]]
+
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {
+    "counterfact": BenchmarkSpec(
+        "counterfact",
+        "generative",
+        "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
+        counterfact.load,
+    ),
+    "qa_wikidata": BenchmarkSpec(
+        "qa_wikidata",
+        "generative",
+        "BigBench qa_wikidata (WikidataQA): complete a Wikidata fact; several accepted answers",
+        partial(bigbench.load, "qa_wikidata"),
+    ),
+    "epistemic_reasoning": BenchmarkSpec(
+        "epistemic_reasoning",
+        "choice",
+        "BigBench epistemic_reasoning: entailment vs non-entailment",
+        partial(bigbench.load, "epistemic_reasoning"),
+    ),
+    "fever": BenchmarkSpec(
+        "fever",
+        "choice",
+        "BigBench fact_checker/fever: is the claim true or false",
+        partial(bigbench.load, "fever"),
+    ),
+    "jsonl": BenchmarkSpec(
+        "jsonl",
+        "generative or choice",
+        "your own examples, one JSON object per line (path required)",
+        jsonl.load,
+    ),
+}
+
+
+def load_examples(
+    name: str, path: str | os.PathLike | None = None, max_examples: int | None = None
+) -> list[Example]:
+    """Load benchmark ``name`` (a key of :data:`BENCHMARKS`).
+
+    ``path`` overrides where the data is read from (file, or URL for CounterFact). ``max_examples``
+    keeps the first N examples in file order (before any split). Raises :class:`BenchmarkError`.
+    """
+    spec = BENCHMARKS.get(name)
+    if spec is None:
+        raise BenchmarkError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
+    if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
+        raise BenchmarkError(f"{name}: max_examples must be a positive integer, got {max_examples!r}")
+    examples = spec.loader(path)
+    if not examples:
+        raise BenchmarkError(f"{name}: no examples loaded from {path or 'the default location'}")
+    check_unique_ids(examples, name)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return examples
+
+
+__all__ = [
+    "BENCHMARKS",
+    "BenchmarkError",
+    "BenchmarkSpec",
+    "Example",
+    "Split",
+    "examples_sha256",
+    "load_examples",
+    "split_examples",
+]

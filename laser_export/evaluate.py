@@ -1,0 +1,284 @@
+"""Batched scoring of a Hugging Face causal LM on benchmark examples.
+
+Every (example, candidate) pair becomes one row: the prompt token ids (with the tokenizer's BOS if it
+adds one) followed by the ids of ``" " + candidate`` tokenised on its own without special tokens.
+Rows are left-padded into batches with an attention mask and ``position_ids = cumsum(mask) - 1``
+(clipped at 0), so batched results equal batch-size-1 results. One forward pass per batch gives both
+the next-token distribution at the last prompt position (top-k metrics) and the teacher-forced
+log-prob of each candidate's tokens. Matching is done on token ids of the answer alone — never on
+decoded text containing the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .benchmarks.base import Example
+
+ARTICLE_WORDS = ("a", "an", "the", "A", "An", "The")
+_LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
+TOPK = (1, 5, 10)
+
+# Metrics averaged into ScoreResult.metrics (when present in at least one example).
+_MEAN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss", "accuracy")
+
+
+@dataclass
+class ScoreResult:
+    """Per-example scores (in the order of the examples) and their means.
+
+    ``metrics`` holds the mean of each metric over the examples that have it (``accuracy`` only for
+    choice examples, ``top5``/``top10``/``top1_no_article`` only for generative ones; ``top1`` for all)
+    plus ``n``, the number of examples.
+    """
+
+    per_example: list[dict]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for row in self.per_example]
+
+    def hits(self, metric: str) -> np.ndarray:
+        """Per-example values of ``metric`` (examples lacking it are skipped), for bootstrapping."""
+        values = [row[metric] for row in self.per_example if metric in row]
+        if not values and self.per_example:
+            raise KeyError(f"no example has metric {metric!r}")
+        if values and all(isinstance(v, (bool, np.bool_)) for v in values):
+            return np.asarray(values, dtype=bool)
+        return np.asarray(values, dtype=np.float64)
+
+
+def _forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The single model call (replaceable, e.g. by a prefix cache). Returns [batch, seq, vocab] logits."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.logits
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids, prefixed with BOS only if the tokenizer adds one (never a trailing EOS)."""
+    plain = _encode(tokenizer, prompt, False)
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        special = _encode(tokenizer, prompt, True)
+        if special[:1] == [bos] and plain[:1] != [bos]:
+            return [bos] + plain
+    return plain
+
+
+def _continuation_ids(tokenizer, text: str) -> list[int]:
+    return _encode(tokenizer, " " + text, False)
+
+
+def article_token_ids(tokenizer) -> list[int]:
+    """Ids of single-token articles (" a", " an", " the", capitalised, with and without the space)."""
+    ids: set[int] = set()
+    for word in ARTICLE_WORDS:
+        for form in (" " + word, word):
+            toks = _encode(tokenizer, form, False)
+            if len(toks) == 1:
+                ids.add(toks[0])
+    return sorted(ids)
+
+
+def strip_leading_article(answer: str) -> str:
+    """``"the French language"`` → ``"French language"``; an answer that is only an article is kept."""
+    return _LEADING_ARTICLE.sub("", answer, count=1)
+
+
+@dataclass
+class _Row:
+    ex: int  # example index
+    cand: int  # answer or choice index
+    prompt: list[int]
+    cont: list[int]
+
+    @property
+    def length(self) -> int:  # the last continuation token is never an input
+        return len(self.prompt) + len(self.cont) - 1
+
+
+def _model_device(model) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _progress(enabled: bool, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def score_examples(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "scoring",
+) -> ScoreResult:
+    """Score ``examples`` with a causal LM. See the module docstring and README for the metrics."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
+    articles = article_token_ids(tokenizer)
+
+    rows: list[_Row] = []
+    answer_first: list[list[int]] = []  # per example: first token of each answer
+    stripped_first: list[list[int]] = []  # per example: first token of each article-stripped answer
+    for i, ex in enumerate(examples):
+        prompt = _prompt_ids(tokenizer, ex.prompt)
+        if not prompt:
+            raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
+        candidates = ex.choices if ex.is_choice else ex.answers
+        if not candidates:
+            raise ValueError(f"example {ex.id!r} has no answers/choices")
+        if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
+            raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+        for j, cand in enumerate(candidates):
+            cont = _continuation_ids(tokenizer, cand)
+            if not cont:
+                raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
+            rows.append(_Row(i, j, prompt, cont))
+        answer_first.append([] if ex.is_choice else [r.cont[0] for r in rows[-len(candidates) :]])
+        stripped_first.append(
+            [] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers]
+        )
+
+    cand_logprob: dict[tuple[int, int], float] = {}
+    cand_ntok: dict[tuple[int, int], int] = {}
+    next_token: dict[int, tuple[list[int], int]] = {}  # ex -> (top-10 ids, argmax without articles)
+
+    order = sorted(range(len(rows)), key=lambda r: -rows[r].length)  # less padding per batch
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    article_idx = torch.tensor(articles, dtype=torch.long)
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(rows))
+            for start in range(0, len(order), batch_size):
+                batch = [rows[r] for r in order[start : start + batch_size]]
+                width = max(r.length for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    seq = r.prompt + r.cont[:-1]
+                    ids[b, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+                    mask[b, width - len(seq) :] = 1
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                logits = _forward_logits(model, ids.to(device), mask.to(device), position_ids.to(device))
+                for b, r in enumerate(batch):
+                    first = width - r.length + len(r.prompt) - 1  # last prompt position
+                    row_logits = logits[b, first : first + len(r.cont)].float().cpu()
+                    logp = torch.log_softmax(row_logits, dim=-1)
+                    cont = torch.tensor(r.cont, dtype=torch.long)
+                    key = (r.ex, r.cand)
+                    cand_logprob[key] = float(logp.gather(1, cont[:, None]).sum())
+                    cand_ntok[key] = len(r.cont)
+                    if r.cand == 0 and not examples[r.ex].is_choice:
+                        nxt = row_logits[0]
+                        top = torch.topk(nxt, k=min(max(TOPK), nxt.numel())).indices.tolist()
+                        masked = nxt.clone()
+                        if len(article_idx):
+                            masked[article_idx] = float("-inf")
+                        next_token[r.ex] = (top, int(masked.argmax()))
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+
+    per_example: list[dict] = []
+    for i, ex in enumerate(examples):
+        row: dict = {"id": ex.id}
+        if ex.is_choice:
+            lps = [cand_logprob[(i, j)] for j in range(len(ex.choices))]
+            pred = int(np.argmax(lps))
+            row.update(
+                choice_logprobs=lps,
+                prediction=pred,
+                label=ex.label,
+                accuracy=pred == ex.label,
+                top1=pred == ex.label,
+            )
+        else:
+            top, masked_argmax = next_token[i]
+            firsts = answer_first[i]
+            for k in TOPK:
+                row[f"top{k}"] = any(t in top[:k] for t in firsts)
+            row["top1_no_article"] = any(t == masked_argmax for t in stripped_first[i])
+            best = max(range(len(ex.answers)), key=lambda j: cand_logprob[(i, j)])
+            row["logprob"] = cand_logprob[(i, best)]
+            row["n_answer_tokens"] = cand_ntok[(i, best)]
+            row["logloss"] = -row["logprob"] / row["n_answer_tokens"]
+            row["predicted_token"] = tokenizer.decode([top[0]])
+        per_example.append(row)
+
+    metrics: dict[str, float] = {}
+    for name in _MEAN_METRICS:
+        vals = [float(r[name]) for r in per_example if name in r]
+        if vals:
+            metrics[name] = float(np.mean(vals))
+    metrics["n"] = len(per_example)
+    return ScoreResult(per_example=per_example, metrics=metrics)
+
+
+def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap of ``mean(b - a)`` over examples.
+
+    ``a``/``b`` are per-example values (e.g. ``ScoreResult.hits("top1")``) for the *same* examples in
+    the same order. Example indices are resampled with replacement ``n_resamples`` times
+    (``numpy.random.default_rng(seed)``); the 95% CI is the 2.5/97.5 percentile of the resampled means.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_bootstrap needs two 1-D arrays of equal length, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    if n == 0:
+        raise ValueError("paired_bootstrap needs at least one example")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    diff = b - a
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, 2_000_000 // n)  # bound memory: chunk x n indices at a time
+    for s in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - s)
+        idx = rng.integers(0, n, size=(m, n))
+        means[s : s + m] = diff[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"estimate": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
+
+
+__all__ = [
+    "ScoreResult",
+    "article_token_ids",
+    "paired_bootstrap",
+    "score_examples",
+    "strip_leading_article",
+]
