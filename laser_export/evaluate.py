@@ -138,8 +138,14 @@ def score_examples(
     batch_size: int = 16,
     progress: bool = True,
     description: str = "scoring",
+    forward_fn=None,
 ) -> ScoreResult:
-    """Score ``examples`` with a causal LM. See the module docstring and README for the metrics."""
+    """Score ``examples`` with a causal LM. See the module docstring and README for the metrics.
+
+    ``forward_fn(model, input_ids, attention_mask, position_ids)`` replaces the model call (default
+    :func:`_forward_logits`), e.g. by a prefix cache; it must return something indexable like
+    ``logits[b, start:stop]`` ([batch, seq, vocab] logits).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -191,7 +197,7 @@ def score_examples(
                     ids[b, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
                     mask[b, width - len(seq) :] = 1
                 position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = _forward_logits(model, ids.to(device), mask.to(device), position_ids.to(device))
+                logits = (forward_fn or _forward_logits)(model, ids.to(device), mask.to(device), position_ids.to(device))
                 for b, r in enumerate(batch):
                     first = width - r.length + len(r.prompt) - 1  # last prompt position
                     row_logits = logits[b, first : first + len(r.cont)].float().cpu()

@@ -17,7 +17,7 @@ from .intervene import SVDCache, Target, plan_targets, reduce_model
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, resolve_source
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @dataclass
@@ -88,6 +88,13 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
+    if recipe.benchmark is not None:
+        from .benchmarks import BENCHMARKS
+
+        if recipe.benchmark.name not in BENCHMARKS:
+            raise RecipeError([
+                f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+            ])
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 

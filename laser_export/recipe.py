@@ -75,7 +75,9 @@ class BenchmarkSpec(_Strict):
     split: Literal["validation", "test"] = "test"
     seed: int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
     validation_fraction: float = Field(0.2, gt=0, lt=1)
-    max_examples: int | None = Field(None, ge=1, description="use only the first N examples of the task")
+    subsample: int | None = Field(
+        None, ge=2, description="draw N examples (whole groups) at random with `seed` before splitting"
+    )
     metric: str = "top1"
     batch_size: int = Field(16, ge=1)
 

@@ -16,10 +16,19 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _verify(p: Plan, loaded, args):
+def _select(p: Plan, args):
+    """Load the benchmark data before the weights, so a data problem fails fast."""
+    from .verify import check_scorable, select_examples
+
+    check_scorable(p)
+    with console.status(f"loading benchmark {p.recipe.benchmark.name}"):
+        return select_examples(p, args.limit)
+
+
+def _verify(p: Plan, loaded, args, selected):
     from .verify import print_report, verify_loaded
 
-    report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress)
+    report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress, selected=selected)
     print_report(report)
     return report
 
@@ -35,10 +44,12 @@ def run_recipe(args) -> int:
         return EXIT_BAD_INPUT
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, {recipe.storage}")
 
+    verifying = recipe.claims is not None and not args.skip_verify
+    selected = _select(p, args) if verifying else None
     loaded = load_model(p)
     report = None
-    if recipe.claims is not None and not args.skip_verify:
-        report = _verify(p, loaded, args)  # scores baseline, reduces in place, scores reduced
+    if verifying:
+        report = _verify(p, loaded, args, selected)  # scores baseline, reduces in place, scores reduced
         report_path = Path(args.report) if args.report else Path("reports") / f"{recipe.name}.verify.json"
         _write_json(report_path, report)
         console.print(f"verify report: {report_path}")
@@ -110,8 +121,9 @@ def verify_only(args) -> int:
         console.print(f"[red]error:[/] {args.recipe}: claims: the recipe makes no claims to verify")
         return EXIT_BAD_INPUT
     p = plan(recipe, text)
+    selected = _select(p, args)
     loaded = load_model(p)
-    report = _verify(p, loaded, args)
+    report = _verify(p, loaded, args, selected)
     path = Path(args.report) if args.report else Path("reports") / f"{recipe.name}.verify.json"
     _write_json(path, report)
     console.print(f"report: {path}")

@@ -78,6 +78,10 @@ class ResolvedSource:
 
         auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
         model = self._wrap("weights", auto.from_pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        quantizer = getattr(model, "hf_quantizer", None)
+        if self.gguf_file and quantizer is not None:
+            # GGUF weights arrive de-quantized; drop the GGUF marker so the model saves as plain weights
+            quantizer.remove_quantization_config(model)
         return model.eval()
 
 

@@ -7,6 +7,10 @@
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+from typing import Sequence
+
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -87,7 +91,42 @@ def load_examples(
     return examples
 
 
+def subsample_examples(examples: Sequence[Example], n: int, seed: int | None) -> list[Example]:
+    """``n`` examples drawn as whole groups, at random with ``random.Random(seed)`` (the first ``n``
+    in file order when ``seed`` is None); the chosen examples keep their file order."""
+    if n >= len(examples):
+        return list(examples)
+    groups = list(dict.fromkeys(ex.split_group for ex in examples))
+    if seed is not None:
+        random.Random(f"subsample-{seed}").shuffle(groups)
+    sizes = Counter(ex.split_group for ex in examples)
+    chosen, total = set(), 0
+    for g in groups:
+        if total >= n:
+            break
+        chosen.add(g)
+        total += sizes[g]
+    return [ex for ex in examples if ex.split_group in chosen]
+
+
+def load_split(
+    name: str,
+    *,
+    path: str | os.PathLike | None = None,
+    seed: int | None = 0,
+    validation_fraction: float = 0.2,
+    subsample: int | None = None,
+) -> Split:
+    """Load a benchmark, optionally subsample it (seeded, whole groups), and split it."""
+    examples = load_examples(name, path)
+    if subsample is not None:
+        examples = subsample_examples(examples, subsample, seed)
+    return split_examples(examples, seed=seed, validation_fraction=validation_fraction)
+
+
 __all__ = [
+    "load_split",
+    "subsample_examples",
     "BENCHMARKS",
     "BenchmarkError",
     "BenchmarkSpec",

@@ -1,0 +1,546 @@
+"""ONNX export of a (possibly LASER-reduced) model, with an onnxruntime parity check.
+
+Exporter: transformers 5's own ``transformers.exporters.OnnxExporter`` (torch.export + dynamo
+``torch.onnx.export`` + its ONNX patches). It takes a transformers 5 ``DynamicCache`` as a traced
+input (flattened to one tensor per layer and key/value) and traces ``LowRankLinear`` as two plain
+``MatMul``s, so no custom symbolic is needed. Shapes are exported with ``Dim.AUTO`` on every input
+axis; batch, sequence and past length come out dynamic, heads and head size are specialised.
+
+Graph I/O, renamed after export to the usual ONNX-LM names:
+
+* causal LM, ``with_past=True``: ``input_ids``, ``attention_mask`` (batch, past + sequence),
+  ``position_ids`` (when the model's forward takes them), ``past_key_values.{i}.key|value``
+  (batch, kv_heads, past, head_dim; a past of length 0 is the prefill) -> ``logits``,
+  ``present.{i}.key|value``.
+* causal LM, ``with_past=False``: ``input_ids``, ``attention_mask``, ``position_ids`` -> ``logits``.
+* masked LM (RoBERTa/BERT): ``input_ids``, ``attention_mask`` -> ``logits``.
+
+After saving, :func:`check_onnx_parity` runs the file in onnxruntime on a padded batch (left padding
+for causal LMs) and, with past, one decoding step fed with the presents onnxruntime returned, and
+compares fp32 logits with torch at the non-padded positions only. A failure raises
+:class:`OnnxParityError`; the caller must then not publish the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from laser_export.architectures import ArchitectureError, family_for
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA_SUFFIX = ".data"
+#: protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
+
+#: Families (``laser_export.architectures``) whose ONNX export is supported and tested.
+ONNX_FAMILIES = ("llama", "gpt2", "gptj", "roberta")
+
+DEFAULT_SAMPLE_TEXTS = [
+    "The capital of France is",
+    "Low-rank approximations of weight matrices can improve reasoning in language models.",
+    "Hello",
+]
+
+_PAST_RE = re.compile(r"^(?:input\.|output\.)?past_key_values\.layers\.(\d+)\.(keys|values)$")
+
+
+class OnnxExportError(RuntimeError):
+    """The model could not be exported to ONNX."""
+
+
+class UnsupportedOnnxArchitecture(ArchitectureError):
+    """The model's architecture (model_type) has no supported ONNX export."""
+
+
+class OnnxParityError(OnnxExportError):
+    """onnxruntime's logits differ from torch's by more than the tolerance: do not publish the file."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture / task
+
+
+def onnx_task(model) -> str:
+    """'causal-lm' or 'masked-lm' for a supported model; raises UnsupportedOnnxArchitecture."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedOnnxArchitecture(
+            f"{type(model).__name__} has no config.model_type: ONNX export needs a transformers model"
+        )
+    try:
+        family = family_for(model_type)
+    except ArchitectureError as err:
+        raise UnsupportedOnnxArchitecture(f"ONNX export: {err}") from None
+    supported = sorted(mt for name in ONNX_FAMILIES for mt in family_for(name).model_types)
+    if family.name not in ONNX_FAMILIES:
+        raise UnsupportedOnnxArchitecture(
+            f"ONNX export is not supported for model_type {model_type!r} (family {family.name!r}); "
+            f"supported model types: {', '.join(supported)}"
+        )
+    cls = type(model).__name__
+    if family.task == "causal-lm" and not cls.endswith(("ForCausalLM", "LMHeadModel")):
+        raise UnsupportedOnnxArchitecture(
+            f"ONNX export of model_type {model_type!r} needs a causal-LM model (*ForCausalLM), got {cls}"
+        )
+    if family.task == "masked-lm" and not cls.endswith("ForMaskedLM"):
+        raise UnsupportedOnnxArchitecture(
+            f"ONNX export of model_type {model_type!r} needs a *ForMaskedLM model, got {cls}"
+        )
+    return family.task
+
+
+def _takes_position_ids(model) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+# --------------------------------------------------------------------------------------------
+# Sample inputs
+
+
+def _position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    """Positions counted over the attended tokens only (what ``generate`` does for left padding)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    pos = pos.clamp(min=0)
+    return pos[:, past_length:]
+
+
+def _empty_past(model, batch: int, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Zero-length past (batch, kv_heads, 0, head_dim) per layer, shaped like the model's cache."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+    past = []
+    for layer in _cache_layers(out.past_key_values)[:layers]:
+        k, v = layer
+        past.append(
+            (
+                np.zeros((batch, k.shape[1], 0, k.shape[3]), np.float32),
+                np.zeros((batch, v.shape[1], 0, v.shape[3]), np.float32),
+            )
+        )
+    return past
+
+
+def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]  # legacy tuple of tuples
+
+
+def _export_inputs(model, task: str, with_past: bool) -> dict[str, Any]:
+    """Traced example inputs. Sizes are all distinct and > 1 so that Dim.AUTO keeps them dynamic
+    (a size of 1 would be specialised); a padded row keeps the masking path in the graph."""
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    batch, past_len, seq_len = 2, 3, 5
+    low = 3 if vocab > 8 else 0  # keep clear of small special ids (RoBERTa pad is 1)
+    ids = torch.randint(low, vocab, (batch, seq_len), generator=gen)
+    if task == "masked-lm":
+        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        mask[1, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+    total = past_len + seq_len if with_past else seq_len
+    mask = torch.ones(batch, total, dtype=torch.long)
+    mask[0, :2] = 0
+    inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    if _takes_position_ids(model):
+        inputs["position_ids"] = _position_ids(mask, total - seq_len)
+    if with_past:
+        with torch.no_grad():
+            prefill = model(
+                input_ids=torch.randint(low, vocab, (batch, past_len), generator=gen),
+                attention_mask=mask[:, :past_len],
+                use_cache=True,
+            )
+        inputs["past_key_values"] = prefill.past_key_values
+        inputs["use_cache"] = True
+    else:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def _sample_batch(tokenizer, texts: list[str], task: str, vocab: int) -> dict[str, torch.Tensor]:
+    """Padded batch (left padding for causal LMs), restoring the tokenizer's settings afterwards."""
+    if len(texts) < 2:
+        raise ValueError("the parity check needs at least 2 sample texts (a padded batch)")
+    saved = (tokenizer.padding_side, tokenizer.pad_token)
+    try:
+        tokenizer.padding_side = "left" if task == "causal-lm" else "right"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = saved[0]
+        if saved[1] is None:
+            tokenizer.pad_token = None
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if int(ids.max()) >= vocab:
+        raise ValueError(f"tokenizer produced id {int(ids.max())} >= the model's vocab_size {vocab}")
+    if bool((mask.sum(-1) == mask.shape[-1]).all()):
+        raise ValueError("sample texts must have different lengths so that the batch is padded")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+@contextlib.contextmanager
+def _fp32_eval(model):
+    """Export and compare in fp32 and eval mode; the model's dtype and mode are restored."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    training = model.training
+    if dtype != torch.float32:
+        model.to(torch.float32)
+    model.eval()
+    try:
+        yield
+    finally:
+        if dtype != torch.float32:
+            model.to(dtype)
+        model.train(training)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """The exporter warns about version drift and Dim.AUTO on every call: keep errors only."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _rename_io(graph, task: str, with_past: bool) -> None:
+    """Usual ONNX-LM names (past_key_values.{i}.key / present.{i}.key) and named dynamic axes."""
+    import onnx_ir as ir
+
+    def static(dim):
+        # torch.export leaves specialised axes (heads, head_dim, vocab) as symbols named "2", "8"
+        value = getattr(dim, "value", dim)
+        return int(value) if isinstance(value, str) and value.isdigit() else dim
+
+    def sym(value, dims):
+        if value.shape is not None and len(value.shape) == len(dims):
+            value.shape = ir.Shape([d if d is not None else static(old) for d, old in zip(dims, value.shape)])
+
+    seq = "sequence_length"
+    total = "total_sequence_length" if with_past else seq
+    for value in graph.inputs:
+        m = _PAST_RE.match(value.name)
+        if m:
+            value.name = f"past_key_values.{m.group(1)}.{m.group(2)[:-1]}"
+            sym(value, ["batch_size", None, "past_sequence_length", None])
+        elif value.name == "input_ids":
+            sym(value, ["batch_size", seq])
+        elif value.name == "attention_mask":
+            sym(value, ["batch_size", total])
+        elif value.name == "position_ids":
+            sym(value, ["batch_size", seq])
+    for value in graph.outputs:
+        m = _PAST_RE.match(value.name)
+        if m:
+            value.name = f"present.{m.group(1)}.{m.group(2)[:-1]}"
+            sym(value, ["batch_size", None, total, None])
+        elif value.name == "logits":
+            sym(value, ["batch_size", seq, None])
+
+
+def _initializer_bytes(model) -> int:
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += int(tensor.nbytes)
+    return total
+
+
+def export_onnx(
+    model,
+    tokenizer,
+    out_dir,
+    *,
+    with_past: bool = True,
+    opset: int = 18,
+    tolerance: float = 1e-4,
+    sample_texts: list[str] | None = None,
+) -> dict:
+    """Export ``model`` (dense or with ``LowRankLinear`` modules) to ``out_dir/model.onnx`` and
+    check onnxruntime against torch (fp32 logits, padded batch, and one decoding step with past).
+
+    ``with_past`` only applies to causal LMs; encoders have no cache and report ``with_past=False``.
+    Weights go to ``model.onnx.data`` only when they exceed the 2 GB protobuf limit.
+    Raises :class:`UnsupportedOnnxArchitecture` for an unsupported model_type,
+    :class:`OnnxExportError` when tracing/conversion fails and :class:`OnnxParityError` when the
+    parity check fails (the file is left in ``out_dir`` for inspection: do not publish it).
+    """
+    import onnx_ir as ir
+
+    task = onnx_task(model)
+    with_past = bool(with_past) and task == "causal-lm"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ONNX_FILE
+
+    with _fp32_eval(model):
+        try:
+            from transformers.exporters import OnnxConfig, OnnxExporter
+        except ImportError as err:  # pragma: no cover - depends on the installed transformers
+            raise OnnxExportError(f"transformers.exporters (transformers>=5) is required: {err}") from err
+        inputs = _export_inputs(model, task, with_past)
+        try:
+            with torch.no_grad(), _quiet_transformers():
+                exported = OnnxExporter().export(
+                    model, inputs, OnnxConfig(dynamic=True, opset_version=opset)
+                )
+        except Exception as err:
+            raise OnnxExportError(
+                f"ONNX export of model_type {model.config.model_type!r} failed: {type(err).__name__}: {err}"
+            ) from err
+        program = exported.program
+        _rename_io(program.graph, task, with_past)
+        external = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
+        for stale in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
+            stale.unlink(missing_ok=True)
+        if external:
+            ir.save(program, str(path), external_data=path.name + EXTERNAL_DATA_SUFFIX)
+        else:
+            ir.save(program, str(path))
+        del exported, program
+
+        report = check_onnx_parity(
+            model,
+            tokenizer,
+            path,
+            with_past=with_past,
+            tolerance=tolerance,
+            sample_texts=sample_texts,
+            raise_on_failure=False,
+        )
+
+    result = {
+        "file": ONNX_FILE,
+        "opset": report["opset"],
+        "with_past": with_past,
+        "max_abs_diff": report["max_abs_diff"],
+        "tolerance": tolerance,
+        "passed": report["passed"],
+        "inputs": report["inputs"],
+        "outputs": report["outputs"],
+        "external_data": (ONNX_FILE + EXTERNAL_DATA_SUFFIX) if external else None,
+        "exporter": "transformers.exporters.OnnxExporter",
+        "task": task,
+        "checks": report["checks"],
+        "providers": report["providers"],
+        "max_abs_logit": report["max_abs_logit"],
+    }
+    if report["opset"] != opset:
+        raise OnnxExportError(f"requested opset {opset} but the exported graph uses opset {report['opset']}")
+    if not report["passed"]:
+        raise OnnxParityError(_parity_message(report, path), result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Parity check
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _make_session(path: Path, provider: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _run_session(session, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One onnxruntime run, outputs by name (a seam the tests monkeypatch)."""
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def _masked_max_diff(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """max |a - b| over positions where mask == 1 (NaN/inf anywhere there counts as +inf)."""
+    keep = mask.astype(bool)
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))[keep]
+    if d.size == 0:
+        raise ValueError("no non-padded position to compare")
+    if not np.all(np.isfinite(d)):
+        return math.inf
+    return float(d.max())
+
+
+def _parity_message(report: dict, path) -> str:
+    worst = ", ".join(f"{k}={v:.3g}" for k, v in report["checks"].items())
+    return (
+        f"ONNX parity check failed for {path}: max |onnxruntime - torch| logits = "
+        f"{report['max_abs_diff']:.3g} > tolerance {report['tolerance']:.3g} ({worst}; "
+        f"max |logit| {report['max_abs_logit']:.3g}); do not publish it"
+    )
+
+
+def check_onnx_parity(
+    model,
+    tokenizer,
+    onnx_path,
+    *,
+    with_past: bool = True,
+    tolerance: float = 1e-4,
+    sample_texts: list[str] | None = None,
+    raise_on_failure: bool = True,
+) -> dict:
+    """Compare an exported file's logits (onnxruntime) with ``model``'s (torch, fp32).
+
+    Causal LMs: a left-padded batch (with past: fed with a zero-length past) and, with past, one
+    greedy decoding step fed with onnxruntime's own presents (torch with its own cache). Masked LMs:
+    a right-padded batch. Only non-padded positions are compared. Every available provider
+    (CUDA, CPU) is checked; the worst difference is reported.
+    """
+    task = onnx_task(model)
+    with_past = bool(with_past) and task == "causal-lm"
+    texts = list(sample_texts) if sample_texts is not None else list(DEFAULT_SAMPLE_TEXTS)
+    batch = _sample_batch(tokenizer, texts, task, int(model.config.vocab_size))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bsz = ids.shape[0]
+    path = Path(onnx_path)
+
+    with _fp32_eval(model), torch.no_grad():
+        checks: dict[str, float] = {}
+        providers: dict[str, dict[str, float]] = {}
+        session_inputs: list[str] = []
+        session_outputs: list[str] = []
+        opset = None
+        logit_scale = 0.0
+        for provider in _providers():
+            session = _make_session(path, provider)
+            session_inputs = [i.name for i in session.get_inputs()]
+            session_outputs = [o.name for o in session.get_outputs()]
+            opset = _session_opset(session, path)
+            per, scale = _compare(model, session, task, with_past, ids, mask, bsz, session_inputs)
+            logit_scale = max(logit_scale, scale)
+            providers[provider] = per
+            for name, value in per.items():
+                checks[name] = max(checks.get(name, 0.0), value)
+            del session
+    worst = max(checks.values())
+    report = {
+        "opset": opset,
+        "with_past": with_past,
+        "max_abs_diff": worst,
+        "tolerance": tolerance,
+        "passed": bool(worst <= tolerance),
+        "inputs": session_inputs,
+        "outputs": session_outputs,
+        "checks": checks,
+        "providers": providers,
+        "sample_shape": list(ids.shape),
+        "max_abs_logit": logit_scale,
+    }
+    if raise_on_failure and not report["passed"]:
+        raise OnnxParityError(_parity_message(report, path), report)
+    return report
+
+
+def _session_opset(session, path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _compare(model, session, task, with_past, ids, mask, bsz, input_names) -> dict[str, float]:
+    checks = {}
+    feed: dict[str, np.ndarray] = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+    uses_pos = "position_ids" in input_names
+    if uses_pos:
+        pos = _position_ids(mask)
+        feed["position_ids"] = pos.numpy()
+        kwargs["position_ids"] = pos
+    past_names = sorted(
+        (n for n in input_names if n.startswith("past_key_values.")),
+        key=lambda n: (int(n.split(".")[1]), n),
+    )
+    if with_past:
+        if not past_names:
+            raise OnnxExportError("with_past=True but the ONNX graph has no past_key_values inputs")
+        n_layers = len(past_names) // 2
+        for i, (k, v) in enumerate(_empty_past(model, bsz, n_layers)):
+            feed[f"past_key_values.{i}.key"] = k
+            feed[f"past_key_values.{i}.value"] = v
+        kwargs["use_cache"] = True
+    elif task == "causal-lm":
+        kwargs["use_cache"] = False
+    unknown = set(input_names) - set(feed)
+    if unknown:
+        raise OnnxExportError(f"cannot feed ONNX inputs {sorted(unknown)}")
+    ort_out = _run_session(session, {k: v for k, v in feed.items() if k in input_names})
+    ref = model(**kwargs)
+    checks["padded_batch"] = _masked_max_diff(ort_out["logits"], ref.logits.float().numpy(), mask.numpy())
+    scale = float(np.abs(ref.logits.float().numpy()[mask.numpy().astype(bool)]).max())
+
+    if with_past:
+        # one greedy decoding step: torch continues from its cache, onnxruntime from its presents
+        next_ids = ref.logits[:, -1].argmax(-1, keepdim=True)
+        mask2 = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype)], dim=1)
+        feed2 = {"input_ids": next_ids.numpy(), "attention_mask": mask2.numpy()}
+        kwargs2: dict[str, Any] = {
+            "input_ids": next_ids,
+            "attention_mask": mask2,
+            "past_key_values": ref.past_key_values,
+            "use_cache": True,
+        }
+        if uses_pos:
+            pos2 = _position_ids(mask2, mask.shape[1])
+            feed2["position_ids"] = pos2.numpy()
+            kwargs2["position_ids"] = pos2
+        for name in past_names:
+            i, kind = name.split(".")[1:]
+            feed2[name] = ort_out[f"present.{i}.{kind}"]
+        ort_out2 = _run_session(session, feed2)
+        ref2 = model(**kwargs2)
+        checks["decode_step"] = _masked_max_diff(
+            ort_out2["logits"], ref2.logits.float().numpy(), np.ones(ref2.logits.shape[:2], np.int64)
+        )
+        scale = max(scale, float(ref2.logits.float().abs().max()))
+    return checks, scale
+
+
+__all__ = [
+    "ONNX_FAMILIES",
+    "OnnxExportError",
+    "OnnxParityError",
+    "UnsupportedOnnxArchitecture",
+    "check_onnx_parity",
+    "export_onnx",
+    "onnx_task",
+]

@@ -1,0 +1,151 @@
+"""The CLI end to end on a tiny local model and a JSONL benchmark: check, verify, run, errors."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
+
+from laser_export.cli import main
+from tinymodels import save_tiny
+
+WORDS = [f"w{i}" for i in range(4, 100)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    save_tiny("llama", root / "model")
+    with open(root / "bench.jsonl", "w") as f:
+        for i in range(40):
+            a, b, c = WORDS[i % 90], WORDS[(3 * i + 1) % 90], WORDS[(7 * i + 2) % 90]
+            f.write(json.dumps({"prompt": f"{a} {b} {c}", "answer": WORDS[(i * 11) % 90]}) + "\n")
+    return root
+
+
+def _recipe(ws, path, **over):
+    r = {
+        "name": "tiny",
+        "model": {"source": str(ws / "model"), "license": "apache-2.0"},
+        "interventions": [{"layer": 2, "matrix": "fc_in", "rho": 0.1}],
+        "storage": "factorised",
+        "benchmark": {"name": "jsonl", "path": str(ws / "bench.jsonl"), "split": "test", "seed": 0,
+                      "validation_fraction": 0.25, "batch_size": 8},
+        "claims": {"baseline": {"accuracy": 0.9}, "reduced": {"accuracy": 0.95}, "tolerance": 0.01},
+    }
+    for k, v in over.items():
+        if v is None:
+            r.pop(k)
+        else:
+            r[k] = v
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_wrong_claim_fails_verify_and_refuses_export(workspace, tmp_path, capsys):
+    recipe = _recipe(workspace, tmp_path / "r.yaml")
+    report = tmp_path / "report.json"
+    assert main(["verify", str(recipe), "--report", str(report), "--no-progress"]) == 1
+    rep = json.loads(report.read_text())
+    assert rep["passed"] is False and [c["passed"] for c in rep["claims"]] == [False, False]
+    assert rep["benchmark"]["sizes"] == {"validation": 10, "test": 30} and rep["benchmark"]["n_scored"] == 30
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--report", str(tmp_path / "r2.json"), "--no-progress"]) == 1
+    assert not out.exists()
+    assert "nothing exported" in capsys.readouterr().err
+
+
+def test_true_claims_verify_then_export_loads_with_same_logits(workspace, tmp_path):
+    probe = _recipe(workspace, tmp_path / "probe.yaml")
+    main(["verify", str(probe), "--report", str(tmp_path / "probe.json"), "--no-progress"])
+    measured = {c["name"].split(".")[0]: c["measured"] for c in json.loads((tmp_path / "probe.json").read_text())["claims"]}
+    recipe = _recipe(workspace, tmp_path / "r.yaml", claims={
+        "baseline": {"accuracy": measured["baseline"]}, "reduced": {"accuracy": measured["reduced"]}, "tolerance": 0.0})
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "ok.json"), "--no-progress"]) == 0
+
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--report", str(tmp_path / "run.json"), "--no-progress"]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "manifest.json", "recipe.yaml", "README.md", "verify_report.json"} <= files
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["matrices"]
+    assert entry["name"] == "model.layers.2.mlp.gate_proj" and entry["rank"] == 3 and entry["storage"] == "factorised"
+    assert json.loads((out / "verify_report.json").read_text())["passed"] is True
+    assert (out / "recipe.yaml").read_text() == recipe.read_text()
+
+    # the export reproduces the verified reduced model: re-verify the export itself as the source
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(reloaded.get_submodule(entry["name"])).__name__ == "LowRankLinear"
+    card = (out / "README.md").read_text()
+    assert "NOT verified" not in card
+    assert ModelCard(card).data.to_dict()["model-index"][0]["results"]
+
+
+def test_skip_verify_exports_and_says_so_on_the_card(workspace, tmp_path):
+    recipe = _recipe(workspace, tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--skip-verify", "--no-progress"]) == 0
+    card = (out / "README.md").read_text()
+    assert "NOT verified" in card
+    assert "model-index" not in ModelCard(card).data.to_dict()
+    assert not (out / "verify_report.json").exists()
+
+
+def test_limit_is_reported_and_never_satisfies_a_claim(workspace, tmp_path):
+    probe = _recipe(workspace, tmp_path / "p.yaml")
+    main(["verify", str(probe), "--report", str(tmp_path / "p.json"), "--no-progress", "--limit", "5"])
+    rep = json.loads((tmp_path / "p.json").read_text())
+    measured = {c["name"].split(".")[0]: c["measured"] for c in rep["claims"]}
+    recipe = _recipe(workspace, tmp_path / "r.yaml", claims={
+        "baseline": {"accuracy": measured["baseline"]}, "reduced": {"accuracy": measured["reduced"]}, "tolerance": 0.5})
+    assert main(["verify", str(recipe), "--limit", "5", "--report", str(tmp_path / "r.json"), "--no-progress"]) == 1
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["benchmark"]["limit"] == 5 and rep["benchmark"]["n_scored"] == 5
+    assert all(not c["passed"] and "--limit 5" in c["why"] for c in rep["claims"])
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"interventions": [{"layer": 31, "matrix": "fc_in", "rho": 0.1}]}, "interventions[0].layer: model has 3 layers (0..2), got 31"),
+        ({"interventions": [{"layer": 1, "matrix": "fc_in", "rho": 1.5}]}, "interventions[0].rho: must be in (0, 1]"),
+        ({"interventions": [{"layer": 1, "matrix": "c_fc", "rho": 0.5}]}, "interventions[0].matrix: llama has no matrix 'c_fc'"),
+        ({"interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.5, "rank": 2}]}, "interventions[0]: give exactly one of rho"),
+        ({"storage": "sparse"}, "storage: Input should be 'dense' or 'factorised'"),
+        ({"colour": "red"}, "colour: unknown field"),
+        ({"model": {"source": "/no/such/folder"}}, "model.source: local path '/no/such/folder' does not exist"),
+        ({"benchmark": {"name": "nope"}}, "unknown benchmark 'nope'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_error_and_writes_nothing(workspace, tmp_path, capsys, over, message):
+    recipe = _recipe(workspace, tmp_path / "r.yaml", **over)
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_check_validates_without_weights(workspace, tmp_path, capsys):
+    good = _recipe(workspace, tmp_path / "good.yaml")
+    bad = _recipe(workspace, tmp_path / "bad.yaml", interventions=[{"layer": 9, "matrix": "mlp", "rho": 0.1}])
+    assert main(["check", str(good)]) == 0
+    assert main(["check", str(good), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "interventions[0].layer: model has 3 layers (0..2), got 9" in err
+
+
+def test_check_uses_recipe_hints_for_uncached_hub_models(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    base = {"name": "x", "model": {"source": "EleutherAI/gpt-j-6b", "model_type": "gptj", "num_layers": 28},
+            "interventions": [{"layer": 28, "matrix": "fc_in", "rho": 0.01}]}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(base))
+    assert main(["check", str(tmp_path / "a.yaml")]) == 2
+    assert "model has 28 layers (0..27), got 28" in capsys.readouterr().err
+    del base["model"]["num_layers"]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(base))
+    assert main(["check", str(tmp_path / "b.yaml")]) == 2
+    assert "add model.model_type and model.num_layers" in capsys.readouterr().err
