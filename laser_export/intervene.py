@@ -85,8 +85,8 @@ class SVDCache:
         if svd is not None and (svd.exact or svd.S.numel() >= rank):
             return svd
         r = self.reduction
-        svd = compute_svd(
-            matrix,
+        svd = compute_svd(  # on the CPU: exact and deterministic whatever device holds the model
+            matrix.detach().cpu(),
             method=r.method,
             dtype=SVD_DTYPES[r.svd_dtype],
             rank=rank,

@@ -102,7 +102,7 @@ def load_model(p: Plan) -> Loaded:
     m = p.recipe.model
     with console.status(f"loading {p.source.describe()}"):
         tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
-        model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code)
+        model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device)
     return Loaded(model, tokenizer)
 
 

@@ -35,6 +35,7 @@ class ModelSpec(_Strict):
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
     trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     model_type: str | None = Field(
         None, description="expected config.model_type; lets `check` validate without the weights"
     )

@@ -73,7 +73,9 @@ class ResolvedSource:
 
         return self._wrap("tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
 
-    def load_model(self, family: Family, dtype: str = "float32", trust_remote_code: bool = False):
+    def load_model(
+        self, family: Family, dtype: str = "float32", trust_remote_code: bool = False, device: str = "auto"
+    ):
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
         auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
@@ -82,7 +84,11 @@ class ResolvedSource:
         if self.gguf_file and quantizer is not None:
             # GGUF weights arrive de-quantized; drop the GGUF marker so the model saves as plain weights
             quantizer.remove_quantization_config(model)
-        return model.eval()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise SourceError("model.device: cuda requested but torch sees no CUDA device")
+        return model.to(device).eval()
 
 
 def _package_file(spec: str) -> tuple[str, str]:

@@ -348,16 +348,8 @@ def test_bigbench_archive_without_task(home, tmp_path):
 # ---------------------------------------------------------------- BigBench (real archive)
 
 
-def _real_archive():
-    found = bigbench.find_archive()
-    if found is None or not found.is_file():
-        pytest.skip("bigbench-1.0.0.tar.gz not found ($LASER_EXPORT_BIGBENCH or ~/.cache/laser-export)")
-    return found
-
-
 @pytest.mark.slow
-def test_bigbench_real_archive():
-    _real_archive()
+def test_bigbench_real_archive(bigbench_archive):
     qa = load_examples("qa_wikidata")
     assert len(qa) == 20442
     assert qa[0].prompt == 'The genre of "Weird Al" Yankovic is' and qa[0].answers == ("comedy", "parody")

