@@ -58,11 +58,20 @@ def _block_output(out) -> torch.Tensor:
 
 
 class _LazyLogits:
-    """Final-normed hidden states that turn into logits only where indexed: ``x[b, i:j]``."""
+    """Final-normed hidden states that turn into logits only where indexed: ``x[b, i:j]``.
 
-    def __init__(self, hidden: torch.Tensor, norm: nn.Module | None, head: nn.Module, softcap: float | None):
+    The first access computes the logits of the last ``window`` positions of *every* row in one
+    matrix product (the scorer reads the last prompt position and the answer tokens, which sit at
+    the end of each left-padded row), so the LM-head weight is streamed once per batch, not per row.
+    Accesses outside that window are computed on demand.
+    """
+
+    def __init__(self, hidden: torch.Tensor, norm: nn.Module | None, head: nn.Module, softcap: float | None,
+                 window: int = 8):
         self.hidden, self.norm, self.head, self.softcap = hidden, norm, head, softcap
         self.shape = (*hidden.shape[:2], head.weight.shape[0])
+        self.window = min(window, hidden.shape[1])
+        self._tail: torch.Tensor | None = None
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
@@ -75,6 +84,16 @@ class _LazyLogits:
     def __getitem__(self, index):
         if not isinstance(index, tuple):
             index = (index,)
+        width = self.shape[1]
+        if len(index) >= 2 and isinstance(index[0], int) and isinstance(index[1], slice) and index[1].step in (None, 1):
+            start, stop, _ = index[1].indices(width)
+            lo = width - self.window
+            if start >= lo and stop <= width:
+                if self._tail is None:
+                    with torch.inference_mode():
+                        self._tail = self._logits(self.hidden[:, lo:])
+                out = self._tail[index[0], start - lo : max(start, stop) - lo]
+                return out[(Ellipsis, *index[2:])] if len(index) > 2 else out
         with torch.inference_mode():
             out = self._logits(self.hidden[index[:2]])
         return out[(Ellipsis, *index[2:])] if len(index) > 2 else out

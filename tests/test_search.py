@@ -1,0 +1,256 @@
+"""Search: prefix cache, exact restore, resume, greedy composition, recipe output, SNR."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from laser_export import evaluate, search
+from laser_export.architectures import family_for
+from laser_export.benchmarks import load_split
+from laser_export.prefix import PrefixCache, PrefixCacheError
+from laser_export.recipe import load_recipe
+from laser_export.search import Candidate, ResultsLog, compose_greedy, run_search, snr
+
+from tinymodels import save_tiny, tiny_inputs, tiny_model, tiny_tokenizer
+
+
+def _write_jsonl(path, n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for i in range(n):
+        words = " ".join(f"w{int(t)}" for t in torch.randint(0, 100, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g))
+        ans = " ".join(f"w{int(t)}" for t in torch.randint(0, 100, (int(torch.randint(1, 3, (1,), generator=g)),), generator=g))
+        lines.append(json.dumps({"prompt": words, "answer": ans}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def bench(tmp_path):
+    return _write_jsonl(tmp_path / "bench.jsonl")
+
+
+def _split(path):
+    return load_split("jsonl", path=path, seed=0, validation_fraction=0.5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj"])
+def test_prefix_cache_replay_equals_full_forward(model_type):
+    model, fam = tiny_model(model_type), family_for(model_type)
+    ids = tiny_inputs(3, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[1, :1] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pc = PrefixCache(model, fam, 0)
+    with torch.inference_mode():
+        full = pc.capture(model, ids, mask, pos)
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        assert torch.equal(full, ref)
+        for layer in range(3):
+            lazy = pc.replay(layer)(model, ids, mask, pos)
+            assert tuple(lazy.shape) == tuple(full.shape)
+            assert (lazy.materialize() - full).abs().max() <= 1e-5
+            assert (lazy[0, 4:9] - full[0, 4:9]).abs().max() <= 1e-5
+
+
+def test_prefix_cache_scores_equal_plain_scores(bench):
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    examples = _split(bench).validation
+    plain = evaluate.score_examples(model, tok, examples, batch_size=4, progress=False)
+    pc = PrefixCache(model, fam, 1)
+    cap = evaluate.score_examples(model, tok, examples, batch_size=4, progress=False, forward_fn=pc.capture)
+    rep = evaluate.score_examples(model, tok, examples, batch_size=4, progress=False, forward_fn=pc.replay(2))
+    assert len(pc) == math.ceil(len(examples) / 4)
+    for a, b, c in zip(plain.per_example, cap.per_example, rep.per_example):
+        assert a["top1"] == b["top1"] == c["top1"]
+        assert abs(a["logprob"] - c["logprob"]) <= 1e-5
+    # replaying for different examples is refused, not silently wrong
+    with pytest.raises(PrefixCacheError):
+        evaluate.score_examples(model, tok, examples[1:], batch_size=4, progress=False, forward_fn=pc.replay(2))
+
+
+def test_candidate_swap_restores_every_parameter_bit_exactly(bench):
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modules_before = {n: type(m) for n, m in model.named_modules()}
+    res = run_search(model, tok, fam, _split(bench).validation, layers=[1, 2], matrices=["fc_in", "fc_out"],
+                     rhos=[0.1, 0.5], batch_size=4, compose=2, storage="factorised", progress=False)
+    assert len(res.candidates) == 8
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert {n: type(m) for n, m in model.named_modules()} == modules_before
+
+
+def test_sweep_metrics_match_scoring_a_reduced_model_directly(bench):
+    """A candidate's result through swap + prefix cache equals reducing the model and scoring it fully."""
+    from laser_export.intervene import reduce_model, Target
+
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    val = _split(bench).validation
+    res = run_search(model, tok, fam, val, layers=[0, 2], matrices=["fc_out"], rhos=[0.1], batch_size=4,
+                     compose=1, progress=False)
+    row = next(r for r in res.candidates if r["layer"] == 2)
+    reduce_model(model, fam, [Target(0, 2, "fc_out", 0.1)])
+    direct = evaluate.score_examples(model, tok, val, batch_size=4, progress=False).metrics
+    assert row["metrics"]["top1"] == direct["top1"]
+    assert abs(row["metrics"]["logprob"] - direct["logprob"]) <= 1e-5
+
+
+def test_resume_skips_measured_candidates_and_gives_same_choice(bench, tmp_path, monkeypatch):
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    val = _split(bench).validation
+    path = tmp_path / "results.jsonl"
+    kw = dict(layers=[1, 2], matrices=["fc_in", "fc_up"], rhos=[0.1, 0.3, 0.6], batch_size=4, compose=1, progress=False)
+
+    calls = {"n": 0}
+    real = evaluate.score_examples
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "score_examples", counting)
+    first = run_search(model, tok, fam, val, results=ResultsLog(path, "k1"), **kw)
+    lines = path.read_text().splitlines()
+    assert calls["n"] == 1 + 12  # capture/baseline + every candidate
+    assert len(lines) == 1 + 12
+
+    # cut the file as if interrupted after 5 candidates (plus a torn last line)
+    path.write_text("\n".join(lines[:6]) + "\n" + lines[6][:10])
+    calls["n"] = 0
+    second = run_search(model, tok, fam, val, results=ResultsLog(path, "k1"), **kw)
+    assert calls["n"] == 1 + 7  # capture + the 7 missing candidates
+    assert second.best == first.best and second.chosen == first.chosen
+    assert [r["metrics"] for r in second.candidates] == [r["metrics"] for r in first.candidates]
+
+    calls["n"] = 0
+    third = run_search(model, tok, fam, val, results=ResultsLog(path, "k1"), **kw)
+    assert calls["n"] == 0 and third.best == first.best
+    # another run key (other model/benchmark/split) ignores these rows
+    assert len(ResultsLog(path, "other").rows) == 0
+
+
+def _crafted(single_acc, set_acc):
+    cands = [Candidate(28, "fc_in", 0.05), Candidate(27, "fc_out", 0.01), Candidate(26, "fc_up", 0.1)]
+    single = {c: {"top1": a, "logprob": -1.0} for c, a in zip(cands, single_acc)}
+    evaluated = []
+
+    def evaluate_set(cs):
+        evaluated.append([c.key for c in cs])
+        return {"top1": set_acc[tuple(c.key for c in cs)], "logprob": -1.0}
+
+    return cands, single, evaluate_set, evaluated
+
+
+def test_compose_drops_an_intervention_that_hurts_and_keeps_one_that_helps():
+    cands, single, ev, seen = _crafted(
+        [0.60, 0.58, 0.57],
+        {
+            ("L28.fc_in.rho0.05", "L27.fc_out.rho0.01"): 0.55,  # stacking hurts -> dropped
+            ("L28.fc_in.rho0.05", "L26.fc_up.rho0.1"): 0.63,  # stacking helps -> kept
+        },
+    )
+    kept, metrics, trace = compose_greedy(cands, ev, single, max_interventions=3)
+    assert kept == [cands[0], cands[2]]
+    assert metrics["top1"] == 0.63
+    assert [t["kept"] for t in trace] == [False, True]
+    # a tie is not an improvement
+    cands, single, ev, _ = _crafted([0.6, 0.58, 0.5], {("L28.fc_in.rho0.05", "L27.fc_out.rho0.01"): 0.60,
+                                                      ("L28.fc_in.rho0.05", "L26.fc_up.rho0.1"): 0.59})
+    kept, metrics, _ = compose_greedy(cands, ev, single, max_interventions=3)
+    assert kept == [cands[0]] and metrics["top1"] == 0.6
+    # the cap holds
+    cands, single, ev, seen = _crafted([0.6, 0.58, 0.57], {("L28.fc_in.rho0.05", "L27.fc_out.rho0.01"): 0.7})
+    kept, _, _ = compose_greedy(cands, ev, single, max_interventions=2)
+    assert kept == cands[:2] and len(seen) == 1
+
+
+def test_run_search_composes_with_crafted_scores(bench, monkeypatch):
+    """End to end through run_search: scores crafted per applied weights decide what is kept."""
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    val = _split(bench).validation
+    gate1 = model.model.layers[1].mlp.gate_proj
+    gate2 = model.model.layers[2].mlp.gate_proj
+    w1, w2 = gate1.weight.detach().clone(), gate2.weight.detach().clone()
+    real = evaluate.score_examples
+
+    def crafted(m, tokenizer, examples, **kw):
+        r = real(m, tokenizer, examples, **kw)
+        red1 = not torch.equal(m.model.layers[1].mlp.gate_proj.weight, w1)
+        red2 = not torch.equal(m.model.layers[2].mlp.gate_proj.weight, w2)
+        acc = {(False, False): 0.5, (True, False): 0.6, (False, True): 0.55, (True, True): 0.7}[(red1, red2)]
+        r.metrics = {**r.metrics, "top1": acc}
+        return r
+
+    monkeypatch.setattr(evaluate, "score_examples", crafted)
+    res = run_search(model, tok, fam, val, layers=[1, 2], matrices=["fc_in"], rhos=[0.5], batch_size=4,
+                     compose=3, progress=False)
+    assert res.best == Candidate(1, "fc_in", 0.5)
+    assert res.chosen == [Candidate(1, "fc_in", 0.5), Candidate(2, "fc_in", 0.5)]
+    assert res.chosen_metrics["top1"] == 0.7
+    assert torch.equal(gate1.weight, w1) and torch.equal(gate2.weight, w2)
+
+
+def test_snr_ranks_planted_low_rank_above_noise():
+    g = torch.Generator().manual_seed(0)
+    m, n = 128, 384
+    noise = torch.randn(m, n, generator=g)
+    planted = 3 * torch.randn(m, 4, generator=g) @ torch.randn(4, n, generator=g) / 2 + noise
+    s_noise = snr(torch.linalg.svdvals(noise), (m, n))
+    s_planted = snr(torch.linalg.svdvals(planted), (m, n))
+    assert s_planted["snr"] > 10 * max(s_noise["snr"], 1e-3)
+    assert s_planted["n_signal"] >= 4
+    assert s_noise["n_signal"] <= 2  # pure noise: (almost) nothing above the MP edge
+    assert abs(s_noise["noise_std"] - 1.0) < 0.05  # the MP-median estimate recovers the entry std
+    for m_, n_ in ((400, 400), (200, 800)):  # MP median vs the empirical median eigenvalue of XXᵀ/n
+        x = torch.randn(m_, n_, generator=g, dtype=torch.float64)
+        emp = float(torch.linalg.eigvalsh(x @ x.T / n_).median())
+        assert abs(search.mp_median(m_ / n_) - emp) < 0.02
+    assert search.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert search.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_prune_snr_sweeps_only_top_matrices(bench):
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    res = run_search(model, tok, fam, _split(bench).validation, layers=[0, 1, 2], matrices=["fc_in", "fc_out"],
+                     rhos=[0.2], batch_size=4, prune_snr=0.5, compose=1, progress=False)
+    assert len(res.candidates) == 3
+    top = sorted(res.snr, key=lambda r: -r["snr"])[:3]
+    assert {(r["layer"], r["matrix"]) for r in res.candidates} == {(r["layer"], r["matrix"]) for r in top}
+    assert res.snr_report["winner_snr_rank"] <= 3
+
+
+def test_cli_search_writes_valid_recipe_sweep_and_plot(bench, tmp_path):
+    from laser_export import cli
+
+    folder = tmp_path / "tiny"
+    save_tiny("llama", folder)
+    out = tmp_path / "found.yaml"
+    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
+                   "--layers", "1-2", "--matrices", "fc_in,fc_out", "--rhos", "0.1,0.5", "--batch-size", "4",
+                   "--validation-fraction", "0.5", "--compose", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    recipe, text = load_recipe(out)
+    sweep = json.loads((tmp_path / "found.sweep.json").read_text())
+    assert [iv.model_dump(exclude_none=True) for iv in recipe.interventions] == sweep["chosen"]
+    assert recipe.interventions[0].model_dump(exclude_none=True) == sweep["best"] or len(sweep["chosen"]) >= 1
+    assert sweep["chosen"][0] == sweep["best"] or sweep["compose_trace"] == []
+    assert recipe.claims.baseline.accuracy == pytest.approx(sweep["test"]["baseline"]["top1"], abs=1e-6)
+    assert recipe.claims.reduced.accuracy == pytest.approx(sweep["test"]["reduced"]["top1"], abs=1e-6)
+    assert recipe.claims.tolerance == 0.005 and "# tolerance" in text
+    assert recipe.benchmark.split == "test" and recipe.benchmark.name == "jsonl"
+    assert len(sweep["candidates"]) == 8
+    png = tmp_path / "found.sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tmp_path / "found.search.jsonl").read_text().splitlines()) == 1 + 8 + len(sweep["compose_trace"])
+    # bad input → exit 2
+    assert cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
+                     "--layers", "7", "--out", str(out), "--no-progress"]) == 2
