@@ -106,3 +106,18 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
             write_checkpoint(model, None, tmp, recipe_yaml="", manifest={})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_sharded_factorised_export_loads_back(tmp_path):
+    model = tiny_model("llama")
+    fam = family_for("llama")
+    entries = reduce_model(model, fam, plan_targets(IVS, model.config, fam), storage="factorised")
+    with atomic_folder(tmp_path / "out") as tmp:
+        manifest = write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="", manifest={"matrices": entries},
+                                    max_shard_size="40KB")
+    shards = manifest["checkpoint"]["files"]
+    assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    x = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6)
