@@ -123,7 +123,7 @@ def _position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.T
 def _empty_past(model, batch: int, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Zero-length past (batch, kv_heads, 0, head_dim) per layer, shaped like the model's cache."""
     with torch.no_grad():
-        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=_device(model)), use_cache=True)
     past = []
     for layer in _cache_layers(out.past_key_values)[:layers]:
         k, v = layer
@@ -134,6 +134,10 @@ def _empty_past(model, batch: int, layers: int) -> list[tuple[np.ndarray, np.nda
             )
         )
     return past
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -149,13 +153,14 @@ def _export_inputs(model, task: str, with_past: bool) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     batch, past_len, seq_len = 2, 3, 5
     low = 3 if vocab > 8 else 0  # keep clear of small special ids (RoBERTa pad is 1)
-    ids = torch.randint(low, vocab, (batch, seq_len), generator=gen)
+    dev = _device(model)
+    ids = torch.randint(low, vocab, (batch, seq_len), generator=gen).to(dev)
     if task == "masked-lm":
-        mask = torch.ones(batch, seq_len, dtype=torch.long)
+        mask = torch.ones(batch, seq_len, dtype=torch.long, device=dev)
         mask[1, -2:] = 0
         return {"input_ids": ids, "attention_mask": mask}
     total = past_len + seq_len if with_past else seq_len
-    mask = torch.ones(batch, total, dtype=torch.long)
+    mask = torch.ones(batch, total, dtype=torch.long, device=dev)
     mask[0, :2] = 0
     inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
     if _takes_position_ids(model):
@@ -163,7 +168,7 @@ def _export_inputs(model, task: str, with_past: bool) -> dict[str, Any]:
     if with_past:
         with torch.no_grad():
             prefill = model(
-                input_ids=torch.randint(low, vocab, (batch, past_len), generator=gen),
+                input_ids=torch.randint(low, vocab, (batch, past_len), generator=gen).to(dev),
                 attention_mask=mask[:, :past_len],
                 use_cache=True,
             )
@@ -504,13 +509,15 @@ def _compare(model, session, task, with_past, ids, mask, bsz, input_names) -> di
     if unknown:
         raise OnnxExportError(f"cannot feed ONNX inputs {sorted(unknown)}")
     ort_out = _run_session(session, {k: v for k, v in feed.items() if k in input_names})
-    ref = model(**kwargs)
-    checks["padded_batch"] = _masked_max_diff(ort_out["logits"], ref.logits.float().numpy(), mask.numpy())
-    scale = float(np.abs(ref.logits.float().numpy()[mask.numpy().astype(bool)]).max())
+    dev = _device(model)
+    ref = model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    ref_logits = ref.logits.float().cpu().numpy()
+    checks["padded_batch"] = _masked_max_diff(ort_out["logits"], ref_logits, mask.numpy())
+    scale = float(np.abs(ref_logits[mask.numpy().astype(bool)]).max())
 
     if with_past:
         # one greedy decoding step: torch continues from its cache, onnxruntime from its presents
-        next_ids = ref.logits[:, -1].argmax(-1, keepdim=True)
+        next_ids = ref.logits[:, -1].argmax(-1, keepdim=True).cpu()
         mask2 = torch.cat([mask, torch.ones(bsz, 1, dtype=mask.dtype)], dim=1)
         feed2 = {"input_ids": next_ids.numpy(), "attention_mask": mask2.numpy()}
         kwargs2: dict[str, Any] = {
@@ -527,11 +534,12 @@ def _compare(model, session, task, with_past, ids, mask, bsz, input_names) -> di
             i, kind = name.split(".")[1:]
             feed2[name] = ort_out[f"present.{i}.{kind}"]
         ort_out2 = _run_session(session, feed2)
-        ref2 = model(**kwargs2)
+        ref2 = model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in kwargs2.items()})
+        ref2_logits = ref2.logits.float().cpu().numpy()
         checks["decode_step"] = _masked_max_diff(
-            ort_out2["logits"], ref2.logits.float().numpy(), np.ones(ref2.logits.shape[:2], np.int64)
+            ort_out2["logits"], ref2_logits, np.ones(ref2_logits.shape[:2], np.int64)
         )
-        scale = max(scale, float(ref2.logits.float().abs().max()))
+        scale = max(scale, float(np.abs(ref2_logits).max()))
     return checks, scale
 
 
