@@ -88,6 +88,14 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
+    if "onnx" in recipe.export.formats:
+        from .export.onnx import ONNX_FAMILIES
+
+        if family.name not in ONNX_FAMILIES:
+            raise RecipeError([
+                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
+                f"(model_type {config.model_type!r})"
+            ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 

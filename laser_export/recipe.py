@@ -102,6 +102,9 @@ class ExportSpec(_Strict):
     formats: list[Literal["safetensors", "onnx"]] = ["safetensors"]
     max_shard_size: str = "2GB"
     onnx_with_past: bool = True
+    onnx_tolerance: float = Field(
+        1e-4, gt=0, description="max |logit difference| onnxruntime vs torch (fp32) for the export to pass"
+    )
     hub: HubSpec | None = None
 
 

@@ -62,8 +62,26 @@ def run_recipe(args) -> int:
             console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
 
     manifest = build_manifest(p, loaded.entries)
+    from .export.onnx import OnnxExportError
+
+    try:
+        _export(p, loaded, out, args, manifest, report)
+    except OnnxExportError as err:
+        console.print(f"[red]ONNX export failed, nothing exported:[/] {err}")
+        return EXIT_FAILED
+    saved = manifest["totals"]["bytes_saved"]
+    console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
+
+    if args.push:
+        return _push(out, repo_id, private=args.private or bool(hub and hub.private), endpoint=args.endpoint)
+    return EXIT_OK
+
+
+def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | None) -> None:
+    """Write every export format into a temporary folder, then rename it to ``out``."""
     from .export.safetensors import atomic_folder, write_checkpoint
 
+    recipe, text = p.recipe, p.yaml_text
     with atomic_folder(out, overwrite=args.overwrite) as tmp:
         with console.status("writing safetensors"):
             write_checkpoint(
@@ -75,8 +93,13 @@ def run_recipe(args) -> int:
 
             with console.status("exporting ONNX and checking parity with onnxruntime"):
                 manifest["onnx"] = export_onnx(
-                    loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past
+                    loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past,
+                    tolerance=recipe.export.onnx_tolerance,
                 )
+            console.print(
+                f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
+                f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
+            )
         if report is not None:
             _write_json(tmp / "verify_report.json", report)
         _write_json(tmp / "manifest.json", manifest)
@@ -87,12 +110,6 @@ def run_recipe(args) -> int:
             skip_verify=bool(args.skip_verify and recipe.claims is not None),
         )
         (tmp / "README.md").write_text(str(card))
-    saved = manifest["totals"]["bytes_saved"]
-    console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
-
-    if args.push:
-        return _push(out, repo_id, private=args.private or bool(hub and hub.private), endpoint=args.endpoint)
-    return EXIT_OK
 
 
 def _push(folder: Path, repo_id: str, *, private: bool, endpoint: str | None) -> int:

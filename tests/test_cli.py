@@ -149,3 +149,35 @@ def test_check_uses_recipe_hints_for_uncached_hub_models(tmp_path, monkeypatch, 
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(base))
     assert main(["check", str(tmp_path / "b.yaml")]) == 2
     assert "add model.model_type and model.num_layers" in capsys.readouterr().err
+
+
+def test_onnx_export_with_parity_in_the_manifest(workspace, tmp_path):
+    recipe = _recipe(workspace, tmp_path / "r.yaml", claims=None, export={"formats": ["safetensors", "onnx"]})
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--no-progress"]) == 0
+    onnx = json.loads((out / "manifest.json").read_text())["onnx"]
+    assert (out / "model.onnx").is_file() and onnx["passed"] is True
+    assert 0 <= onnx["max_abs_diff"] <= onnx["tolerance"] == 1e-4
+
+
+def test_failed_onnx_parity_exports_nothing(workspace, tmp_path, monkeypatch, capsys):
+    import laser_export.export.onnx as onnx_mod
+
+    def fail(*a, **k):
+        raise onnx_mod.OnnxParityError("max |diff| 3e-2 > tolerance 1e-4", {"max_abs_diff": 3e-2})
+
+    monkeypatch.setattr(onnx_mod, "export_onnx", fail)
+    recipe = _recipe(workspace, tmp_path / "r.yaml", claims=None, export={"formats": ["safetensors", "onnx"]})
+    out = tmp_path / "out"
+    assert main([str(recipe), "--out", str(out), "--no-progress"]) == 1
+    assert "ONNX export failed, nothing exported" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [recipe]
+
+
+def test_onnx_for_an_unsupported_family_is_a_recipe_error(tmp_path, capsys):
+    save_tiny("opt", tmp_path / "opt")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "name": "o", "model": {"source": str(tmp_path / "opt")},
+        "interventions": [{"layer": 0, "matrix": "fc_in", "rho": 0.5}], "export": {"formats": ["safetensors", "onnx"]}}))
+    assert main([str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "export.formats: ONNX export supports" in capsys.readouterr().err
