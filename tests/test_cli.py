@@ -181,3 +181,44 @@ def test_onnx_for_an_unsupported_family_is_a_recipe_error(tmp_path, capsys):
         "interventions": [{"layer": 0, "matrix": "fc_in", "rho": 0.5}], "export": {"formats": ["safetensors", "onnx"]}}))
     assert main([str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 2
     assert "export.formats: ONNX export supports" in capsys.readouterr().err
+
+
+def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from hub_server import HubServer
+
+    recipe = _recipe(workspace, tmp_path / "r.yaml", claims=None)
+    out = tmp_path / "out"
+    with HubServer(tmp_path / "hub") as hub:
+        hub.fail_commits = True
+        args = [str(recipe), "--out", str(out), "--push", "--repo-id", "org/tiny-laser", "--endpoint", hub.endpoint, "--no-progress"]
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "push failed" in err and f"laser-export push {out}" in err
+        assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()  # local export intact
+
+        hub.fail_commits = False
+        assert main(["push", str(out), "--repo-id", "org/tiny-laser", "--endpoint", hub.endpoint]) == 0
+        assert "pushed" in capsys.readouterr().err
+        assert {"model.safetensors", "manifest.json", "README.md", "recipe.yaml"} <= set(hub.repos["org/tiny-laser"].head.files)
+
+        script = (
+            "import torch, laser_export\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained('org/tiny-laser').eval()\n"
+            "print(type(m.model.layers[2].mlp.gate_proj).__name__)\n"
+            f"torch.save(m(torch.tensor([[5, 6, 7, 8]])).logits.detach(), {str(tmp_path / 'hub.pt')!r})\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_XET="1",
+                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == "LowRankLinear"
+    local = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = local(torch.tensor([[5, 6, 7, 8]])).logits
+    assert torch.equal(torch.load(tmp_path / "hub.pt"), expected)
