@@ -5,10 +5,11 @@ running only once per batch. :class:`PrefixCache` works with any family of the a
 plugs into :func:`laser_export.evaluate.score_examples` through its ``forward_fn`` parameter, so the
 batches (sorting, left padding, position ids) are exactly the scorer's own.
 
-* :meth:`PrefixCache.capture` is a ``forward_fn`` that runs the full model once per batch and records,
+* :meth:`PrefixCache.capture` is a ``forward_fn`` that runs the model once per batch and records,
   with ``register_forward_pre_hook(..., with_kwargs=True)``, the positional and keyword inputs of every
   block from ``start`` on (hidden states, attention mask, rotary position embeddings, ...). It returns
-  the model's own logits (so the capture pass *is* the baseline).
+  the model's own logits (so the capture pass *is* the baseline); with ``lazy_capture=True`` it runs
+  only the base model and applies the LM head lazily too (~20% less work on SmolLM2).
 * :meth:`PrefixCache.replay(layer)` is a ``forward_fn`` that, for the same batches in the same order,
   runs blocks ``layer..L-1`` with the recorded inputs, then the final norm (``Family.final_norm``,
   relative to ``model.base_model``) and the LM head. The LM head is applied lazily, only to the
@@ -106,7 +107,7 @@ class _LazyLogits:
 class PrefixCache:
     """Record block inputs from block ``start`` on during one full pass; replay from any layer ≥ start."""
 
-    def __init__(self, model: nn.Module, family: Family, start: int):
+    def __init__(self, model: nn.Module, family: Family, start: int, lazy_capture: bool = False):
         if family.task != "causal-lm":
             raise PrefixCacheError(f"prefix cache supports causal LMs; {family.name} is {family.task}")
         self.model, self.family = model, family
@@ -115,6 +116,7 @@ class PrefixCache:
         if not 0 <= start < n:
             raise PrefixCacheError(f"start layer {start} out of range 0..{n - 1}")
         self.start = start
+        self.lazy_capture = lazy_capture
         base = getattr(model, "base_model", model)
         self.norm = base.get_submodule(family.final_norm) if family.final_norm else None
         self.head = model.get_output_embeddings()
@@ -141,14 +143,22 @@ class PrefixCache:
         for i in range(self.start, len(self.blocks)):
             handles.append(self.blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
         try:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            if self.lazy_capture:
+                # body only (its output is already final-normed); the LM head runs lazily, like replay
+                body = getattr(model, "base_model", model)
+                out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+                logits = _LazyLogits(out.last_hidden_state, None, self.head, self.softcap)
+            else:
+                logits = model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+                ).logits
         finally:
             for h in handles:
                 h.remove()
         if len(batch.inputs) != len(self.blocks) - self.start:
             raise PrefixCacheError("not every block from the start layer was called during the forward pass")
         self.batches.append(batch)
-        return out.logits
+        return logits
 
     # -- replay --------------------------------------------------------------------------------
     def replay(self, layer: int):

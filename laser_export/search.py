@@ -441,7 +441,7 @@ def run_search(
         if not use_prefix_cache:
             return None
         if cache is None or cache.start > start:
-            cache = PrefixCache(model, family, start)
+            cache = PrefixCache(model, family, start, lazy_capture=True)
             t = time.perf_counter()
             r = score(cache.capture)
             timings["capture_s"] += time.perf_counter() - t
@@ -553,7 +553,7 @@ def evaluate_recipe(
     """(baseline ScoreResult, reduced ScoreResult) on ``examples`` — one full pass plus one replay."""
     swap = _Swapper(model, family, svd or SVDCache(), storage)
     start = min(c.layer for c in chosen)
-    pc = PrefixCache(model, family, start) if use_prefix_cache else None
+    pc = PrefixCache(model, family, start, lazy_capture=True) if use_prefix_cache else None
     kw = dict(batch_size=batch_size, progress=progress)
     base = evaluate.score_examples(model, tokenizer, examples, description="test: baseline",
                                    forward_fn=pc.capture if pc else None, **kw)
@@ -626,7 +626,7 @@ def build_recipe_dict(
     data["model"] = model
     data["interventions"] = [c.as_intervention() for c in chosen]
     data["storage"] = storage
-    data["benchmark"] = {**benchmark, "split": "test"}
+    data["benchmark"] = {"name": benchmark["name"], "split": "test", **{k: v for k, v in benchmark.items() if k != "name"}}
     data["claims"] = {
         "baseline": {"accuracy": round(baseline_acc, 6)},
         "reduced": {"accuracy": round(reduced_acc, 6)},
@@ -646,16 +646,42 @@ def _leading_comments(text: str) -> list[str]:
     return out
 
 
-def write_recipe(path: str | Path, data: dict, comments: Sequence[str]) -> None:
-    """Validate with the recipe schema, then write YAML with ``comments`` on top (atomically)."""
+def _yaml_text(data: dict) -> str:
     import yaml
 
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def repr_dict(dumper, value):  # leaf mappings (one intervention, a claim) on one line
+        flow = all(not isinstance(v, (dict, list)) for v in value.values())
+        return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=flow and len(value) <= 4)
+
+    def repr_list(dumper, value):  # lists of scalars inline: [safetensors, onnx]
+        flow = all(not isinstance(v, (dict, list)) for v in value)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+    _Dumper.add_representer(dict, repr_dict)
+    _Dumper.add_representer(list, repr_list)
+    out = []
+    for key, value in data.items():
+        if isinstance(value, (dict, list)):
+            block = yaml.dump({key: value}, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+        else:
+            block = yaml.safe_dump({key: value}, sort_keys=False, width=120)
+        if key == "interventions":
+            block = block.replace("\n- ", "\n  - ")
+        out.append(block)
+    return "".join(out)
+
+
+def write_recipe(path: str | Path, data: dict, comments: Sequence[str]) -> None:
+    """Validate with the recipe schema, then write ``data`` as given (no defaults added) with
+    ``comments`` on top, atomically."""
     from .recipe import parse_recipe
 
-    recipe = parse_recipe(data)
-    body = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True, exclude_defaults=False), sort_keys=False,
-                          default_flow_style=None, width=120)
-    text = "\n".join(comments) + ("\n" if comments else "") + body
+    parse_recipe(data)
+    text = "\n".join(comments) + ("\n" if comments else "") + _yaml_text(data)
+    parse_recipe(__import__("yaml").safe_load(text))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -254,3 +254,19 @@ def test_cli_search_writes_valid_recipe_sweep_and_plot(bench, tmp_path):
     # bad input → exit 2
     assert cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
                      "--layers", "7", "--out", str(out), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_lazy_capture_equals_full_logits(model_type):
+    model, fam = tiny_model(model_type), family_for(model_type)
+    ids = tiny_inputs(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pc = PrefixCache(model, fam, 1, lazy_capture=True)
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        lazy = pc.capture(model, ids, mask, pos)
+        assert (lazy.materialize() - ref).abs().max() <= 1e-5
+        assert (lazy[0, 3:8] - ref[0, 3:8]).abs().max() <= 1e-5
+        assert (pc.replay(2)(model, ids, mask, pos).materialize() - ref).abs().max() <= 1e-5
