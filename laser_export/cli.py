@@ -39,6 +39,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_verify_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="score the reduced model with full forwards instead of replaying from the reduced layer")
+
+
 def cmd_check(args) -> int:
     from .pipeline import plan
     from .recipe import load_recipe
@@ -97,6 +102,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     run.add_argument("--private", action="store_true", help="create the Hub repo private")
     run.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     _add_common(run)
+    _add_verify_opts(run)
 
     check = argparse.ArgumentParser(prog="laser-export check", description="Validate recipes without loading weights.")
     check.add_argument("recipes", nargs="+")
@@ -106,6 +112,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     verify.add_argument("--limit", type=int, help="score only N examples (reported; cannot satisfy a claim)")
     verify.add_argument("--report", help="report JSON path (default: reports/<name>.verify.json)")
     _add_common(verify)
+    _add_verify_opts(verify)
 
     push = argparse.ArgumentParser(prog="laser-export push", description="Push an export folder to the Hub.")
     push.add_argument("folder")

@@ -100,6 +100,9 @@ class SVDCache:
     def __len__(self) -> int:
         return len(self._store)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache: `cache or default` must keep it
+        return True
+
 
 @dataclass
 class Undo:

@@ -196,6 +196,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self.batches)
 
+    def __bool__(self) -> bool:  # an empty cache is still a cache: `cache or default` must keep it
+        return True
+
     def nbytes(self) -> int:
         total = 0
         for b in self.batches:

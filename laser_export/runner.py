@@ -28,7 +28,8 @@ def _select(p: Plan, args):
 def _verify(p: Plan, loaded, args, selected):
     from .verify import print_report, verify_loaded
 
-    report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress, selected=selected)
+    report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress, selected=selected,
+                           prefix_cache=not args.no_prefix_cache)
     print_report(report)
     return report
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from .benchmarks import BenchmarkError, examples_sha256, load_split
 from .evaluate import paired_bootstrap, score_examples
 from .pipeline import Loaded, Plan, console, reduce_loaded
+from .prefix import PrefixCache
 
 #: metrics reported next to the claimed one, when the benchmark has them
 REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "logprob", "logloss")
@@ -48,23 +49,30 @@ def check_scorable(p: Plan) -> None:
 
 
 def verify_loaded(
-    p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None
+    p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None,
+    prefix_cache: bool = True,
 ) -> dict:
     """Score ``loaded`` (unreduced) on the split, reduce it in place, score again, build the report.
 
-    ``selected``: the result of :func:`select_examples`, when the caller loaded the data already."""
+    ``selected``: the result of :func:`select_examples`, when the caller loaded the data already.
+    ``prefix_cache``: the baseline pass records the inputs of every block from the lowest reduced
+    layer on, and the reduced pass replays only those blocks (equal to a full forward within 1e-5,
+    see tests/test_search.py); False runs two full forwards."""
     recipe, bench = p.recipe, p.recipe.benchmark
     check_scorable(p)
     examples, info = selected or select_examples(p, limit)
+    start = min(t.layer for t in p.targets)
+    cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
     t0 = time.perf_counter()
     base = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                          progress=progress, description="baseline")
+                          progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
     red = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                         progress=progress, description="reduced")
+                         progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
     t3 = time.perf_counter()
+    del cache
     if bench.metric not in base.metrics:
         raise BenchmarkError(
             f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; "
@@ -103,6 +111,7 @@ def verify_loaded(
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
         "skip_verify": False,
+        "prefix_cache": prefix_cache,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
 

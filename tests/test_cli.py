@@ -222,3 +222,22 @@ def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_pa
     with torch.no_grad():
         expected = local(torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.equal(torch.load(tmp_path / "hub.pt"), expected)
+
+
+def test_verify_replays_from_the_reduced_layer_and_matches_full_forwards(workspace, tmp_path, monkeypatch):
+    from laser_export.prefix import PrefixCache
+
+    calls = []
+    real = PrefixCache.run_from
+    monkeypatch.setattr(PrefixCache, "run_from", lambda self, batch, layer: calls.append(layer) or real(self, batch, layer))
+    recipe = _recipe(workspace, tmp_path / "r.yaml")
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "cached.json"), "--no-progress"]) == 1
+    assert calls and set(calls) == {2}  # the reduced pass replayed blocks 2.. only
+    n_calls = len(calls)
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "full.json"), "--no-progress", "--no-prefix-cache"]) == 1
+    assert len(calls) == n_calls  # no replay with --no-prefix-cache
+    cached, full = (json.loads((tmp_path / f).read_text()) for f in ("cached.json", "full.json"))
+    assert cached["prefix_cache"] is True and full["prefix_cache"] is False
+    for side in ("baseline", "reduced"):
+        for k, v in full["metrics"][side].items():
+            assert cached["metrics"][side][k] == pytest.approx(v, abs=1e-5), (side, k)
