@@ -106,8 +106,11 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
         _write_json(tmp / "manifest.json", manifest)
         from .export.card import render_card
 
+        recipe_dict = recipe.model_dump(mode="json")
+        if args.repo_id:  # the card's loading snippet names the repo the export is pushed to
+            recipe_dict["export"]["hub"] = {"repo_id": args.repo_id, "private": bool(args.private)}
         card = render_card(
-            recipe.model_dump(mode="json"), text, manifest, report,
+            recipe_dict, text, manifest, report,
             skip_verify=bool(args.skip_verify and recipe.claims is not None),
         )
         (tmp / "README.md").write_text(str(card))

@@ -42,6 +42,10 @@ def test_roundtrip_same_logits(tmp_path, model_type, storage):
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["checkpoint"]["tensor_bytes"] == checkpoint_tensor_bytes(tmp_path / "out")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's owner-only 0700
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in (tmp_path / "out").iterdir())
     assert (tmp_path / "out" / "recipe.yaml").read_text() == "name: t\n"
 
 

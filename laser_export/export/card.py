@@ -326,7 +326,7 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
         ]
         base_m, red_m = metrics.get("baseline") or {}, metrics.get("reduced") or {}
         keys = [k for k in METRIC_LABELS if k in base_m or k in red_m]
-        keys += [k for k in list(base_m) + list(red_m) if k not in keys and k not in METRIC_LABELS]
+        keys += [k for k in list(base_m) + list(red_m) if k not in keys and k not in METRIC_LABELS and k != "n"]
         for k in dict.fromkeys(keys):
             d = delta.get(k) or {}
             label = METRIC_LABELS.get(k, k)
