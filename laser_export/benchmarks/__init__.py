@@ -7,14 +7,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
-from typing import Sequence
-
-import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 from . import bigbench, counterfact, jsonl
 from .base import (
