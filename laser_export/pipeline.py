@@ -15,7 +15,7 @@ from . import __version__
 from .architectures import Family, family_for
 from .intervene import SVDCache, Target, plan_targets, reduce_model
 from .recipe import Recipe, RecipeError
-from .sources import ResolvedSource, SourceError, resolve_source
+from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -65,6 +65,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     ``model.num_layers`` hints stand in for it.
     """
     source = resolve_source(recipe.model.source, recipe.model.revision)
+    source.check_files()
     config, from_hints = None, False
     if weights_free and source.kind == "hub":
         try:
@@ -81,6 +82,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
                 ) from None
     else:
         config = source.load_config(trust_remote_code=recipe.model.trust_remote_code)
+        check_config(config, source.describe())
     try:
         family = family_for(config.model_type)
     except ValueError as err:
@@ -103,6 +105,12 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
             raise RecipeError([
                 f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
+        from .verify import REPORTED
+
+        if recipe.benchmark.metric not in REPORTED:
+            raise RecipeError([
+                f"benchmark.metric: unknown metric {recipe.benchmark.metric!r}; known: {', '.join(REPORTED)}"
+            ])
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 
@@ -111,7 +119,66 @@ def load_model(p: Plan) -> Loaded:
     with console.status(f"loading {p.source.describe()}"):
         tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device)
+    densify_targets(p, model)
+    check_finite_targets(p, model)
     return Loaded(model, tokenizer)
+
+
+def densify_targets(p: Plan, model) -> list[str]:
+    """A factorised source (a laser-export export) holds LowRankLinear modules whose ``weight`` is the
+    thin right factor. Each one a target names is turned back into its dense module (the product of
+    its factors, in the module class the architecture uses), so the reduction works on the real
+    matrix. Untouched factorised modules stay factorised. Returns the names densified."""
+    import torch
+    from torch import nn
+
+    from .architectures import module_name
+    from .lowrank import LowRankLinear, from_matrix
+
+    done = []
+    for t in p.targets:
+        name = module_name(model, p.family, t.layer, t.alias)
+        mod = model.get_submodule(name)
+        if not isinstance(mod, LowRankLinear):
+            continue
+        cls = getattr(mod, "dense_class", nn.Linear)
+        w = mod.weight
+        if cls.__name__ == "Conv1D":
+            dense = cls(mod.out_features, mod.in_features)
+        else:
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        dense = dense.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(from_matrix(dense, mod.dense_matrix()))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias)
+            elif getattr(dense, "bias", None) is not None:
+                dense.bias.zero_()
+        model.set_submodule(name, dense)
+        done.append(name)
+    return done
+
+
+def check_finite_targets(p: Plan, model) -> None:
+    """Every target matrix is finite: the SVD of a matrix with inf/NaN is undefined (NaN factors or
+    a LinAlgError). A SourceError naming the module, raised before anything is written."""
+    import torch
+
+    from .architectures import module_name
+    from .lowrank import as_matrix
+
+    problems = []
+    for t in p.targets:
+        name = module_name(model, p.family, t.layer, t.alias)
+        w = as_matrix(model.get_submodule(name))
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            problems.append(
+                f"model.source: {name} ({t.field}, layer {t.layer} {t.alias}) holds {bad} non-finite values "
+                f"(inf/NaN) of {w.numel()}; it cannot be reduced"
+            )
+    if problems:
+        raise SourceError("\n".join(problems))
 
 
 def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:

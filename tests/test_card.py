@@ -281,7 +281,7 @@ def test_recipe_with_backticks_gets_a_longer_fence_and_base_model_from_hub_sourc
     assert "````yaml\n" + yaml_text.rstrip("\n") + "\n````" in card.text
 
 
-def test_card_yaml_passes_hub_validation_and_survives_save_load(tmp_path):
+def test_card_yaml_passes_hub_validation_and_survives_save_load(tmp_path, hub_online):
     card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report())
     path = tmp_path / "README.md"
     card.save(path)

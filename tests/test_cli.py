@@ -183,7 +183,7 @@ def test_onnx_for_an_unsupported_family_is_a_recipe_error(tmp_path, capsys):
     assert "export.formats: ONNX export supports" in capsys.readouterr().err
 
 
-def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys):
+def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys, hub_online):
     import os
     import subprocess
     import sys
