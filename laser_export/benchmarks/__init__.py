@@ -80,7 +80,25 @@ def load_examples(
         raise BenchmarkError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
         raise BenchmarkError(f"{name}: max_examples must be a positive integer, got {max_examples!r}")
-    examples = spec.loader(path)
+    try:
+        examples = spec.loader(path)
+    except BenchmarkError:
+        raise
+    except RecursionError:
+        raise BenchmarkError(f"{name}: {path or 'the default file'}: data nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"{name}: {path or 'the default file'}: not UTF-8 text (byte {exc.start})") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        # a record of the wrong type (a number where a string or list belongs, ...) in a loader
+        raise BenchmarkError(
+            f"{name}: {path or 'the default file'}: a record has a field of the wrong type "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
+    except OSError as exc:
+        raise BenchmarkError(f"{name}: cannot read {path or 'the default file'}: {exc.strerror or exc}") from None
+    blank = next((ex for ex in examples if not ex.prompt.strip() or not all(a.strip() for a in ex.answers)), None)
+    if blank is not None:
+        raise BenchmarkError(f"{name}: example {blank.id!r} has an empty (whitespace-only) prompt or answer")
     if not examples:
         raise BenchmarkError(f"{name}: no examples loaded from {path or 'the default location'}")
     check_unique_ids(examples, name)
