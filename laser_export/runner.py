@@ -216,14 +216,14 @@ def run(opts: RunOptions) -> RunResult:
                           opts.recipe)
     p = plan(recipe, text)
     out = Path(opts.out) if opts.out else Path("out") / recipe.name
+    for line in clean_debris(out, dry_run=opts.dry_run):  # first: it may restore an export at `out`
+        console.print(line)
     check_output(out, overwrite=opts.overwrite, protect=_protected(p))
     verifying = recipe.claims is not None and not opts.skip_verify
     report_path = None
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
         check_report_path(report_path, flag)
-    for line in clean_debris(out, dry_run=opts.dry_run):
-        console.print(line)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
                   f"{recipe.storage}")
     selected = _select(p, opts.limit) if verifying else None

@@ -187,6 +187,8 @@ def check_safetensors_file(path: Path) -> dict:
             if n > min(size - 8, 100 << 20):
                 raise SourceError(f"model.source: {path} is not a safetensors file (header length {n} is impossible)")
             header = json.loads(f.read(n))
+    except SourceError:
+        raise
     except OSError as err:
         raise SourceError(f"model.source: cannot read {path}: {err.strerror}") from None
     except (ValueError, UnicodeDecodeError):

@@ -197,6 +197,7 @@ def atomic_folder(
                 os.replace(tmp, out)
             except BaseException:
                 os.replace(backup / "old", out)
+                shutil.rmtree(backup, ignore_errors=True)
                 raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
