@@ -566,6 +566,13 @@ CASES: list[Case] = [
 ]
 
 
+#: case-id prefixes whose error must come before any weights load (load_model raises in those tests)
+BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "matrix-", "intervention-", "storage-",
+                  "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
+                  "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
+                  "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-", "push-", "run-", "dry-run")
+
+
 def _raiser(factory):
     def boom(*a, **k):
         raise factory()
@@ -598,6 +605,10 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
     ctx.write_recipe(recipe)
     if case.setup:
         case.setup(ctx)
+    if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load
+        import laser_export.runner as runner
+
+        monkeypatch.setattr(runner, "load_model", _raiser(lambda: AssertionError("weights were loaded")))
     ws_before = _snapshot(ws)
     tmp_before = _snapshot(tmp_path)
     argv = case.argv(ctx) if case.argv else run_args()(ctx)
