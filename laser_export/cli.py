@@ -126,6 +126,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _layers(text: str) -> str:
+    """``--layers`` syntax (20-29, 24,26,28, -4); a range must not be empty. Bounds are checked by search."""
+    import re
+
+    for part in (p.strip() for p in text.split(",")):
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m and int(m[1]) > int(m[2]):
+            raise argparse.ArgumentTypeError(f"range {part!r} is empty (write LOW-HIGH, e.g. {m[2]}-{m[1]})")
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit 2 (its own default prints usage too)."""
 
@@ -211,7 +222,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--benchmark-path", help="benchmark data file or archive")
     search.add_argument("--subsample", type=_positive_int, help="draw N examples (seeded) before splitting")
     search.add_argument("--max-examples", type=_positive_int, help="sweep on only the first N validation examples")
-    search.add_argument("--layers", help="e.g. 20-29 or 24,26,28 (default: last third)")
+    search.add_argument("--layers", type=_layers, help="e.g. 20-29 or 24,26,28 (default: last third)")
     search.add_argument("--matrices", default="fc_in,fc_up,fc_out", help="aliases or groups, comma separated")
     search.add_argument("--rhos", default="0.01,0.05,0.1,0.25", help="comma separated fractions of rank kept")
     search.add_argument("--seed", type=int, help="split seed (default 0)")

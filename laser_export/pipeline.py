@@ -90,6 +90,8 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
+    if not from_hints:
+        check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
     if "onnx" in recipe.export.formats:
         from .export.onnx import ONNX_FAMILIES
 
@@ -112,6 +114,35 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
                 f"benchmark.metric: unknown metric {recipe.benchmark.metric!r}; known: {', '.join(REPORTED)}"
             ])
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
+
+
+def check_ranks_without_weights(config, family: Family, targets: list[Target], trust_remote_code: bool = False) -> None:
+    """Check each target's rank against its matrix shape on a weightless (meta-device) skeleton of the
+    model, so a too-large rank is a recipe error before any weights load. Skipped (the same check runs
+    after loading) when the skeleton cannot be built from the config."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+        from .architectures import module_name
+        from .lowrank import as_matrix
+
+        auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+        shapes = {}
+        for t in targets:
+            name = module_name(skeleton, family, t.layer, t.alias)
+            shapes[t] = (name, tuple(int(d) for d in as_matrix(skeleton.get_submodule(name)).shape))
+    except Exception:  # noqa: BLE001 - an unusual config: leave the check to after loading
+        return
+    problems = []
+    for t, (name, shape) in shapes.items():
+        k = t.rank_for(shape)
+        if k > min(shape):
+            problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
+    if problems:
+        raise RecipeError(problems)
 
 
 def load_model(p: Plan) -> Loaded:

@@ -515,6 +515,10 @@ CASES: list[Case] = [
     Case("debris-old-restored", X, "restored the previous export",
          setup=lambda c: ((c.tmp / ".out.old-999999999-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-999999999-x" / "old")),
          check=_old_export_intact, new=("out", "out/*")),
+    Case("dry-run-plan", 0, "dry run: no weights loaded, nothing written", recipe=B(), argv=run_args("--dry-run"),
+         check=lambda c: "would write:" in c.data["stderr"] and "verify report, 30 examples" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
+    Case("dry-run-verify", 0, "would write:", recipe=B(), argv=lambda c: ["verify", str(c.recipe), "--dry-run"]),
+    Case("dry-run-still-checks-out", X, "already holds an export", setup=lambda c: c.copy_export(), argv=run_args("--dry-run")),
     Case("dry-run-reports-debris", 0, "would remove",
          setup=lambda c: (c.tmp / ".out.tmp-999999999-abc").mkdir(), argv=run_args("--dry-run")),
     # ---- injected failure at each export step (an existing export at OUT, --overwrite): it survives
@@ -562,15 +566,28 @@ CASES: list[Case] = [
     Case("hub-error-redacts-token", 1, "push failed", setup=LEAK[0], argv=LEAK[1], check=_no_secret),
     Case("hub-offline", 1, "HF_HUB_OFFLINE is set", setup=lambda c: (_offline_hub(c), c.data.update(endpoint="http://127.0.0.1:9")),
          argv=lambda c: ["push", str(c.ws / "export"), "--repo-id", "org/tiny", "--endpoint", c.data["endpoint"]]),
+    Case("search-batch-size-zero", X, "--batch-size: expected a positive integer, got 0", argv=lambda c: SEARCH(c, "--batch-size", "0")),
+    Case("search-validation-fraction", X, "--validation-fraction: expected a number in (0, 1), got 1.5",
+         argv=lambda c: SEARCH(c, "--validation-fraction", "1.5")),
+    Case("search-layers-reversed", X, "--layers: range '2-1' is empty", argv=lambda c: SEARCH(c, "--layers", "2-1")),
+    Case("search-layers-out-of-range", X, "--layers: model has 3 layers (0..2), got [9]", argv=lambda c: SEARCH(c, "--layers", "9")),
+    Case("search-rhos", X, "--rhos: ρ is the fraction of the max rank kept, in (0, 1]", argv=lambda c: SEARCH(c, "--rhos", "0,2")),
+    Case("search-prune-snr", X, "--prune-snr: expected a number in (0, 1], got 3.0", argv=lambda c: SEARCH(c, "--prune-snr", "3")),
+    Case("search-compose-zero", X, "--compose: expected a positive integer, got 0", argv=lambda c: SEARCH(c, "--compose", "0")),
     Case("unknown-option", X, "unrecognized arguments: --frobnicate", argv=run_args("--frobnicate")),
 ]
 
 
 #: case-id prefixes whose error must come before any weights load (load_model raises in those tests)
-BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "matrix-", "intervention-", "storage-",
+BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-too-big", "matrix-", "intervention-", "storage-",
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
                   "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-", "push-", "run-", "dry-run")
+
+
+def SEARCH(c: Ctx, *extra):
+    return ["search", "--model", str(c.ws / "llama"), "--benchmark", "jsonl", "--benchmark-path",
+            str(c.ws / "data" / "bench.jsonl"), "--out", str(c.tmp / "found.yaml"), *extra]
 
 
 def _raiser(factory):
