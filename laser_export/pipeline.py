@@ -145,9 +145,16 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
         raise RecipeError(problems)
 
 
-def load_model(p: Plan) -> Loaded:
+def status(text: str, progress: bool = True):
+    """A rich spinner while a step runs; nothing with ``progress=False`` (--no-progress)."""
+    from contextlib import nullcontext
+
+    return console.status(text) if progress else nullcontext()
+
+
+def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
-    with console.status(f"loading {p.source.describe()}"):
+    with status(f"loading {p.source.describe()}", progress):
         tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device)
     densify_targets(p, model)

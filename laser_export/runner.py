@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded
+from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded, status
 from .recipe import RecipeError, check_repo_id, load_recipe
 
 #: default seconds for every Hub request (connect and read), see export/hub.py
@@ -137,13 +137,13 @@ def _write_json(path: Path, data: dict) -> None:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None
 
 
-def _select(p: Plan, limit: int | None):
+def _select(p: Plan, limit: int | None, progress: bool = True):
     """Load the benchmark data before the weights, so a data problem fails fast."""
     from .benchmarks import BenchmarkError
     from .verify import check_scorable, select_examples
 
     check_scorable(p)
-    with console.status(f"loading benchmark {p.recipe.benchmark.name}"):
+    with status(f"loading benchmark {p.recipe.benchmark.name}", progress):
         examples, info = select_examples(p, limit)
     if not examples:
         bench = p.recipe.benchmark
@@ -183,11 +183,11 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag)
-    selected = _select(p, opts.limit)
+    selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
                                                                  "examples scored twice)"]))
-    loaded = load_model(p)
+    loaded = load_model(p, progress=opts.progress)
     report = _verify(p, loaded, opts, selected)
     _write_json(path, report)
     console.print(f"report: {path}")
@@ -226,7 +226,7 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
                   f"{recipe.storage}")
-    selected = _select(p, opts.limit) if verifying else None
+    selected = _select(p, opts.limit, opts.progress) if verifying else None
 
     if opts.dry_run:
         writes = []
@@ -240,7 +240,7 @@ def run(opts: RunOptions) -> RunResult:
             writes.append(f"Hub repo {repo_id} (one commit)")
         return RunResult(out=out, report_path=report_path, planned=_plan_lines(p, writes))
 
-    loaded = load_model(p)
+    loaded = load_model(p, progress=opts.progress)
     report = None
     if verifying:
         report = _verify(p, loaded, opts, selected)  # scores baseline, reduces in place, scores reduced
@@ -274,7 +274,7 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
 
     recipe, text = p.recipe, p.yaml_text
     with atomic_folder(out, overwrite=opts.overwrite, protect=protect) as tmp:
-        with console.status("writing safetensors"):
+        with status("writing safetensors", opts.progress):
             write_checkpoint(
                 loaded.model, loaded.tokenizer, tmp, recipe_yaml=text, manifest=manifest,
                 max_shard_size=recipe.export.max_shard_size,
@@ -282,7 +282,7 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
         if "onnx" in recipe.export.formats:
             from .export.onnx import export_onnx
 
-            with console.status("exporting ONNX and checking parity with onnxruntime"):
+            with status("exporting ONNX and checking parity with onnxruntime", opts.progress):
                 manifest["onnx"] = export_onnx(
                     loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past,
                     tolerance=recipe.export.onnx_tolerance,
