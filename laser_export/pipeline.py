@@ -88,21 +88,34 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
-    if "onnx" in recipe.export.formats:
-        from .export.onnx import ONNX_FAMILIES
+    if "onnx" in recipe.export.formats and not family.onnx:
+        from .architectures import families_with
 
-        if family.name not in ONNX_FAMILIES:
-            raise RecipeError([
-                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
-                f"(model_type {config.model_type!r})"
-            ])
+        raise RecipeError([
+            f"export.formats: ONNX export supports {', '.join(f.name for f in families_with(onnx=True))}; "
+            f"not {family.name} (model_type {config.model_type!r})"
+        ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
-        if recipe.benchmark.name not in BENCHMARKS:
+        bench = recipe.benchmark
+        spec = BENCHMARKS.get(bench.name)
+        if spec is None:
             raise RecipeError([
-                f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+                f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
+        problems = []
+        if not set(family.scorers) & set(spec.scorers):
+            problems.append(
+                f"benchmark.name: {bench.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+                f"{family.name} (model_type {config.model_type!r}, {family.task}) has only {', '.join(family.scorers)}"
+            )
+        if bench.metric not in spec.metrics:
+            problems.append(
+                f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; available: {', '.join(spec.metrics)}"
+            )
+        if problems:
+            raise RecipeError(problems)
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 
