@@ -92,27 +92,34 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     targets = plan_targets(recipe.interventions, config, family)
     if not from_hints:
         check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
-    if "onnx" in recipe.export.formats:
-        from .export.onnx import ONNX_FAMILIES
+    if "onnx" in recipe.export.formats and not family.onnx:
+        from .architectures import families_with
 
-        if family.name not in ONNX_FAMILIES:
-            raise RecipeError([
-                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
-                f"(model_type {config.model_type!r})"
-            ])
+        raise RecipeError([
+            f"export.formats: ONNX export supports {', '.join(f.name for f in families_with(onnx=True))}; "
+            f"not {family.name} (model_type {config.model_type!r})"
+        ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
-        if recipe.benchmark.name not in BENCHMARKS:
+        bench = recipe.benchmark
+        spec = BENCHMARKS.get(bench.name)
+        if spec is None:
             raise RecipeError([
-                f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+                f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
-        from .verify import REPORTED
-
-        if recipe.benchmark.metric not in REPORTED:
-            raise RecipeError([
-                f"benchmark.metric: unknown metric {recipe.benchmark.metric!r}; known: {', '.join(REPORTED)}"
-            ])
+        problems = []
+        if not set(family.scorers) & set(spec.scorers):
+            problems.append(
+                f"benchmark.name: {bench.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+                f"{family.name} (model_type {config.model_type!r}, {family.task}) has only {', '.join(family.scorers)}"
+            )
+        if bench.metric not in spec.metrics:
+            problems.append(
+                f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; available: {', '.join(spec.metrics)}"
+            )
+        if problems:
+            raise RecipeError(problems)
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 
@@ -122,12 +129,12 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
     after loading) when the skeleton cannot be built from the config."""
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        import transformers
 
         from .architectures import module_name
         from .lowrank import as_matrix
 
-        auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
+        auto = getattr(transformers, family.auto_class)
         with torch.device("meta"):
             skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
         shapes = {}

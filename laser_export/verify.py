@@ -12,12 +12,12 @@ import time
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
-from .evaluate import paired_bootstrap, score_examples
+from .evaluate import paired_bootstrap, score, scorer_for
 from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
 #: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "logprob", "logloss")
+REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "f1", "logprob", "logloss")
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
@@ -40,12 +40,14 @@ def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
     return examples, info
 
 
-def check_scorable(p: Plan) -> None:
-    if p.family.task != "causal-lm":
-        raise BenchmarkError(
-            f"benchmark: scoring a {p.family.task} model ({p.family.name}) is not implemented; "
-            "verify supports causal LMs"
-        )
+def check_scorable(p: Plan) -> str:
+    """The scorer that applies to the plan's family and benchmark (``plan`` checked this already)."""
+    from .benchmarks import BENCHMARKS
+
+    try:
+        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name])
+    except ValueError as err:
+        raise BenchmarkError(str(err)) from None
 
 
 def verify_loaded(
@@ -59,18 +61,19 @@ def verify_loaded(
     layer on, and the reduced pass replays only those blocks (equal to a full forward within 1e-5,
     see tests/test_search.py); False runs two full forwards."""
     recipe, bench = p.recipe, p.recipe.benchmark
-    check_scorable(p)
+    scorer = check_scorable(p)
     examples, info = selected or select_examples(p, limit)
     start = min(t.layer for t in p.targets)
+    prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
     t0 = time.perf_counter()
-    base = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                          progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+    base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
+                 progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
-    red = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                         progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
+    red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
+                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:
@@ -110,6 +113,7 @@ def verify_loaded(
         "claims": claims,
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
+        "scorer": scorer,
         "skip_verify": False,
         "prefix_cache": prefix_cache,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},

@@ -137,6 +137,17 @@ def format_gain_assessment(delta: dict | None) -> tuple[bool, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------- render
+def _task_and_auto_class(model_type) -> tuple[str, str]:
+    """(pipeline_tag, auto_class) from the family data of ``model_type`` (causal LM when unknown)."""
+    from ..architectures import ArchitectureError, family_for
+
+    try:
+        fam = family_for(str(model_type))
+    except ArchitectureError:
+        return "text-generation", "AutoModelForCausalLM"
+    return fam.pipeline_tag, fam.auto_class
+
+
 def render_card(
     recipe_dict: dict,
     recipe_yaml: str,
@@ -166,8 +177,8 @@ def render_card(
     base_model = m_model.get("base_model") or _hub_id_or_none(m_model.get("source") or r_model.get("source"))
     license_ = m_model.get("license") or r_model.get("license")
     model_type = m_model.get("model_type") or m_model.get("architecture")
-    is_mlm = bool(model_type) and ("bert" in str(model_type).lower())
-    task_type = "fill-mask" if is_mlm else "text-generation"
+    task_type, _ = _task_and_auto_class(model_type)
+    is_mlm = task_type == "fill-mask"
     tags = ["laser", "low-rank", "rank-reduction", "svd", "laser-export", f"laser-{storage}"]
     if model_type:
         tags.append(str(model_type))
@@ -391,6 +402,7 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
 
     # -- loading -----------------------------------------------------------------------------------
     repo = repo_id or "REPO_ID"
+    _, auto_class = _task_and_auto_class(m_model.get("model_type") or m_model.get("architecture"))
     out += ["## How to load", ""]
     if storage == "factorised":
         out += [
@@ -399,9 +411,9 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
             "",
             "```python",
             "import laser_export  # pip install laser-export; registers the factorised-layer loader",
-            "from transformers import AutoModelForCausalLM",
+            f"from transformers import {auto_class}",
             "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            f'model = {auto_class}.from_pretrained("{repo}")',
             "```",
             "",
             "A loader without `laser_export` fails loudly instead of silently loading wrong (random) weights for "
@@ -413,9 +425,9 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
             "The reduced matrices were written back at full size, so this loads anywhere, with no extra package:",
             "",
             "```python",
-            "from transformers import AutoModelForCausalLM",
+            f"from transformers import {auto_class}",
             "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
+            f'model = {auto_class}.from_pretrained("{repo}")',
             "```",
             "",
         ]
