@@ -386,7 +386,7 @@ CASES: list[Case] = [
     Case("reduction-svd-dtype", X, "reduction.svd_dtype:", recipe={"reduction": {"svd_dtype": "float16"}}),
     Case("reduction-seed-float", X, "reduction.seed: Input should be a valid integer", recipe={"reduction": {"seed": 1.5}}),
     Case("benchmark-unknown", X, "benchmark.name: unknown benchmark 'nope'", recipe=B(name="nope")),
-    Case("metric-unknown", X, "benchmark.metric: unknown metric 'f1'", recipe=B(metric="f1")),
+    Case("metric-unknown", X, "benchmark.metric: jsonl has no metric 'f1'", recipe=B(metric="f1")),
     Case("validation-fraction", X, "benchmark.validation_fraction: Input should be less than 1", recipe=B(validation_fraction=1.5)),
     Case("batch-size-zero", X, "benchmark.batch_size: Input should be greater than or equal to 1", recipe=B(batch_size=0)),
     Case("batch-size-bool", X, "benchmark.batch_size: expected a number, got the boolean true", recipe=B(batch_size=True)),
