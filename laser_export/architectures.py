@@ -26,6 +26,12 @@ class Family:
     task: str = "causal-lm"  # causal-lm | masked-lm
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    # capability fields (agreed names, see COMMON.md; the family data files of the papertable branch replace these)
+    auto_class: str = "AutoModelForCausalLM"  # AutoModelForCausalLM | AutoModelForMaskedLM
+    pipeline_tag: str = "text-generation"  # text-generation | fill-mask
+    onnx: bool = False  # our ONNX exporter supports the family
+    gguf_arch: str | None = None  # llama.cpp architecture name for GGUF export
+    scorers: tuple[str, ...] = ("causal",)
 
 
 _LLAMA_LIKE = {
@@ -52,6 +58,7 @@ _TABLE: list[Family] = [
             "o": "attn.out_proj",
         },
         final_norm="ln_f",
+        onnx=True,
     ),
     Family(
         "llama",
@@ -60,6 +67,8 @@ _TABLE: list[Family] = [
         matrices=_LLAMA_LIKE,
         final_norm="norm",
         notes="gated MLP: fc_in = gate_proj, fc_up = up_proj, fc_out = down_proj",
+        onnx=True,
+        gguf_arch="llama",
     ),
     Family(
         "gpt2",
@@ -68,6 +77,7 @@ _TABLE: list[Family] = [
         matrices={"fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj", "qkv": "attn.c_attn", "o": "attn.c_proj"},
         final_norm="ln_f",
         notes="Conv1D layers (weight stored (in, out)); q/k/v are fused in c_attn: use qkv",
+        onnx=True,
     ),
     Family(
         "gpt_neox",
@@ -96,6 +106,10 @@ _TABLE: list[Family] = [
         },
         final_norm=None,
         task="masked-lm",
+        auto_class="AutoModelForMaskedLM",
+        pipeline_tag="fill-mask",
+        onnx=True,
+        scorers=("masked",),
     ),
     Family(
         "phi",
