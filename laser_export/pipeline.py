@@ -135,6 +135,18 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
     return loaded
 
 
+def _source_format(p: Plan) -> dict:
+    """GGUF sources: the file and its quantization (the weights were dequantized on load)."""
+    if not p.source.gguf_file:
+        return {"format": "transformers"}
+    from pathlib import Path
+
+    from .export.gguf import gguf_quantization
+
+    path = Path(p.source.location) / p.source.gguf_file
+    return {"format": "gguf", "gguf_file": p.source.gguf_file, "gguf_quantization": gguf_quantization(path)}
+
+
 def build_manifest(p: Plan, entries: list[dict]) -> dict:
     m = p.recipe.model
     return {
@@ -148,6 +160,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "base_model": m.base_model,
             "license": m.license,
             "dtype": m.dtype,
+            **_source_format(p),
         },
         "storage": p.recipe.storage,
         "reduction": p.recipe.reduction.model_dump(),

@@ -111,7 +111,7 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
             recipe_dict["export"]["hub"] = {"repo_id": args.repo_id, "private": bool(args.private)}
         card = render_card(
             recipe_dict, text, manifest, report,
-            skip_verify=bool(args.skip_verify and recipe.claims is not None),
+            skip_verify=bool(args.skip_verify and recipe.claims is not None), folder=out,
         )
         (tmp / "README.md").write_text(str(card))
 
