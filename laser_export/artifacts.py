@@ -68,7 +68,10 @@ class GgufInfo(_Artifact):
     file: str
     arch: str
     dtype: str
+    tokenizer: bool = Field(False, description="tokenizer metadata copied from the source GGUF")
     tensor_bytes: int | None = None
+    max_abs_diff: float | None = Field(None, description="max |logits| difference, GGUF read back vs safetensors")
+    tolerance: float | None = None
 
 
 class Totals(_Artifact):

@@ -88,14 +88,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
-    if "onnx" in recipe.export.formats:
-        from .export.onnx import ONNX_FAMILIES
-
-        if family.name not in ONNX_FAMILIES:
-            raise RecipeError([
-                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
-                f"(model_type {config.model_type!r})"
-            ])
+    _check_formats(recipe, family, config)
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
@@ -104,6 +97,22 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
                 f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
+
+
+def _check_formats(recipe: Recipe, family: Family, config) -> None:
+    """Export formats the family's capability fields (``onnx``, ``gguf_arch``) do not allow."""
+    from .architectures import FAMILIES
+
+    problems = []
+    for fmt, ok, able in (
+        ("onnx", family.onnx, [f.name for f in FAMILIES.values() if f.onnx]),
+        ("gguf", family.gguf_arch is not None, [f.name for f in FAMILIES.values() if f.gguf_arch]),
+    ):
+        if fmt in recipe.export.formats and not ok:
+            problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
+                            f"(model_type {config.model_type!r})")
+    if problems:
+        raise RecipeError(problems)
 
 
 def load_model(p: Plan) -> Loaded:

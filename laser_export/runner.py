@@ -63,12 +63,16 @@ def run_recipe(args) -> int:
             console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
 
     manifest = build_manifest(p, loaded.entries)
+    from .export.gguf import GgufExportError
     from .export.onnx import OnnxExportError
 
     try:
         _export(p, loaded, out, args, manifest, report)
     except OnnxExportError as err:
         console.print(f"[red]ONNX export failed, nothing exported:[/] {err}")
+        return EXIT_FAILED
+    except GgufExportError as err:
+        console.print(f"[red]GGUF export failed, nothing exported:[/] {err}")
         return EXIT_FAILED
     saved = manifest["totals"]["bytes_saved"]
     console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
@@ -82,7 +86,10 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
     """Write every export format into a temporary folder, then rename it to ``out``."""
     from .export.safetensors import atomic_folder, write_checkpoint
 
+    from .export.dtype import cast_for_export
+
     recipe, text = p.recipe, p.yaml_text
+    cast_for_export(loaded.model, recipe.export.dtype, manifest)  # after verify: numbers are the loaded dtype's
     with atomic_folder(out, overwrite=args.overwrite) as tmp:
         with console.status("writing safetensors"):
             write_checkpoint(
@@ -94,13 +101,16 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
 
             with console.status("exporting ONNX and checking parity with onnxruntime"):
                 manifest["onnx"] = export_onnx(
-                    loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past,
+                    loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
                     tolerance=recipe.export.onnx_tolerance,
                 )
+                _under_onnx_folder(manifest["onnx"])
             console.print(
                 f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
                 f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
             )
+        if "gguf" in recipe.export.formats:
+            _export_gguf(p, loaded, tmp, manifest)
         if report is not None:
             _write_json(tmp / "verify_report.json", report)
         _write_json(tmp / "manifest.json", manifest)
@@ -114,6 +124,27 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
             skip_verify=bool(args.skip_verify and recipe.claims is not None), folder=out,
         )
         (tmp / "README.md").write_text(str(card))
+
+
+def _under_onnx_folder(info: dict) -> None:
+    """The ONNX files live in ``onnx/`` (the layout transformers.js and optimum expect)."""
+    for key in ("file", "external_data"):
+        if info.get(key):
+            info[key] = f"onnx/{info[key]}"
+
+
+def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict) -> None:
+    from .export.gguf import write_gguf
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = Path(p.source.location) / p.source.gguf_file if p.source.gguf_file else None
+    with console.status("writing GGUF and checking it against the safetensors export"):
+        reference = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
+        manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
+                                      dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
+                                      reference=reference)
 
 
 def _push(folder: Path, repo_id: str, *, private: bool, endpoint: str | None) -> int:

@@ -444,7 +444,9 @@ def _formats(ctx: CardContext) -> list[str]:
     if gguf is not None:
         out += ["## GGUF", "",
                 f"`{gguf.file}`: {gguf.dtype} tensors, llama.cpp architecture `{gguf.arch}` (dense weights), for "
-                f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`.", ""]
+                f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`."
+                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the source was not a GGUF "
+                   "file): llama.cpp needs one; transformers can load the weights with the folder's tokenizer."), ""]
     return out
 
 
