@@ -42,6 +42,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_verify_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="score the reduced model with full forwards instead of replaying from the reduced layer")
+    p.add_argument("--no-cache", action="store_true",
+                   help="score the baseline again instead of reading it from the baseline cache "
+                   "(~/.cache/laser-export/baselines, or $LASER_EXPORT_BASELINE_CACHE)")
 
 
 def cmd_check(args) -> int:

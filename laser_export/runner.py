@@ -28,8 +28,11 @@ def _select(p: Plan, args):
 def _verify(p: Plan, loaded, args, selected):
     from .verify import print_report, verify_loaded
 
+    from .baseline_cache import BaselineCache
+
     report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress, selected=selected,
-                           prefix_cache=not args.no_prefix_cache)
+                           prefix_cache=not args.no_prefix_cache,
+                           baseline_cache=None if getattr(args, "no_cache", False) else BaselineCache())
     print_report(report)
     return report
 

@@ -35,3 +35,9 @@ def bigbench_archive() -> Path:
     if found is None:
         _missing("the bigbench==1.0.0 sdist (pip download --no-deps bigbench==1.0.0 -d ~/.cache/laser-export)")
     return found
+
+
+@pytest.fixture(autouse=True)
+def _private_baseline_cache(tmp_path, monkeypatch):
+    """Each test gets its own baseline cache (never the user's ~/.cache, never another test's entries)."""
+    monkeypatch.setenv("LASER_EXPORT_BASELINE_CACHE", str(tmp_path / "baseline-cache"))
