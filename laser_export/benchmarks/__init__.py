@@ -41,6 +41,10 @@ class BenchmarkSpec:
     loader: Callable[[str | os.PathLike | None], list[Example]]
     scorers: tuple[str, ...] = ("causal", "masked")
     metrics: tuple[str, ...] = FIRST_TOKEN_METRICS
+    # the Hub dataset the examples correspond to (model card `model-index` dataset.type), its config, revision
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
 
 
 _CHOICE = dict(metrics=CHOICE_METRICS)
@@ -50,23 +54,30 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "counterfact",
         "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
         counterfact.load,
+        hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
         "BigBench qa_wikidata (WikidataQA): complete a Wikidata fact; several accepted answers",
         partial(bigbench.load, "qa_wikidata"),
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="qa_wikidata",
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
         "BigBench epistemic_reasoning: entailment vs non-entailment",
         partial(bigbench.load, "epistemic_reasoning"),
         **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="epistemic_reasoning",
     ),
     "fever": BenchmarkSpec(
         "fever",
         "BigBench fact_checker/fever: is the claim true or false",
         partial(bigbench.load, "fever"),
         **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="fact_checker",
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",

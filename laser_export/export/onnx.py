@@ -52,7 +52,7 @@ DEFAULT_SAMPLE_TEXTS = [
     "Hello",
 ]
 
-_PAST_RE = re.compile(r"^(?:input\.|output\.)?past_key_values\.layers\.(\d+)\.(keys|values)$")
+_PAST_RE = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache)\.layers\.(\d+)\.(keys|values)$")
 
 
 class OnnxExportError(RuntimeError):

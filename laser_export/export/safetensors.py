@@ -278,8 +278,12 @@ def write_checkpoint(
     from .. import __version__
 
     manifest.setdefault("laser_export_version", __version__)
-    mark_factorised(model)
+    ranks = mark_factorised(model)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if ranks:  # factorised: ship the loading code (trust_remote_code=True works without laser-export)
+        from .remote_code import write_remote_code
+
+        manifest["auto_map"] = write_remote_code(folder, model)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     check_checkpoint(folder, model)
