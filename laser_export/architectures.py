@@ -9,7 +9,7 @@ of that kind that the family has.
 
 A family file also carries the *capabilities* the rest of the package reads instead of testing
 model-type strings: ``task`` (causal-lm | masked-lm), ``auto_class``, ``pipeline_tag``, ``onnx``
-(our ONNX exporter supports it), ``gguf_arch`` (llama.cpp architecture name, or null),
+(our ONNX exporter supports it), ``gguf_arch`` (llama.cpp architecture name that our GGUF writer supports and tests, or null),
 ``scorers`` (the scorers of :mod:`laser_export.evaluate` that apply) and ``weight_layout``
 (``linear``: weight stored (out, in); ``conv1d``: GPT-2 style (in, out)). ``per_model_type``
 overrides any of ``layers``, ``final_norm``, ``gguf_arch`` for one model type of the family

@@ -60,8 +60,8 @@ def test_family_capabilities_match_the_model(model_type):
     assert num_layers(model.config) == len(layer_modules(model, fam))
     if fam.final_norm:
         model.base_model.get_submodule(fam.final_norm)
-    recipe = {"name": "t", "model": {"source": "x/y"}, "storage": "factorised", "interventions": []}
-    manifest = {"model": {"model_type": model_type, "architecture": fam.name}, "storage": "factorised", "matrices": []}
+    recipe = {"name": "t", "model": {"source": "x/y"}, "storage": "factorised", "interventions": [{"layer": 0, "matrix": "fc_in", "rho": 0.5}]}
+    manifest = {"model": {"source": "x/y", "model_type": model_type, "architecture": fam.name}, "storage": "factorised", "matrices": []}
     card = str(render_card(recipe, "name: t\n", manifest, None))
     assert f"pipeline_tag: {fam.pipeline_tag}" in card
     assert f"from transformers import {fam.auto_class}" in card

@@ -30,13 +30,13 @@ def ws(tmp_path, monkeypatch):
                       "batch_size": 4},
         "claims": {"baseline": {"accuracy": 0.5}, "reduced": {"accuracy": 0.5}, "tolerance": 1.0}}))
     calls = []
-    real = verify_mod.score_examples
+    real = verify_mod.score
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("description"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verify_mod, "score_examples", counting)
+    monkeypatch.setattr(verify_mod, "score", counting)
     return tmp_path, calls
 
 

@@ -397,7 +397,7 @@ CASES: list[Case] = [
          recipe={"claims": {**CLAIMS, "reduced": {"accuracy": 1.5}}}),
     Case("claims-tolerance-negative", X, "claims.tolerance: Input should be greater than or equal to 0",
          recipe={"claims": {**CLAIMS, "tolerance": -0.1}}),
-    Case("export-format", X, "export.formats[0]: Input should be 'safetensors' or 'onnx'", recipe={"export": {"formats": ["tflite"]}}),
+    Case("export-format", X, "export.formats[0]: Input should be 'safetensors', 'onnx' or 'gguf'", recipe={"export": {"formats": ["tflite"]}}),
     Case("shard-size-words", X, "export.max_shard_size: expected a size such as 500MB", recipe={"export": {"max_shard_size": "2 potatoes"}}),
     Case("shard-size-bool", X, "export.max_shard_size: expected a size", recipe={"export": {"max_shard_size": True}}),
     Case("shard-size-zero", X, "export.max_shard_size: must be a positive number of bytes", recipe={"export": {"max_shard_size": 0}}),
