@@ -52,6 +52,7 @@ def _failures() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("laser_export.runner", "ClaimsFailed"),
         ("laser_export.export.onnx", "OnnxExportError"),
+        ("laser_export.export.gguf", "GgufExportError"),
         ("laser_export.export.hub", "PushError"),
     ):
         mod = sys.modules.get(module)
@@ -168,6 +169,9 @@ def _add_verify_opts(p: argparse.ArgumentParser) -> None:
                    help="verify report JSON (default: reports/<name>.verify.json; a run also copies it into the export)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="score the reduced model with full forwards instead of replaying from the lowest reduced layer")
+    p.add_argument("--no-cache", action="store_true",
+                   help="score the baseline again instead of reading it from the baseline cache "
+                   "(~/.cache/laser-export/baselines, or $LASER_EXPORT_BASELINE_CACHE)")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the source, check the recipe, output folder and data, print what would be "
                         "written; load no weights and write nothing")
@@ -285,7 +289,7 @@ def cmd_run(args) -> int:
         recipe=args.recipe, out=args.out, overwrite=args.overwrite, skip_verify=args.skip_verify,
         limit=args.limit, report=args.report, push=args.push, repo_id=args.repo_id, private=args.private,
         endpoint=args.endpoint, hub_timeout=args.hub_timeout, progress=not args.no_progress,
-        prefix_cache=not args.no_prefix_cache, dry_run=args.dry_run,
+        prefix_cache=not args.no_prefix_cache, baseline_cache=not args.no_cache, dry_run=args.dry_run,
     )
     result = run(opts)
     if opts.dry_run:
@@ -297,7 +301,8 @@ def cmd_verify(args) -> int:
     from .runner import VerifyOptions, verify
 
     opts = VerifyOptions(recipe=args.recipe, limit=args.limit, report=args.report, progress=not args.no_progress,
-                         prefix_cache=not args.no_prefix_cache, dry_run=args.dry_run)
+                         prefix_cache=not args.no_prefix_cache, baseline_cache=not args.no_cache,
+                         dry_run=args.dry_run)
     result = verify(opts)
     if opts.dry_run:
         _print_planned(result)
@@ -376,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             label = {"ClaimsFailed": "failed:", "PushError": "push failed:"}.get(type(err).__name__, "failed:")
             if "Onnx" in type(err).__name__:
                 label = "ONNX export failed, nothing exported:"
+            if "Gguf" in type(err).__name__:
+                label = "GGUF export failed, nothing exported:"
             _say(f"{label} {err}")
             return EXIT_FAILED
         if debug:

@@ -244,13 +244,153 @@ def score_examples(
             row["predicted_token"] = tokenizer.decode([top[0]])
         per_example.append(row)
 
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+def score_masked(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "scoring",
+    forward_fn=None,
+) -> ScoreResult:
+    """Score ``examples`` with a masked LM in the paper's protocol (its ``intervention_roberta_*.py``).
+
+    Each example becomes one row: :meth:`Example.masked_text` (the prompt followed by the mask
+    token, or the paper's RoBERTa wording) with the tokenizer's special tokens; exactly one mask
+    token per row. Rows are right-padded with the pad token and an attention mask (RoBERTa derives
+    positions from non-pad ids, BERT counts from 0: both unchanged by right padding), so batched
+    results equal batch size 1. One forward pass per batch; the log-softmax at the mask position gives
+
+    - generative examples: ``top1/5/10`` (an accepted answer's first token, ``" " + answer`` without
+      special tokens, is in the top-k), ``top1_no_article`` (articles excluded from the argmax, the
+      answer's leading article dropped), ``logprob`` (log-prob of that first token: one mask predicts one
+      token), ``logloss`` = −logprob;
+    - choice examples: the choice whose first token has the highest log-prob at the mask is the
+      prediction (``accuracy`` = ``top1``); ``logprob``/``logloss`` of the correct choice's token.
+
+    ``forward_fn(model, input_ids, attention_mask)`` replaces the model call; returns [batch, seq, vocab].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mask_id, mask_token = tokenizer.mask_token_id, tokenizer.mask_token
+    if mask_id is None or mask_token is None:
+        raise ValueError("masked-LM scoring needs a tokenizer with a mask token")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("masked-LM scoring needs a tokenizer with a pad token")
+    articles = torch.tensor(article_token_ids(tokenizer), dtype=torch.long)
+
+    rows: list[tuple[list[int], int]] = []  # (ids, mask position)
+    targets: list[list[int]] = []  # per example: first token of each answer / choice
+    stripped: list[list[int]] = []
+    for ex in examples:
+        ids = _encode(tokenizer, ex.masked_text(mask_token), True)
+        where = [i for i, t in enumerate(ids) if t == mask_id]
+        if len(where) != 1:
+            raise ValueError(f"example {ex.id!r}: masked prompt has {len(where)} mask tokens, expected exactly 1")
+        rows.append((ids, where[0]))
+        candidates = ex.choices if ex.is_choice else ex.answers
+        if not candidates:
+            raise ValueError(f"example {ex.id!r} has no answers/choices")
+        if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
+            raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+        firsts = []
+        for cand in candidates:
+            cont = _continuation_ids(tokenizer, cand)
+            if not cont:
+                raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
+            firsts.append(cont[0])
+        if ex.is_choice and len(set(firsts)) != len(firsts):
+            raise ValueError(
+                f"example {ex.id!r}: choices {list(ex.choices)} share a first token; a single mask cannot tell them apart"
+            )
+        targets.append(firsts)
+        stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
+
+    at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(rows))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(rows[r][0]) for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    seq = rows[r][0]
+                    ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    mask[b, : len(seq)] = 1
+                logits = call(model, ids.to(device), mask.to(device))
+                for b, r in enumerate(batch):
+                    at_mask[r] = torch.log_softmax(logits[b, rows[r][1]].float().cpu(), dim=-1)
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+
+    per_example: list[dict] = []
+    for i, ex in enumerate(examples):
+        logp = at_mask[i]
+        row: dict = {"id": ex.id}
+        if ex.is_choice:
+            lps = [float(logp[t]) for t in targets[i]]
+            pred = int(np.argmax(lps))
+            row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
+                       top1=pred == ex.label, logprob=lps[ex.label], logloss=-lps[ex.label])
+        else:
+            top = torch.topk(logp, k=min(max(TOPK), logp.numel())).indices.tolist()
+            for k in TOPK:
+                row[f"top{k}"] = any(t in top[:k] for t in targets[i])
+            masked = logp.clone()
+            if len(articles):
+                masked[articles] = float("-inf")
+            row["top1_no_article"] = any(t == int(masked.argmax()) for t in stripped[i])
+            row["logprob"] = max(float(logp[t]) for t in targets[i])
+            row["n_answer_tokens"] = 1
+            row["logloss"] = -row["logprob"]
+            row["predicted_token"] = tokenizer.decode([top[0]])
+        per_example.append(row)
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+def scorer_for(family, spec) -> str:
+    """The scorer for a family (``Family.scorers``, in its order of preference) on a benchmark
+    (``BenchmarkSpec.scorers``); ValueError when none applies (``check`` reports this earlier)."""
+    for name in family.scorers:
+        if name in spec.scorers:
+            return name
+    raise ValueError(
+        f"benchmark.name: {spec.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+        f"{family.name} has only {', '.join(family.scorers)}"
+    )
+
+
+def score(scorer: str, model, tokenizer, examples: Sequence[Example], **options) -> ScoreResult:
+    """Score with the named scorer (see :data:`SCORERS`)."""
+    try:
+        fn = SCORERS[scorer]
+    except KeyError:
+        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}") from None
+    return fn(model, tokenizer, examples, **options)
+
+
+def _means(per_example: list[dict]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name in _MEAN_METRICS:
         vals = [float(r[name]) for r in per_example if name in r]
         if vals:
             metrics[name] = float(np.mean(vals))
     metrics["n"] = len(per_example)
-    return ScoreResult(per_example=per_example, metrics=metrics)
+    return metrics
 
 
 def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
@@ -281,10 +421,17 @@ def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
     return {"estimate": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
 
 
+#: Scorer name (the names used in ``Family.scorers`` / ``BenchmarkSpec.scorers``) -> function.
+SCORERS = {"causal": score_examples, "masked": score_masked}
+
 __all__ = [
+    "SCORERS",
+    "score",
+    "scorer_for",
     "ScoreResult",
     "article_token_ids",
     "paired_bootstrap",
     "score_examples",
+    "score_masked",
     "strip_leading_article",
 ]

@@ -83,6 +83,8 @@ def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> 
             key = f"{name}.{part}"
             candidates = [key, f"{prefix}.{key}" if prefix else key, key.removeprefix(f"{prefix}.")]
             found = next((stored[c] for c in candidates if c in stored), None)
+            if found is None:  # transformers may save under legacy prefixes (Gemma3: language_model.model.*)
+                found = _unique_suffix_match(stored, key)
             if found is None:
                 problems.append(f"{key} is missing")
             elif list(found) != shape:
@@ -92,6 +94,20 @@ def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> 
             "factorised checkpoint is incomplete or inconsistent with its quantization_config.ranks: "
             + "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
         )
+
+
+def _unique_suffix_match(stored: dict[str, list[int]], key: str) -> list[int] | None:
+    """The shape of the one stored tensor whose name ends with the longest tail of ``key`` (at least the
+    layer index, module path and tensor name), or None when no tail matches exactly one stored name."""
+    parts = key.split(".")
+    for start in range(1, max(1, len(parts) - 3)):
+        tail = "." + ".".join(parts[start:])
+        hits = [k for k in stored if k.endswith(tail)]
+        if len(hits) == 1:
+            return stored[hits[0]]
+        if len(hits) > 1:
+            return None
+    return None
 
 
 class LaserQuantizer(HfQuantizer):

@@ -92,27 +92,28 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     targets = plan_targets(recipe.interventions, config, family)
     if not from_hints:
         check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
-    if "onnx" in recipe.export.formats:
-        from .export.onnx import ONNX_FAMILIES
-
-        if family.name not in ONNX_FAMILIES:
-            raise RecipeError([
-                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
-                f"(model_type {config.model_type!r})"
-            ])
+    _check_formats(recipe, family, config)
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
-        if recipe.benchmark.name not in BENCHMARKS:
+        bench = recipe.benchmark
+        spec = BENCHMARKS.get(bench.name)
+        if spec is None:
             raise RecipeError([
-                f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+                f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
-        from .verify import REPORTED
-
-        if recipe.benchmark.metric not in REPORTED:
-            raise RecipeError([
-                f"benchmark.metric: unknown metric {recipe.benchmark.metric!r}; known: {', '.join(REPORTED)}"
-            ])
+        problems = []
+        if not set(family.scorers) & set(spec.scorers):
+            problems.append(
+                f"benchmark.name: {bench.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+                f"{family.name} (model_type {config.model_type!r}, {family.task}) has only {', '.join(family.scorers)}"
+            )
+        if bench.metric not in spec.metrics:
+            problems.append(
+                f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; available: {', '.join(spec.metrics)}"
+            )
+        if problems:
+            raise RecipeError(problems)
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 
@@ -122,12 +123,12 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
     after loading) when the skeleton cannot be built from the config."""
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        import transformers
 
         from .architectures import module_name
         from .lowrank import as_matrix
 
-        auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
+        auto = getattr(transformers, family.auto_class)
         with torch.device("meta"):
             skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
         shapes = {}
@@ -141,6 +142,22 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
         k = t.rank_for(shape)
         if k > min(shape):
             problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
+    if problems:
+        raise RecipeError(problems)
+
+
+def _check_formats(recipe: Recipe, family: Family, config) -> None:
+    """Export formats the family's capability fields (``onnx``, ``gguf_arch``) do not allow."""
+    from .architectures import FAMILIES
+
+    problems = []
+    for fmt, ok, able in (
+        ("onnx", family.onnx, [f.name for f in FAMILIES.values() if f.onnx]),
+        ("gguf", family.gguf_arch is not None, [f.name for f in FAMILIES.values() if f.gguf_arch]),
+    ):
+        if fmt in recipe.export.formats and not ok:
+            problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
+                            f"(model_type {config.model_type!r})")
     if problems:
         raise RecipeError(problems)
 
@@ -240,6 +257,18 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
     return loaded
 
 
+def _source_format(p: Plan) -> dict:
+    """GGUF sources: the file and its quantization (the weights were dequantized on load)."""
+    if not p.source.gguf_file:
+        return {"format": "transformers"}
+    from pathlib import Path
+
+    from .export.gguf import gguf_quantization
+
+    path = Path(p.source.location) / p.source.gguf_file
+    return {"format": "gguf", "gguf_file": p.source.gguf_file, "gguf_quantization": gguf_quantization(path)}
+
+
 def build_manifest(p: Plan, entries: list[dict]) -> dict:
     m = p.recipe.model
     return {
@@ -253,6 +282,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "base_model": m.base_model,
             "license": m.license,
             "dtype": m.dtype,
+            **_source_format(p),
         },
         "storage": p.recipe.storage,
         "reduction": p.recipe.reduction.model_dump(),

@@ -155,7 +155,10 @@ class HubSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    formats: list[Literal["safetensors", "onnx"]] = ["safetensors"]
+    formats: list[Literal["safetensors", "onnx", "gguf"]] = ["safetensors"]
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of the exported tensors (default: the dtype the model is loaded in, model.dtype)"
+    )
     max_shard_size: Annotated[str | int, BeforeValidator(_size)] = "2GB"
     onnx_with_past: Bool = True
     onnx_tolerance: Float = Field(
@@ -179,6 +182,13 @@ class Recipe(_Strict):
     def _claims_need_benchmark(self):
         if self.claims is not None and self.benchmark is None:
             raise ValueError("claims need a benchmark to be verified on")
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_is_dense(self):
+        if "gguf" in self.export.formats and self.storage == "factorised":
+            raise ValueError("export.formats: gguf holds dense weights only (llama.cpp has no factorised layers); "
+                             "use storage: dense, or drop gguf")
         return self
 
     def to_yaml(self) -> str:

@@ -42,6 +42,7 @@ class VerifyOptions:
     report: Path | None = None  # default reports/<name>.verify.json
     progress: bool = True
     prefix_cache: bool = True
+    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
     dry_run: bool = False
 
 
@@ -60,6 +61,7 @@ class RunOptions:
     hub_timeout: float = HUB_TIMEOUT
     progress: bool = True
     prefix_cache: bool = True
+    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
     dry_run: bool = False
 
 
@@ -167,8 +169,10 @@ def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
 def _verify(p: Plan, loaded, opts, selected) -> dict:
     from .verify import print_report, verify_loaded
 
+    from .baseline_cache import BaselineCache
+
     report = verify_loaded(p, loaded, limit=opts.limit, progress=opts.progress, selected=selected,
-                           prefix_cache=opts.prefix_cache)
+                           prefix_cache=opts.prefix_cache, baseline_cache=BaselineCache() if opts.baseline_cache else None)
     print_report(report)
     return report
 
@@ -272,7 +276,10 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
     """Write every export format into a temporary folder, then rename it to ``out``."""
     from .export.safetensors import atomic_folder, write_checkpoint
 
+    from .export.dtype import cast_for_export
+
     recipe, text = p.recipe, p.yaml_text
+    cast_for_export(loaded.model, recipe.export.dtype, manifest)  # after verify: numbers are the loaded dtype's
     with atomic_folder(out, overwrite=opts.overwrite, protect=protect) as tmp:
         with status("writing safetensors", opts.progress):
             write_checkpoint(
@@ -284,13 +291,16 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
 
             with status("exporting ONNX and checking parity with onnxruntime", opts.progress):
                 manifest["onnx"] = export_onnx(
-                    loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past,
+                    loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
                     tolerance=recipe.export.onnx_tolerance,
                 )
+                _under_onnx_folder(manifest["onnx"])
             console.print(
                 f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
                 f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
             )
+        if "gguf" in recipe.export.formats:
+            _export_gguf(p, loaded, tmp, manifest, opts.progress)
         if report is not None:
             _write_json(tmp / "verify_report.json", report)
         _write_json(tmp / "manifest.json", manifest)
@@ -301,9 +311,31 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
             recipe_dict["export"]["hub"] = {"repo_id": opts.repo_id, "private": bool(opts.private)}
         card = render_card(
             recipe_dict, text, manifest, report,
-            skip_verify=bool(opts.skip_verify and recipe.claims is not None),
+            skip_verify=bool(opts.skip_verify and recipe.claims is not None), folder=out,
         )
         (tmp / "README.md").write_text(str(card))
+
+
+def _under_onnx_folder(info: dict) -> None:
+    """The ONNX files live in ``onnx/`` (the layout transformers.js and optimum expect)."""
+    for key in ("file", "external_data"):
+        if info.get(key):
+            info[key] = f"onnx/{info[key]}"
+
+
+def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = True) -> None:
+    from .export.gguf import write_gguf
+
+    import torch
+    import transformers
+
+    auto = getattr(transformers, p.family.auto_class)
+    source = Path(p.source.location) / p.source.gguf_file if p.source.gguf_file else None
+    with status("writing GGUF and checking it against the safetensors export", progress):
+        reference = auto.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
+        manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
+                                      dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
+                                      reference=reference)
 
 
 # -------------------------------------------------------------------------------------------------- push

@@ -133,9 +133,9 @@ class ResolvedSource:
     def load_model(
         self, family: Family, dtype: str = "float32", trust_remote_code: bool = False, device: str = "auto"
     ):
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        import transformers
 
-        auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
+        auto = getattr(transformers, family.auto_class)
         model = self._wrap("weights", auto.from_pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         quantizer = getattr(model, "hf_quantizer", None)
         if self.gguf_file and quantizer is not None:

@@ -8,16 +8,20 @@ but can never satisfy a claim.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
-from .evaluate import paired_bootstrap, score_examples
+from .evaluate import paired_bootstrap, score, scorer_for
 from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
+if TYPE_CHECKING:
+    from .baseline_cache import BaselineCache
+
 #: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "logprob", "logloss")
+REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "f1", "logprob", "logloss")
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
@@ -40,17 +44,53 @@ def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
     return examples, info
 
 
-def check_scorable(p: Plan) -> None:
-    if p.family.task != "causal-lm":
-        raise BenchmarkError(
-            f"benchmark: scoring a {p.family.task} model ({p.family.name}) is not implemented; "
-            "verify supports causal LMs"
-        )
+def check_scorable(p: Plan) -> str:
+    """The scorer that applies to the plan's family and benchmark (``plan`` checked this already)."""
+    from .benchmarks import BENCHMARKS
+
+    try:
+        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name])
+    except ValueError as err:
+        raise BenchmarkError(str(err)) from None
+
+
+def _baseline_identity(p: Plan, loaded: Loaded, info: dict) -> dict:
+    from .baseline_cache import model_identity, scorer_version
+    from .evaluate import _model_device
+
+    return {
+        "model": model_identity(p.source, loaded.model.config),
+        "dtype": p.recipe.model.dtype,
+        "device": _model_device(loaded.model).type,
+        "benchmark": info["name"],
+        "examples_sha256": info["examples_sha256"],
+        "batch_size": p.recipe.benchmark.batch_size,
+        "scorer": scorer_version(),
+        "scorer_kind": check_scorable(p),
+    }
+
+
+def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache):
+    """(baseline ScoreResult, cache info for the report, prefix cache still usable for the reduced pass)."""
+    if baseline_cache is None:
+        base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=p.recipe.benchmark.batch_size,
+                     progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+        return base, None, cache
+    identity = _baseline_identity(p, loaded, info)
+    key = baseline_cache.key(identity)
+    base = baseline_cache.load(key)
+    if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
+        console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
+        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}, None
+    base, _, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
+                                     baseline_cache=None)
+    path = baseline_cache.store(key, identity, base)
+    return base, {"hit": False, "key": key, "path": str(path) if path else None}, cache
 
 
 def verify_loaded(
     p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None,
-    prefix_cache: bool = True,
+    prefix_cache: bool = True, baseline_cache: "BaselineCache | None" = None,
 ) -> dict:
     """Score ``loaded`` (unreduced) on the split, reduce it in place, score again, build the report.
 
@@ -59,18 +99,20 @@ def verify_loaded(
     layer on, and the reduced pass replays only those blocks (equal to a full forward within 1e-5,
     see tests/test_search.py); False runs two full forwards."""
     recipe, bench = p.recipe, p.recipe.benchmark
-    check_scorable(p)
+    scorer = check_scorable(p)
     examples, info = selected or select_examples(p, limit)
     start = min(t.layer for t in p.targets)
+    prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
     t0 = time.perf_counter()
-    base = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                          progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+    base, cache_info, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
+                                              baseline_cache=baseline_cache)
+    replayed = cache is not None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
-    red = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                         progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
+    red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
+                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:
@@ -110,8 +152,10 @@ def verify_loaded(
         "claims": claims,
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
+        "scorer": scorer,
         "skip_verify": False,
-        "prefix_cache": prefix_cache,
+        "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
+        "baseline_cache": cache_info,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
 

@@ -46,3 +46,7 @@ def hub_online(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # transformers asks huggingface_hub
     yield
+@pytest.fixture(autouse=True)
+def _private_baseline_cache(tmp_path, monkeypatch):
+    """Each test gets its own baseline cache (never the user's ~/.cache, never another test's entries)."""
+    monkeypatch.setenv("LASER_EXPORT_BASELINE_CACHE", str(tmp_path / "baseline-cache"))

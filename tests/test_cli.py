@@ -167,7 +167,8 @@ def test_onnx_export_with_parity_in_the_manifest(workspace, tmp_path):
     out = tmp_path / "out"
     assert main([str(recipe), "--out", str(out), "--no-progress"]) == 0
     onnx = json.loads((out / "manifest.json").read_text())["onnx"]
-    assert (out / "model.onnx").is_file() and onnx["passed"] is True
+    assert (out / "onnx" / "model.onnx").is_file() and onnx["passed"] is True  # the layout transformers.js expects
+    assert onnx["file"] == "onnx/model.onnx" and not (out / "model.onnx").exists()
     assert 0 <= onnx["max_abs_diff"] <= onnx["tolerance"] == 1e-4
 
 

@@ -25,44 +25,65 @@ from .base import (
 )
 
 
+#: Metrics of each kind of example (the scorers in :mod:`laser_export.evaluate` compute them).
+FIRST_TOKEN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss")
+CHOICE_METRICS = ("accuracy", "top1")
+GENERATION_METRICS = ("exact_match", "f1")
+
+
 @dataclass(frozen=True)
 class BenchmarkSpec:
+    """A benchmark: its loader, the scorers that can score it (a family must have one of them,
+    see ``Family.scorers``) and the metrics a recipe's ``benchmark.metric`` may name."""
+
     name: str
-    kind: str  # "generative" or "choice" (jsonl: either)
     description: str
     loader: Callable[[str | os.PathLike | None], list[Example]]
+    scorers: tuple[str, ...] = ("causal", "masked")
+    metrics: tuple[str, ...] = FIRST_TOKEN_METRICS
+    # the Hub dataset the examples correspond to (model card `model-index` dataset.type), its config, revision
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
 
+
+_CHOICE = dict(metrics=CHOICE_METRICS)
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "counterfact": BenchmarkSpec(
         "counterfact",
-        "generative",
         "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
         counterfact.load,
+        hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
-        "generative",
         "BigBench qa_wikidata (WikidataQA): complete a Wikidata fact; several accepted answers",
         partial(bigbench.load, "qa_wikidata"),
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="qa_wikidata",
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
-        "choice",
         "BigBench epistemic_reasoning: entailment vs non-entailment",
         partial(bigbench.load, "epistemic_reasoning"),
+        **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="epistemic_reasoning",
     ),
     "fever": BenchmarkSpec(
         "fever",
-        "choice",
         "BigBench fact_checker/fever: is the claim true or false",
         partial(bigbench.load, "fever"),
+        **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="fact_checker",
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",
-        "generative or choice",
         "your own examples, one JSON object per line (path required)",
         jsonl.load,
+        metrics=FIRST_TOKEN_METRICS + ("accuracy",),
     ),
 }
 
@@ -141,6 +162,9 @@ def load_split(
 
 
 __all__ = [
+    "CHOICE_METRICS",
+    "FIRST_TOKEN_METRICS",
+    "GENERATION_METRICS",
     "load_split",
     "subsample_examples",
     "BENCHMARKS",

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from laser_export.architectures import ArchitectureError, family_for
+from laser_export.architectures import ArchitectureError, families_with, family_for, model_types_with
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ EXTERNAL_DATA_SUFFIX = ".data"
 #: protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
-#: Families (``laser_export.architectures``) whose ONNX export is supported and tested.
-ONNX_FAMILIES = ("llama", "gpt2", "gptj", "roberta")
+#: Families whose data file says ``onnx: true`` (supported and tested by this exporter).
+ONNX_FAMILIES = tuple(f.name for f in families_with(onnx=True))
 
 DEFAULT_SAMPLE_TEXTS = [
     "The capital of France is",
@@ -52,7 +52,7 @@ DEFAULT_SAMPLE_TEXTS = [
     "Hello",
 ]
 
-_PAST_RE = re.compile(r"^(?:input\.|output\.)?past_key_values\.layers\.(\d+)\.(keys|values)$")
+_PAST_RE = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache)\.layers\.(\d+)\.(keys|values)$")
 
 
 class OnnxExportError(RuntimeError):
@@ -87,8 +87,8 @@ def onnx_task(model) -> str:
         family = family_for(model_type)
     except ArchitectureError as err:
         raise UnsupportedOnnxArchitecture(f"ONNX export: {err}") from None
-    supported = sorted(mt for name in ONNX_FAMILIES for mt in family_for(name).model_types)
-    if family.name not in ONNX_FAMILIES:
+    supported = model_types_with(onnx=True)
+    if not family.onnx:
         raise UnsupportedOnnxArchitecture(
             f"ONNX export is not supported for model_type {model_type!r} (family {family.name!r}); "
             f"supported model types: {', '.join(supported)}"

@@ -226,6 +226,20 @@ def _normal_permissions(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
+def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
+    """Module name -> tensor name in the files. transformers 5 saves some models under their legacy
+    key names (Gemma-3's ``model.language_model.*`` is written as ``language_model.model.*``)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # older transformers: names are saved as they are
+        return {k: k for k in state}
+    out = {}
+    for k, t in state.items():
+        renamed = revert_weight_conversion(model, {k: t})
+        out[k] = next(iter(renamed)) if len(renamed) == 1 else k
+    return out
+
+
 def check_checkpoint(folder: Path, model: nn.Module) -> None:
     """Every parameter of ``model`` is in the files with the same shape; nothing extra is stored."""
     stored = checkpoint_tensors(folder)
@@ -233,13 +247,16 @@ def check_checkpoint(folder: Path, model: nn.Module) -> None:
         raise ExportError(f"{folder}: no safetensors files were written")
     problems = []
     params = dict(model.named_parameters())
-    for name, p in params.items():
-        if name not in stored:
-            problems.append(f"missing {name}")
-        elif list(p.shape) != stored[name]["shape"]:
-            problems.append(f"{name}: shape {stored[name]['shape']} on disk, {list(p.shape)} in the model")
     state = model.state_dict()
-    problems += [f"unexpected tensor {k}" for k in stored if k not in state]
+    saved = _saved_names(model, state)
+    for name, p in params.items():
+        on_disk = saved.get(name, name)
+        if on_disk not in stored:
+            problems.append(f"missing {name}")
+        elif list(p.shape) != stored[on_disk]["shape"]:
+            problems.append(f"{name}: shape {stored[on_disk]['shape']} on disk, {list(p.shape)} in the model")
+    expected = set(saved.values())
+    problems += [f"unexpected tensor {k}" for k in stored if k not in expected]
     if problems:
         raise ExportError("exported checkpoint does not match the model: " + "; ".join(problems[:10]))
 
@@ -261,8 +278,12 @@ def write_checkpoint(
     from .. import __version__
 
     manifest.setdefault("laser_export_version", __version__)
-    mark_factorised(model)
+    ranks = mark_factorised(model)
     model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if ranks:  # factorised: ship the loading code (trust_remote_code=True works without laser-export)
+        from .remote_code import write_remote_code
+
+        manifest["auto_map"] = write_remote_code(folder, model)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     check_checkpoint(folder, model)
