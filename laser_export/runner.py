@@ -156,6 +156,14 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
     return examples, info
 
 
+def _no_stdout(on: bool):
+    """Swallow third-party progress printed to stdout (with --no-progress)."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO()) if on else contextlib.nullcontext()
+
+
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
     targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
@@ -289,7 +297,8 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
         if "onnx" in recipe.export.formats:
             from .export.onnx import export_onnx
 
-            with status("exporting ONNX and checking parity with onnxruntime", opts.progress):
+            with status("exporting ONNX and checking parity with onnxruntime", opts.progress), \
+                    _no_stdout(not opts.progress):  # torch.onnx prints its "[torch.onnx] ..." steps
                 manifest["onnx"] = export_onnx(
                     loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
                     tolerance=recipe.export.onnx_tolerance,

@@ -64,10 +64,13 @@ class ResolvedSource:
         except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
             hint = ""
             if self.kind == "hub":
-                offline = " HF_HUB_OFFLINE is set, so only the local cache is used;" if _offline() else ""
+                if _offline():
+                    offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
+                else:
+                    offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
                 hint = (
                     f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
-                    "with no network, download it elsewhere or point model.source at a local folder)"
+                    "or download it elsewhere and point model.source at a local folder)"
                 )
             msg = " ".join(str(err).split())
             if len(msg) > 400:

@@ -119,3 +119,17 @@ def test_library_raises_typed_errors_that_the_cli_maps_to_exit_codes(tiny, tmp_p
         run(RunOptions(recipe=tiny / "r.yaml", out=tmp_path / "x", overwrite=True, progress=False))
     result = run(RunOptions(recipe=tiny / "r.yaml", out=tmp_path / "y", progress=False))
     assert result.out == tmp_path / "y" and result.manifest["matrices"][0]["rank"] == 8
+
+
+@pytest.mark.slow
+def test_onnx_run_with_no_progress_prints_only_our_lines(tiny, tmp_path):
+    """torch.onnx's "[torch.onnx] ..." steps, torchvision/TReal registration warnings and transformers'
+    deprecation notes are not shown; what is left is laser-export's own summary."""
+    recipe = yaml.safe_load((tiny / "r.yaml").read_text())
+    recipe["export"] = {"formats": ["safetensors", "onnx"]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = subprocess.run([sys.executable, "-m", "laser_export.cli", str(tmp_path / "r.yaml"), "--out",
+                          str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = (res.stdout + res.stderr).strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["p:", "ONNX", "exported"], lines
