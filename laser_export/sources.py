@@ -56,9 +56,19 @@ class ResolvedSource:
 
     def _wrap(self, what: str, fn, *args, **kwargs):
         """Call a transformers loader; whatever it raises on a corrupt, truncated or inconsistent
-        source becomes one SourceError line naming the source (exit 2)."""
+        source becomes one SourceError line naming the source (exit 2). Hub requests get the Hub
+        timeout (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s) so a stalled server cannot hang a run."""
+        from contextlib import nullcontext
+
         try:
-            return fn(self.location, *args, **self._kwargs(), **kwargs)
+            if self.kind == "hub":
+                from .export.hub import hub_timeout, timeout_from_env
+
+                guard = hub_timeout(timeout_from_env())
+            else:
+                guard = nullcontext()
+            with guard:
+                return fn(self.location, *args, **self._kwargs(), **kwargs)
         except (KeyboardInterrupt, MemoryError, SourceError):
             raise
         except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
