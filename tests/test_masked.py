@@ -195,3 +195,11 @@ def test_roberta_verifies_and_exports_end_to_end(ws, tmp_path):
                  storage="factorised")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=0, atol=1e-5)
+
+
+def test_check_rejects_roberta_on_generative_hotpot(ws, tmp_path, capsys):
+    from laser_export.cli import main
+
+    recipe = _recipe(ws, tmp_path / "h.yaml", {"name": "hotpot_qa", "metric": "exact_match"})
+    assert main(["check", str(recipe)]) == 2
+    assert "benchmark.name: hotpot_qa is scored by the generate scorer; roberta" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
-from . import bigbench, counterfact, jsonl
+from . import bigbench, counterfact, jsonl, paper
 from .base import (
     BenchmarkError,
     Example,
@@ -28,7 +28,7 @@ from .base import (
 #: Metrics of each kind of example (the scorers in :mod:`laser_export.evaluate` compute them).
 FIRST_TOKEN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss")
 CHOICE_METRICS = ("accuracy", "top1")
-GENERATION_METRICS = ("exact_match", "f1")
+GENERATION_METRICS = ("exact_match", "contains", "f1")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,49 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "BigBench fact_checker/fever: is the claim true or false",
         partial(bigbench.load, "fever"),
         **_CHOICE,
+    ),
+    "bios_gender": BenchmarkSpec(
+        "bios_gender",
+        "Bias in Bios (LabHC/bias_in_bios dev): male or female, compared at the next token / mask",
+        paper.load_bios_gender,
+        **_CHOICE,
+    ),
+    "bios_profession": BenchmarkSpec(
+        "bios_profession",
+        "Bias in Bios (LabHC/bias_in_bios dev), the paper's 8 one-token professions",
+        paper.load_bios_profession,
+        **_CHOICE,
+    ),
+    "truthfulqa": BenchmarkSpec(
+        "truthfulqa",
+        "TruthfulQA multiple_choice validation, every mc2 answer as a true/false statement",
+        paper.load_truthfulqa,
+        **_CHOICE,
+    ),
+    "fever_paper": BenchmarkSpec(
+        "fever_paper",
+        "FEVER v1.0 (EleutherAI/fever) paper_dev + paper_test, deduplicated claims: true or false",
+        paper.load_fever_paper,
+        **_CHOICE,
+    ),
+    "causal_judgement": BenchmarkSpec(
+        "causal_judgement",
+        "BigBench causal_judgment (tasksource/bigbench validation + train): Yes or No",
+        paper.load_causal_judgement,
+        **_CHOICE,
+    ),
+    "web_of_lies": BenchmarkSpec(
+        "web_of_lies",
+        "BigBench-Hard web_of_lies (lighteval/big_bench_hard): Yes or No",
+        paper.load_web_of_lies,
+        **_CHOICE,
+    ),
+    "hotpot_qa": BenchmarkSpec(
+        "hotpot_qa",
+        "HotpotQA fullwiki (train head + validation, answers <= 15 words): greedy generation",
+        paper.load_hotpot_qa,
+        scorers=("generate",),
+        metrics=GENERATION_METRICS,
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",
