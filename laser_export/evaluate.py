@@ -463,6 +463,71 @@ def score_generate(
     return ScoreResult(per_example=per_example, metrics=_means(per_example))
 
 
+def score_masked_generate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "filling masks",
+    n_masks: int = 5,
+    forward_fn=None,
+) -> ScoreResult:
+    """"Generation" with a masked LM, the paper's RoBERTa HotpotQA protocol: the prompt followed by
+    ``n_masks`` mask tokens (space-separated), one forward pass, the argmax token at every mask
+    decoded as the answer text; then the metrics of :func:`score_generate` (exact_match, contains, f1).
+    Right padding, so batched results equal batch size 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mask_id, mask_token, pad_id = tokenizer.mask_token_id, tokenizer.mask_token, tokenizer.pad_token_id
+    if mask_id is None or pad_id is None:
+        raise ValueError("masked-LM generation needs a tokenizer with mask and pad tokens")
+    rows = []
+    for ex in examples:
+        if ex.is_choice:
+            raise ValueError(f"example {ex.id!r}: the masked_generate scorer scores answers, not choices")
+        text = ex.prompt + "".join(f" {mask_token}" for _ in range(n_masks))
+        rows.append(_encode(tokenizer, text, True))
+    filled: dict[int, list[int]] = {}
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    device = _model_device(model)
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(rows))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(rows[r]) for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    ids[b, : len(rows[r])] = torch.tensor(rows[r], dtype=torch.long)
+                    mask[b, : len(rows[r])] = 1
+                logits = call(model, ids.to(device), mask.to(device))
+                for b, r in enumerate(batch):
+                    at = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
+                    filled[r] = logits[b, at].argmax(-1).tolist()
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+    per_example = []
+    for i, ex in enumerate(examples):
+        text = tokenizer.decode(filled[i], skip_special_tokens=True)
+        gen, answers = _normalise(text), [_normalise(a) for a in ex.answers]
+        per_example.append({
+            "id": ex.id,
+            "generation": text,
+            "exact_match": any(gen == a for a in answers),
+            "contains": any(a in gen for a in answers),
+            "f1": max(token_f1(text, a) for a in ex.answers),
+        })
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
 def scorer_for(family, spec) -> str:
     """The scorer for a family (``Family.scorers``, in its order of preference) on a benchmark
     (``BenchmarkSpec.scorers``); ValueError when none applies (``check`` reports this earlier)."""
@@ -523,7 +588,12 @@ def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
 
 
 #: Scorer name (the names used in ``Family.scorers`` / ``BenchmarkSpec.scorers``) -> function.
-SCORERS = {"causal": score_examples, "masked": score_masked, "generate": score_generate}
+SCORERS = {
+    "causal": score_examples,
+    "masked": score_masked,
+    "generate": score_generate,
+    "masked_generate": score_masked_generate,
+}
 
 __all__ = [
     "SCORERS",
@@ -534,6 +604,7 @@ __all__ = [
     "paired_bootstrap",
     "score_examples",
     "score_generate",
+    "score_masked_generate",
     "score_masked",
     "token_f1",
     "strip_leading_article",

@@ -197,9 +197,28 @@ def test_roberta_verifies_and_exports_end_to_end(ws, tmp_path):
         torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=0, atol=1e-5)
 
 
-def test_check_rejects_roberta_on_generative_hotpot(ws, tmp_path, capsys):
+def test_roberta_on_hotpot_uses_masked_generation(ws, tmp_path, capsys):
+    from laser_export.benchmarks import BENCHMARKS
     from laser_export.cli import main
+    from laser_export.evaluate import scorer_for
+    from laser_export.architectures import family_for
 
-    recipe = _recipe(ws, tmp_path / "h.yaml", {"name": "hotpot_qa", "metric": "exact_match"})
-    assert main(["check", str(recipe)]) == 2
-    assert "benchmark.name: hotpot_qa is scored by the generate scorer; roberta" in capsys.readouterr().err
+    assert scorer_for(family_for("roberta"), BENCHMARKS["hotpot_qa"]) == "masked_generate"
+    assert scorer_for(family_for("llama"), BENCHMARKS["hotpot_qa"]) == "generate"
+    recipe = _recipe(ws, tmp_path / "h.yaml", {"name": "hotpot_qa", "metric": "contains"})
+    assert main(["check", str(recipe)]) == 0
+
+
+def test_masked_generation_batched_equals_one_and_reads_the_masks():
+    from laser_export.evaluate import score_masked_generate
+
+    model, tok = tiny_model("roberta"), tiny_mlm_tokenizer()
+    ex = [Example(id=str(i), prompt=" ".join(WORDS[(i * 3 + j) % 90] for j in range(1 + i % 4)), answers=(WORDS[i],))
+          for i in range(8)]
+    one = score_masked_generate(model, tok, ex, batch_size=1, progress=False, n_masks=3)
+    many = score_masked_generate(model, tok, ex, batch_size=3, progress=False, n_masks=3)
+    assert [r["generation"] for r in one.per_example] == [r["generation"] for r in many.per_example]
+    assert all(len(r["generation"].split()) == 3 for r in one.per_example)
+    ex2 = [Example(id=e.id, prompt=e.prompt, answers=(r["generation"].split()[1],)) for e, r in zip(ex, one.per_example)]
+    r = score_masked_generate(model, tok, ex2, batch_size=4, progress=False, n_masks=3)
+    assert r.metrics["contains"] == 1.0 and r.metrics["exact_match"] == 0.0

@@ -108,7 +108,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "hotpot_qa",
         "HotpotQA fullwiki (train head + validation, answers <= 15 words): greedy generation",
         paper.load_hotpot_qa,
-        scorers=("generate",),
+        scorers=("generate", "masked_generate"),
         metrics=GENERATION_METRICS,
     ),
     "jsonl": BenchmarkSpec(
