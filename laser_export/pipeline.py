@@ -95,6 +95,10 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
             f"export.formats: ONNX export supports {', '.join(f.name for f in families_with(onnx=True))}; "
             f"not {family.name} (model_type {config.model_type!r})"
         ])
+    if recipe.perplexity is not None and family.task != "causal-lm":
+        raise RecipeError([
+            f"perplexity: measured for causal LMs; {family.name} (model_type {config.model_type!r}) is {family.task}"
+        ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 

@@ -66,12 +66,15 @@ def verify_loaded(
     start = min(t.layer for t in p.targets)
     prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
+    ppl_ids, ppl_opts = _perplexity_input(p, loaded)
     t0 = time.perf_counter()
     base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
                  progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+    ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
+    ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
                 progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
     t3 = time.perf_counter()
@@ -114,10 +117,38 @@ def verify_loaded(
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
         "scorer": scorer,
+        "perplexity": None if ppl_base is None else {
+            **{k: v for k, v in vars(ppl_opts).items() if k != "max_tokens"},
+            "path": None if ppl_opts.path is None else str(ppl_opts.path),
+            "n_tokens": ppl_base["n_tokens"],
+            "baseline": ppl_base["perplexity"],
+            "reduced": ppl_red["perplexity"],
+            "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
+        },
         "skip_verify": False,
         "prefix_cache": prefix_cache,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
+
+
+def _perplexity_input(p: Plan, loaded: Loaded):
+    """Token ids and options of the recipe's perplexity measurement (None when it has none)."""
+    spec = p.recipe.perplexity
+    if spec is None:
+        return None, None
+    from .perplexity import PerplexityOptions, load_text, token_ids
+
+    max_pos = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or spec.context
+    context = min(spec.context, max_pos)
+    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
+                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
+    return token_ids(loaded.tokenizer, load_text(opts), opts.max_tokens), opts
+
+
+def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:
+    from .perplexity import perplexity
+
+    return perplexity(loaded.model, ids, context=opts.context, stride=opts.stride, progress=progress)
 
 
 def _fmt(v: float, metric: str) -> str:
@@ -138,6 +169,13 @@ def print_report(report: dict) -> None:
         t.add_row(m, _fmt(report["metrics"]["baseline"][m], m), _fmt(report["metrics"]["reduced"][m], m),
                   f"{d['estimate']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     console.print(t)
+    ppl = report.get("perplexity")
+    if ppl:
+        console.print(
+            f"perplexity ({ppl['dataset']}{'/' + ppl['config'] if ppl['config'] else ''} {ppl['split']}, "
+            f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
+            f"(×{ppl['ratio']:.4f})"
+        )
     for c in report["claims"]:
         mark = "[green]✓ holds[/]" if c["passed"] else "[red]✗ FAILS[/]"
         why = f" ({c['why']})" if "why" in c else ""

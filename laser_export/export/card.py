@@ -372,6 +372,21 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
         out += ["### Claims", "", "| Claim | Metric | Claimed | Measured | Tolerance | Status |",
                 "|---|---|---:|---:|---:|---|", *claims_rows, ""]
 
+    ppl = (report or {}).get("perplexity") if verified else None
+    if ppl:
+        source = ppl.get("path") or f"{ppl.get('dataset')}" + (f"/{ppl['config']}" if ppl.get("config") else "")
+        out += [
+            "### Collateral cost: perplexity on general text",
+            "",
+            f"Perplexity on {source} ({ppl.get('split')} split, {ppl.get('n_tokens')} tokens, sliding window "
+            f"{ppl.get('context')}/{ppl.get('stride')}): what the intervention costs outside the task.",
+            "",
+            "| | Baseline | Reduced | Ratio |",
+            "|---|---:|---:|---:|",
+            f"| perplexity | {ppl['baseline']:.3f} | {ppl['reduced']:.3f} | ×{ppl['ratio']:.4f} |",
+            "",
+        ]
+
     # -- limits ------------------------------------------------------------------------------------
     out += ["## Limits", ""]
     if verified:
@@ -382,8 +397,8 @@ def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, 
     if limit is not None:
         out.append(f"- The measurement used only {limit} examples (`--limit`); it is a smoke test, not the full split.")
     out += [
-        f"- One benchmark, one held-out split, first-token scoring. General "
-        "language-modelling quality (perplexity) and other tasks were not measured here and may be worse.",
+        "- One benchmark, one held-out split. Other tasks were not measured here and may be worse"
+        + ("." if ppl else "; general language-modelling quality (perplexity) was not measured either."),
         "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.",
         "",
     ]
