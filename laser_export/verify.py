@@ -17,7 +17,7 @@ from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
 #: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "f1", "logprob", "logloss")
+REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "contains", "f1", "logprob", "logloss")
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:

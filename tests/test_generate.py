@@ -38,3 +38,30 @@ def test_token_f1_and_normalisation():
 def test_generate_refuses_choice_examples():
     with pytest.raises(ValueError, match="not choices"):
         score_generate(tiny_model("llama"), tiny_tokenizer(), [Example("c", "w4", ("w5",), ("w5", "w6"), 0)], progress=False)
+
+
+@pytest.mark.parametrize("model_type,scorer", [("llama", "generate"), ("roberta", "masked_generate")])
+def test_verify_hotpot_from_the_hub_fixture(tmp_path, model_type, scorer):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    save_tiny(model_type, tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "hotpot",
+        "model": {"source": str(tmp_path / "m")},
+        "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}],
+        "benchmark": {"name": "hotpot_qa", "path": str(Path(__file__).parent / "fixtures/hub/hotpotqa/hotpot_qa"),
+                      "seed": None, "validation_fraction": 0.34, "metric": "contains"},
+        "claims": {"baseline": {"accuracy": 0.0}, "reduced": {"accuracy": 0.0}, "tolerance": 0.0},
+    }))
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "rep.json"), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["scorer"] == scorer and rep["benchmark"]["n_scored"] == 2
+    assert set(rep["metrics"]["baseline"]) == {"exact_match", "contains", "f1", "n"}
+    assert set(rep["delta"]) == {"exact_match", "contains", "f1"}
