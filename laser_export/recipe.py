@@ -71,7 +71,7 @@ class Reduction(_Strict):
 
 
 class BenchmarkSpec(_Strict):
-    name: str = Field(description="counterfact | qa_wikidata | epistemic_reasoning | fever | jsonl")
+    name: str = Field(description="a benchmark of laser_export.benchmarks.BENCHMARKS (README: Benchmarks and metrics)")
     path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
     split: Literal["validation", "test"] = "test"
     seed: int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
