@@ -16,11 +16,11 @@ WORDS = [f"w{i}" for i in range(4, 100)]
 
 def _examples():
     out = []
-    for i in range(9):  # generative, different lengths; one with the paper's trailing "." after the mask
+    for i in range(6):  # generative, different lengths; one with the paper's trailing "." after the mask
         words = " ".join(WORDS[(i * 7 + j) % 90] for j in range(2 + i % 4))
         masked = f"{words} {{mask}} ." if i % 3 == 0 else None
         out.append(Example(id=f"g{i}", prompt=words, answers=(WORDS[(i * 11) % 90], WORDS[i]), masked_prompt=masked))
-    for i in range(6):  # choice
+    for i in range(4):  # choice
         words = " ".join(WORDS[(i * 5 + j) % 90] for j in range(3 + i % 3))
         out.append(Example(id=f"c{i}", prompt=words, answers=("w40",), choices=("w40", "w41", "w42"), label=i % 3))
     return out

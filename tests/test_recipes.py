@@ -17,7 +17,12 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 PAPER = [p for p in RECIPES if p.name.startswith(("gptj-", "llama2-7b-", "roberta-"))]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def _param(path):  # a recipe on a real local model file (GGUF) reads it: slow
+    slow = "source: package:" in path.read_text()
+    return pytest.param(path, id=path.name, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("path", [_param(p) for p in RECIPES])
 def test_recipe_checks_and_has_a_scorer(path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe, text = load_recipe(path)
