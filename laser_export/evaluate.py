@@ -528,16 +528,32 @@ def score_masked_generate(
     return ScoreResult(per_example=per_example, metrics=_means(per_example))
 
 
-def scorer_for(family, spec) -> str:
+#: Scorers that generate text (their metrics: exact_match, contains, f1); the others score at one position.
+GENERATION_SCORERS = ("generate", "masked_generate")
+GENERATION_METRICS = ("exact_match", "contains", "f1")
+
+
+def scorer_for(family, spec, metric: str | None = None) -> str:
     """The scorer for a family (``Family.scorers``, in its order of preference) on a benchmark
-    (``BenchmarkSpec.scorers``); ValueError when none applies (``check`` reports this earlier)."""
-    for name in family.scorers:
-        if name in spec.scorers:
-            return name
-    raise ValueError(
-        f"benchmark.name: {spec.name} is scored by the {' or '.join(spec.scorers)} scorer; "
-        f"{family.name} has only {', '.join(family.scorers)}"
-    )
+    (``BenchmarkSpec.scorers``); with ``metric``, one that computes it (a generation metric needs a
+    generation scorer). ValueError naming the recipe field when none applies (``check`` reports it)."""
+    pair = [s for s in family.scorers if s in spec.scorers]
+    if not pair:
+        raise ValueError(
+            f"benchmark.name: {spec.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+            f"{family.name} has only {', '.join(family.scorers)}"
+        )
+    if metric is not None:
+        wants_generation = metric in GENERATION_METRICS
+        fit = [s for s in pair if (s in GENERATION_SCORERS) == wants_generation]
+        if not fit:
+            kind = "a generation" if wants_generation else "a single-position"
+            raise ValueError(
+                f"benchmark.metric: {metric} needs {kind} scorer; {family.name} scores {spec.name} with "
+                f"{', '.join(pair)}"
+            )
+        return fit[0]
+    return pair[0]
 
 
 def score(scorer: str, model, tokenizer, examples: Sequence[Example], **options) -> ScoreResult:
@@ -596,6 +612,8 @@ SCORERS = {
 }
 
 __all__ = [
+    "GENERATION_METRICS",
+    "GENERATION_SCORERS",
     "SCORERS",
     "score",
     "scorer_for",

@@ -45,7 +45,7 @@ def check_scorable(p: Plan) -> str:
     from .benchmarks import BENCHMARKS
 
     try:
-        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name])
+        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
     except ValueError as err:
         raise BenchmarkError(str(err)) from None
 
@@ -68,15 +68,18 @@ def verify_loaded(
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
     ppl_ids, ppl_opts = _perplexity_input(p, loaded)
     t0 = time.perf_counter()
+    from .benchmarks import BENCHMARKS
+
+    extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if scorer == "generate" else {}
     base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                 progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+                 progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture, **extra)
     ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
     ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
+                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:

@@ -222,3 +222,16 @@ def test_masked_generation_batched_equals_one_and_reads_the_masks():
     ex2 = [Example(id=e.id, prompt=e.prompt, answers=(r["generation"].split()[1],)) for e, r in zip(ex, one.per_example)]
     r = score_masked_generate(model, tok, ex2, batch_size=4, progress=False, n_masks=3)
     assert r.metrics["contains"] == 1.0 and r.metrics["exact_match"] == 0.0
+
+
+def test_the_metric_picks_the_scorer():
+    from laser_export.architectures import family_for
+    from laser_export.benchmarks import BENCHMARKS
+    from laser_export.evaluate import scorer_for
+
+    cf, wiki, hot = BENCHMARKS["counterfact"], BENCHMARKS["qa_wikidata"], BENCHMARKS["hotpot_qa"]
+    llama, roberta = family_for("llama"), family_for("roberta")
+    assert scorer_for(llama, cf, "top1") == "causal" and scorer_for(llama, cf, "contains") == "generate"
+    assert scorer_for(roberta, wiki, "top1") == "masked" and scorer_for(roberta, wiki, "contains") == "masked_generate"
+    with pytest.raises(ValueError, match="benchmark.metric: top1 needs a single-position scorer; llama scores hotpot_qa with generate"):
+        scorer_for(llama, hot, "top1")

@@ -41,6 +41,12 @@ class BenchmarkSpec:
     loader: Callable[[str | os.PathLike | None], list[Example]]
     scorers: tuple[str, ...] = ("causal", "masked")
     metrics: tuple[str, ...] = FIRST_TOKEN_METRICS
+    max_new_tokens: int = 15  # generation scorers: new tokens per answer
+
+
+#: open-ended answers: first-token scoring, or generation (the paper's protocol for Llama-2 and WikidataQA)
+_OPEN = dict(scorers=("causal", "masked", "generate", "masked_generate"),
+             metrics=FIRST_TOKEN_METRICS + GENERATION_METRICS, max_new_tokens=10)
 
 
 _CHOICE = dict(metrics=CHOICE_METRICS)
@@ -50,11 +56,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "counterfact",
         "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
         counterfact.load,
+        **_OPEN,
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
         "BigBench qa_wikidata (WikidataQA): complete a Wikidata fact; several accepted answers",
         partial(bigbench.load, "qa_wikidata"),
+        **_OPEN,
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
