@@ -40,8 +40,10 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 #: Scorer names (see :mod:`laser_export.evaluate`): ``causal`` next-token top-k and teacher-forced
-#: log-probs, ``masked`` the prediction at a mask token, ``generate`` greedy decoding.
-SCORERS = ("causal", "masked", "generate")
+#: log-probs, ``masked`` the prediction at a mask token, ``generate`` greedy decoding,
+#: ``masked_generate`` the argmax at a fixed number of mask tokens (a masked LM's "generation").
+SCORERS = ("causal", "masked", "generate", "masked_generate")
+_MASKED_SCORERS = {"masked", "masked_generate"}
 
 _TASK_CLASSES = {
     "causal-lm": ("AutoModelForCausalLM", "text-generation"),
@@ -72,7 +74,7 @@ class Family(BaseModel):
     weight_layout: Literal["linear", "conv1d"] = "linear"
     onnx: bool = False
     gguf_arch: str | None = None
-    scorers: tuple[Literal["causal", "masked", "generate"], ...] = Field(min_length=1)
+    scorers: tuple[Literal["causal", "masked", "generate", "masked_generate"], ...] = Field(min_length=1)
     per_model_type: dict[str, _Override] = Field(default_factory=dict)
     notes: str = ""
 
@@ -86,10 +88,10 @@ class Family(BaseModel):
         auto, tag = _TASK_CLASSES[self.task]
         if self.auto_class != auto or self.pipeline_tag != tag:
             raise ValueError(f"task {self.task} needs auto_class {auto} and pipeline_tag {tag}")
-        if self.task == "masked-lm" and set(self.scorers) - {"masked"}:
-            raise ValueError("a masked-lm family can only use the masked scorer")
-        if self.task == "causal-lm" and "masked" in self.scorers:
-            raise ValueError("a causal-lm family cannot use the masked scorer")
+        if self.task == "masked-lm" and set(self.scorers) - _MASKED_SCORERS:
+            raise ValueError("a masked-lm family can only use the masked and masked_generate scorers")
+        if self.task == "causal-lm" and set(self.scorers) & _MASKED_SCORERS:
+            raise ValueError("a causal-lm family cannot use the masked scorers")
         stray = set(self.per_model_type) - set(self.model_types)
         if stray:
             raise ValueError(f"per_model_type: {sorted(stray)} not in model_types")

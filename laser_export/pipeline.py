@@ -93,6 +93,10 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
     _check_formats(recipe, family, config)
+    if recipe.perplexity is not None and family.task != "causal-lm":
+        raise RecipeError([
+            f"perplexity: measured for causal LMs; {family.name} (model_type {config.model_type!r}) is {family.task}"
+        ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
@@ -102,18 +106,16 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
             raise RecipeError([
                 f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
-        problems = []
-        if not set(family.scorers) & set(spec.scorers):
-            problems.append(
-                f"benchmark.name: {bench.name} is scored by the {' or '.join(spec.scorers)} scorer; "
-                f"{family.name} (model_type {config.model_type!r}, {family.task}) has only {', '.join(family.scorers)}"
-            )
+        from .evaluate import scorer_for
+
         if bench.metric not in spec.metrics:
-            problems.append(
+            raise RecipeError([
                 f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; available: {', '.join(spec.metrics)}"
-            )
-        if problems:
-            raise RecipeError(problems)
+            ])
+        try:
+            scorer_for(family, spec, bench.metric)
+        except ValueError as err:
+            raise RecipeError([f"{err} (model_type {config.model_type!r}, {family.task})"]) from None
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 

@@ -119,7 +119,7 @@ class Reduction(_Strict):
 
 
 class BenchmarkSpec(_Strict):
-    name: str = Field(description="counterfact | qa_wikidata | epistemic_reasoning | fever | jsonl")
+    name: str = Field(description="a benchmark of laser_export.benchmarks.BENCHMARKS (README: Benchmarks and metrics)")
     path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
     split: Literal["validation", "test"] = "test"
     seed: Int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
@@ -129,6 +129,24 @@ class BenchmarkSpec(_Strict):
     )
     metric: str = "top1"
     batch_size: Int = Field(16, ge=1)
+
+
+class PerplexitySpec(_Strict):
+    """Collateral cost: perplexity on general text, measured by verify before and after the reduction."""
+
+    dataset: str = Field("wikitext", description="Hub dataset id with a `text` column")
+    config: str | None = Field("wikitext-2-raw-v1", description="its config (subset)")
+    split: str = "test"
+    path: str | None = Field(None, description="local .txt file, folder of .txt files, or Hub-layout copy")
+    max_tokens: int = Field(20_000, ge=2, description="score the first N tokens of the joined text")
+    context: int = Field(1024, ge=2, description="window length (capped at the model's max positions)")
+    stride: int = Field(512, ge=1, description="window step; each token is predicted once")
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride > self.context:
+            raise ValueError(f"stride ({self.stride}) must be <= context ({self.context})")
+        return self
 
 
 class Claim(_Strict):
@@ -176,6 +194,7 @@ class Recipe(_Strict):
     storage: Literal["dense", "factorised"] = "dense"
     benchmark: BenchmarkSpec | None = None
     claims: Claims | None = None
+    perplexity: PerplexitySpec | None = None
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .baseline_cache import BaselineCache
 
 #: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "f1", "logprob", "logloss")
+REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "contains", "f1", "logprob", "logloss")
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
@@ -49,12 +49,12 @@ def check_scorable(p: Plan) -> str:
     from .benchmarks import BENCHMARKS
 
     try:
-        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name])
+        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
     except ValueError as err:
         raise BenchmarkError(str(err)) from None
 
 
-def _baseline_identity(p: Plan, loaded: Loaded, info: dict) -> dict:
+def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict:
     from .baseline_cache import model_identity, scorer_version
     from .evaluate import _model_device
 
@@ -67,23 +67,26 @@ def _baseline_identity(p: Plan, loaded: Loaded, info: dict) -> dict:
         "batch_size": p.recipe.benchmark.batch_size,
         "scorer": scorer_version(),
         "scorer_kind": check_scorable(p),
+        "scorer_options": extra,
     }
 
 
-def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache):
+def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache,
+                    extra: dict):
     """(baseline ScoreResult, cache info for the report, prefix cache still usable for the reduced pass)."""
     if baseline_cache is None:
         base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=p.recipe.benchmark.batch_size,
-                     progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+                     progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture,
+                     **extra)
         return base, None, cache
-    identity = _baseline_identity(p, loaded, info)
+    identity = _baseline_identity(p, loaded, info, extra)
     key = baseline_cache.key(identity)
     base = baseline_cache.load(key)
     if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
         console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
         return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}, None
     base, _, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
-                                     baseline_cache=None)
+                                     baseline_cache=None, extra=extra)
     path = baseline_cache.store(key, identity, base)
     return base, {"hit": False, "key": key, "path": str(path) if path else None}, cache
 
@@ -104,15 +107,21 @@ def verify_loaded(
     start = min(t.layer for t in p.targets)
     prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
+    ppl_ids, ppl_opts = _perplexity_input(p, loaded)
+    from .benchmarks import BENCHMARKS
+
+    extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if scorer == "generate" else {}
     t0 = time.perf_counter()
     base, cache_info, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
-                                              baseline_cache=baseline_cache)
+                                              baseline_cache=baseline_cache, extra=extra)
     replayed = cache is not None
+    ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
+    ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
+                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:
@@ -153,11 +162,39 @@ def verify_loaded(
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
         "scorer": scorer,
+        "perplexity": None if ppl_base is None else {
+            **{k: v for k, v in vars(ppl_opts).items() if k != "max_tokens"},
+            "path": None if ppl_opts.path is None else str(ppl_opts.path),
+            "n_tokens": ppl_base["n_tokens"],
+            "baseline": ppl_base["perplexity"],
+            "reduced": ppl_red["perplexity"],
+            "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
+        },
         "skip_verify": False,
         "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
         "baseline_cache": cache_info,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
+
+
+def _perplexity_input(p: Plan, loaded: Loaded):
+    """Token ids and options of the recipe's perplexity measurement (None when it has none)."""
+    spec = p.recipe.perplexity
+    if spec is None:
+        return None, None
+    from .perplexity import PerplexityOptions, load_text, token_ids
+
+    max_pos = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or spec.context
+    context = min(spec.context, max_pos)
+    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
+                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
+    return token_ids(loaded.tokenizer, load_text(opts), opts.max_tokens), opts
+
+
+def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:
+    from .perplexity import perplexity
+
+    return perplexity(loaded.model, ids, context=opts.context, stride=opts.stride, progress=progress)
 
 
 def _fmt(v: float, metric: str) -> str:
@@ -178,6 +215,13 @@ def print_report(report: dict) -> None:
         t.add_row(m, _fmt(report["metrics"]["baseline"][m], m), _fmt(report["metrics"]["reduced"][m], m),
                   f"{d['estimate']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     console.print(t)
+    ppl = report.get("perplexity")
+    if ppl:
+        console.print(
+            f"perplexity ({ppl['dataset']}{'/' + ppl['config'] if ppl['config'] else ''} {ppl['split']}, "
+            f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
+            f"(×{ppl['ratio']:.4f})"
+        )
     for c in report["claims"]:
         mark = "[green]✓ holds[/]" if c["passed"] else "[red]✗ FAILS[/]"
         why = f" ({c['why']})" if "why" in c else ""

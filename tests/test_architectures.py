@@ -56,7 +56,7 @@ def test_family_capabilities_match_the_model(model_type):
     auto = getattr(transformers, fam.auto_class)
     assert type(auto.from_config(model.config)) is type(model)
     assert fam.pipeline_tag == {"causal-lm": "text-generation", "masked-lm": "fill-mask"}[fam.task]
-    assert ("masked" in fam.scorers) == (fam.task == "masked-lm")
+    assert ("masked" in fam.scorers) == (fam.task == "masked-lm") != ("causal" in fam.scorers)
     assert num_layers(model.config) == len(layer_modules(model, fam))
     if fam.final_norm:
         model.base_model.get_submodule(fam.final_norm)

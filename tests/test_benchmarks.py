@@ -105,7 +105,9 @@ def test_counterfact_url_downloads_into_cache(home):
 
 
 def test_registry_and_unknown_name():
-    assert set(BENCHMARKS) == {"counterfact", "qa_wikidata", "epistemic_reasoning", "fever", "jsonl"}
+    assert set(BENCHMARKS) == {"counterfact", "qa_wikidata", "epistemic_reasoning", "fever", "jsonl", "bios_gender",
+                               "bios_profession", "truthfulqa", "fever_paper", "causal_judgement", "web_of_lies",
+                               "hotpot_qa"}
     with pytest.raises(BenchmarkError) as err:
         load_examples("counterfactual")
     for name in BENCHMARKS:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
-from . import bigbench, counterfact, jsonl
+from . import bigbench, counterfact, jsonl, paper
 from .base import (
     BenchmarkError,
     Example,
@@ -28,7 +28,7 @@ from .base import (
 #: Metrics of each kind of example (the scorers in :mod:`laser_export.evaluate` compute them).
 FIRST_TOKEN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss")
 CHOICE_METRICS = ("accuracy", "top1")
-GENERATION_METRICS = ("exact_match", "f1")
+GENERATION_METRICS = ("exact_match", "contains", "f1")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,12 @@ class BenchmarkSpec:
     hub_dataset: str | None = None
     hub_config: str | None = None
     hub_revision: str | None = None
+    max_new_tokens: int = 15  # generation scorers: new tokens per answer
+
+
+#: open-ended answers: first-token scoring, or generation (the paper's protocol for Llama-2 and WikidataQA)
+_OPEN = dict(scorers=("causal", "masked", "generate", "masked_generate"),
+             metrics=FIRST_TOKEN_METRICS + GENERATION_METRICS, max_new_tokens=10)
 
 
 _CHOICE = dict(metrics=CHOICE_METRICS)
@@ -55,6 +61,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
         counterfact.load,
         hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
+        **_OPEN,
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
@@ -62,6 +69,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         partial(bigbench.load, "qa_wikidata"),
         hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
         hub_config="qa_wikidata",
+        **_OPEN,
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
@@ -78,6 +86,49 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         **_CHOICE,
         hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
         hub_config="fact_checker",
+    ),
+    "bios_gender": BenchmarkSpec(
+        "bios_gender",
+        "Bias in Bios (LabHC/bias_in_bios dev): male or female, compared at the next token / mask",
+        paper.load_bios_gender,
+        **_CHOICE,
+    ),
+    "bios_profession": BenchmarkSpec(
+        "bios_profession",
+        "Bias in Bios (LabHC/bias_in_bios dev), the paper's 8 one-token professions",
+        paper.load_bios_profession,
+        **_CHOICE,
+    ),
+    "truthfulqa": BenchmarkSpec(
+        "truthfulqa",
+        "TruthfulQA multiple_choice validation, every mc2 answer as a true/false statement",
+        paper.load_truthfulqa,
+        **_CHOICE,
+    ),
+    "fever_paper": BenchmarkSpec(
+        "fever_paper",
+        "FEVER v1.0 (EleutherAI/fever) paper_dev + paper_test, deduplicated claims: true or false",
+        paper.load_fever_paper,
+        **_CHOICE,
+    ),
+    "causal_judgement": BenchmarkSpec(
+        "causal_judgement",
+        "BigBench causal_judgment (tasksource/bigbench validation + train): Yes or No",
+        paper.load_causal_judgement,
+        **_CHOICE,
+    ),
+    "web_of_lies": BenchmarkSpec(
+        "web_of_lies",
+        "BigBench-Hard web_of_lies (lighteval/big_bench_hard): Yes or No",
+        paper.load_web_of_lies,
+        **_CHOICE,
+    ),
+    "hotpot_qa": BenchmarkSpec(
+        "hotpot_qa",
+        "HotpotQA fullwiki (train head + validation, answers <= 15 words): greedy generation",
+        paper.load_hotpot_qa,
+        scorers=("generate", "masked_generate"),
+        metrics=GENERATION_METRICS,
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",

@@ -112,7 +112,8 @@ def _record_examples(rec: dict, index: int, source: str) -> list[Example]:
     prompts = [template.replace("{}", subject, 1)] + list(paraphrases)
     group = str(case_id)
     return [
-        Example(id=f"counterfact:{case_id}:{k}", prompt=p, answers=(answer,), group=group)
+        Example(id=f"counterfact:{case_id}:{k}", prompt=p, answers=(answer,), group=group,
+                masked_prompt=p + ("{mask}." if p.endswith(" ") else " {mask}."))  # the paper's RoBERTa prompt
         for k, p in enumerate(prompts)
     ]
 

@@ -93,14 +93,16 @@ def onnx_task(model) -> str:
             f"ONNX export is not supported for model_type {model_type!r} (family {family.name!r}); "
             f"supported model types: {', '.join(supported)}"
         )
-    cls = type(model).__name__
-    if family.task == "causal-lm" and not cls.endswith(("ForCausalLM", "LMHeadModel")):
+    import transformers
+
+    try:  # the class the family's Auto class builds for this config
+        expected = getattr(transformers, family.auto_class)._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        expected = None
+    if expected is not None and not isinstance(model, expected):
         raise UnsupportedOnnxArchitecture(
-            f"ONNX export of model_type {model_type!r} needs a causal-LM model (*ForCausalLM), got {cls}"
-        )
-    if family.task == "masked-lm" and not cls.endswith("ForMaskedLM"):
-        raise UnsupportedOnnxArchitecture(
-            f"ONNX export of model_type {model_type!r} needs a *ForMaskedLM model, got {cls}"
+            f"ONNX export of model_type {model_type!r} needs the {family.task} model {family.auto_class} builds "
+            f"({expected.__name__}), got {type(model).__name__}"
         )
     return family.task
 
