@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from laser_export.architectures import ArchitectureError, family_for
+from laser_export.architectures import FAMILIES, ArchitectureError, family_for
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ EXTERNAL_DATA_SUFFIX = ".data"
 #: protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
-#: Families (``laser_export.architectures``) whose ONNX export is supported and tested.
-ONNX_FAMILIES = ("llama", "gpt2", "gptj", "roberta")
+#: Families whose capability field ``onnx`` is set (supported and tested), kept for messages and old imports.
+ONNX_FAMILIES = tuple(f.name for f in FAMILIES.values() if f.onnx)
 
 DEFAULT_SAMPLE_TEXTS = [
     "The capital of France is",
@@ -88,7 +88,7 @@ def onnx_task(model) -> str:
     except ArchitectureError as err:
         raise UnsupportedOnnxArchitecture(f"ONNX export: {err}") from None
     supported = sorted(mt for name in ONNX_FAMILIES for mt in family_for(name).model_types)
-    if family.name not in ONNX_FAMILIES:
+    if not family.onnx:
         raise UnsupportedOnnxArchitecture(
             f"ONNX export is not supported for model_type {model_type!r} (family {family.name!r}); "
             f"supported model types: {', '.join(supported)}"
