@@ -95,3 +95,23 @@ def test_run_exports_float16_safetensors_and_gguf(tmp_path):
         torch.testing.assert_close(gguf(x).logits, dense(x).logits, rtol=0, atol=1e-6)
     card = (out / "README.md").read_text()
     assert "## GGUF" in card and "no tokenizer metadata" in card and "in float16." in card
+    assert "measured in float32; the weights were then cast to **float16**" in card
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_round_trip_keeps_the_tokenizer(smollm2_gguf, tmp_path):
+    from transformers import AutoTokenizer
+
+    from laser_export.export.gguf import gguf_quantization
+
+    assert gguf_quantization(smollm2_gguf) == "Q4_1"
+    folder, name = smollm2_gguf.parent, smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    info = write_gguf(model, tmp_path / "s.gguf", arch="llama", dtype="float32", source_gguf=smollm2_gguf,
+                      reference=model)
+    assert info["tokenizer"] is True and info["max_abs_diff"] <= 1e-4
+    assert gguf_quantization(tmp_path / "s.gguf") == "ALL_F32"
+    text = "The capital of France is Paris; Wikidata says so."
+    ours = AutoTokenizer.from_pretrained(tmp_path, gguf_file="s.gguf")
+    theirs = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] and len(ours) == len(theirs)

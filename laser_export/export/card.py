@@ -298,6 +298,15 @@ def _source_sentence(ctx: CardContext) -> str:
     return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}."
 
 
+def _dtype_note(ctx: CardContext) -> list[str]:
+    measured, exported = ctx.source.dtype, ctx.manifest.export_dtype
+    if not measured or not exported or measured == exported:
+        return []
+    return [f"**Export dtype:** the numbers on this card were measured in {measured}; the weights were then cast to "
+            f"**{exported}** for this export, which was not measured again (expect differences at {exported} "
+            "rounding level).", ""]
+
+
 def _intro(ctx: CardContext) -> list[str]:
     out = [f"# {ctx.recipe.name}", "", *_warnings(ctx)]
     if ctx.recipe.description:
@@ -306,7 +315,7 @@ def _intro(ctx: CardContext) -> list[str]:
     out += [
         f"LASER applied to {len(ctx.manifest.matrices)} weight matrix(es), exported by laser-export "
         f"{ctx.manifest.laser_export_version} with `{ctx.storage}` storage" + (f" in {dtype}." if dtype else "."),
-        "", _source_sentence(ctx), "",
+        "", _source_sentence(ctx), "", *_dtype_note(ctx),
         "## What LASER is", "",
         "LASER (LAyer-SElective Rank reduction) replaces one chosen weight matrix of a trained transformer with its "
         "rank-*k* truncated SVD approximation, with no further training. Sharma et al. report that removing the "
