@@ -111,7 +111,8 @@ def test_per_model_type_overrides():
     assert family_for("gemma3").layers == "language_model.layers"
     assert family_for("gemma3").final_norm == "language_model.norm"
     assert family_for("gemma3").name == family_for("gemma3_text").name == "gemma3"
-    assert family_for("qwen2").gguf_arch == "qwen2" and family_for("mistral").gguf_arch == "llama"
+    # GGUF export is tested for llama/mistral only; the other llama-family types override it off
+    assert family_for("qwen2").gguf_arch is None and family_for("mistral").gguf_arch == "llama"
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))
