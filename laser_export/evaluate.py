@@ -263,7 +263,8 @@ def score_masked(
 
     Each example becomes one row: :meth:`Example.masked_text` (the prompt followed by the mask
     token, or the paper's RoBERTa wording) with the tokenizer's special tokens; exactly one mask
-    token per row. Rows are right-padded with the pad token and an attention mask (RoBERTa derives
+    token per row. A row longer than ``tokenizer.model_max_length`` keeps its first token and its end
+    (the paper kept the last 50 tokens of a bio). Rows are right-padded with the pad token and an attention mask (RoBERTa derives
     positions from non-pad ids, BERT counts from 0: both unchanged by right padding), so batched
     results equal batch size 1. One forward pass per batch; the log-softmax at the mask position gives
 
@@ -289,8 +290,12 @@ def score_masked(
     rows: list[tuple[list[int], int]] = []  # (ids, mask position)
     targets: list[list[int]] = []  # per example: first token of each answer / choice
     stripped: list[list[int]] = []
+    limit = getattr(tokenizer, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and 2 < limit < 1_000_000 else None
     for ex in examples:
         ids = _encode(tokenizer, ex.masked_text(mask_token), True)
+        if limit is not None and len(ids) > limit:  # keep the first (special) token and the end, where the mask is
+            ids = ids[:1] + ids[len(ids) - limit + 1 :]
         where = [i for i, t in enumerate(ids) if t == mask_id]
         if len(where) != 1:
             raise ValueError(f"example {ex.id!r}: masked prompt has {len(where)} mask tokens, expected exactly 1")

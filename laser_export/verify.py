@@ -26,16 +26,21 @@ REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
     """The examples a verify run scores and the split info for its report (no model needed)."""
+    from .benchmarks.hub import recorded_sources
+
     bench = p.recipe.benchmark
-    split = load_split(
-        bench.name,
-        path=bench.path,
-        seed=bench.seed,
-        validation_fraction=bench.validation_fraction,
-        subsample=bench.subsample,
-    )
+    with recorded_sources() as sources:
+        split = load_split(
+            bench.name,
+            path=bench.path,
+            seed=bench.seed,
+            validation_fraction=bench.validation_fraction,
+            subsample=bench.subsample,
+        )
     examples = split.get(bench.split)
     info = {"name": bench.name, "split": bench.split, "subsample": bench.subsample, **split.info(bench.split)}
+    if sources:  # Hub datasets: the resolved commit (online) or the local files' SHA-256
+        info["sources"] = sources
     if limit is not None:
         examples = examples[:limit]
         info["examples_sha256"] = examples_sha256(examples)

@@ -63,5 +63,14 @@ def test_verify_hotpot_from_the_hub_fixture(tmp_path, model_type, scorer):
     assert main(["verify", str(recipe), "--report", str(tmp_path / "rep.json"), "--no-progress"]) == 0
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["scorer"] == scorer and rep["benchmark"]["n_scored"] == 2
+    sources = rep["benchmark"]["sources"]  # provenance: the local Hub-layout files and their SHA-256
+    assert [(s["repo"], s["config"], s["split"]) for s in sources] == [
+        ("hotpotqa/hotpot_qa", "fullwiki", "validation"), ("hotpotqa/hotpot_qa", "fullwiki", "train")]
+    import hashlib
+
+    for s in sources:
+        for f, digest in s["files"].items():
+            assert hashlib.sha256(Path(f).read_bytes()).hexdigest() == digest
+    assert len(sources[1]["files"]) == 2
     assert set(rep["metrics"]["baseline"]) == {"exact_match", "contains", "f1", "n"}
     assert set(rep["delta"]) == {"exact_match", "contains", "f1"}

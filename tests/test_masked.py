@@ -235,3 +235,13 @@ def test_the_metric_picks_the_scorer():
     assert scorer_for(roberta, wiki, "top1") == "masked" and scorer_for(roberta, wiki, "contains") == "masked_generate"
     with pytest.raises(ValueError, match="benchmark.metric: top1 needs a single-position scorer; llama scores hotpot_qa with generate"):
         scorer_for(llama, hot, "top1")
+
+
+def test_long_masked_prompts_keep_their_end():
+    tok, model = tiny_mlm_tokenizer(), tiny_model("roberta")
+    long = Example("x", " ".join(WORDS[:40]), ("w5",))
+    tok.model_max_length = 10
+    a = score_masked(model, tok, [long], progress=False).per_example[0]
+    tok.model_max_length = 10_000  # what fits in 10: <s>, the last 7 words, <mask>, </s>
+    b = score_masked(model, tok, [Example("x", " ".join(WORDS[33:40]), ("w5",))], progress=False).per_example[0]
+    assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-6)

@@ -15,11 +15,43 @@ and read with ``datasets``' own parquet/json builders, so the columns and types 
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import os
 from pathlib import Path
 
 from .base import BenchmarkError
+
+
+_RECORDERS: list[list[dict]] = []
+
+
+@contextlib.contextmanager
+def recorded_sources():
+    """Collect where every split loaded inside the block came from: ``{"repo", "config", "split",
+    "revision", "sha"}`` (the dataset commit resolved on the Hub) for online loads, ``{"repo", "config",
+    "split", "files": {path: sha256}}`` for local files. verify puts the list in its report."""
+    sources: list[dict] = []
+    _RECORDERS.append(sources)
+    try:
+        yield sources
+    finally:
+        _RECORDERS.remove(sources)
+
+
+def _record(entry: dict) -> None:
+    for sources in _RECORDERS:
+        sources.append(entry)
+
+
+def _hub_sha(repo: str, revision: str | None) -> str | None:
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo, revision=revision).sha
+    except Exception:  # noqa: BLE001 - provenance is best effort; the examples' SHA-256 pins the data anyway
+        return None
 
 
 def _split_files(root: Path, config: str | None, split: str) -> tuple[str, list[str]] | None:
@@ -63,6 +95,8 @@ def load_rows(
                 f"{name}: cannot load {repo} {config or ''} split {split} through datasets "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); offline, {_how_to_get(repo, config)}"
             ) from None
+        if _RECORDERS:
+            _record({"repo": repo, "config": config, "split": split, "revision": revision, "sha": _hub_sha(repo, revision)})
         return list(ds)
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -80,6 +114,9 @@ def load_rows(
         ds = datasets.load_dataset(kind, data_files={"rows": files}, split="rows")
     except Exception as err:  # noqa: BLE001
         raise BenchmarkError(f"{name}: cannot read {files[0]}: {type(err).__name__}: {err}") from None
+    if _RECORDERS:
+        _record({"repo": repo, "config": config, "split": split,
+                 "files": {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}})
     return list(ds)
 
 
