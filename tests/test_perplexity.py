@@ -102,9 +102,11 @@ def test_verify_reports_perplexity_next_to_the_claims_and_the_card_shows_it(ws, 
     # the baseline number is the unreduced model's
     ids = token_ids(tiny_tokenizer(), (ws / "text" / "t.txt").read_text(), 200)
     assert ppl["baseline"] == pytest.approx(perplexity(tiny_model("llama"), ids, context=32, stride=16, progress=False)["perplexity"], rel=1e-5)
-    manifest = {"model": {"model_type": "llama"}, "storage": "dense", "matrices": []}
-    card = str(render_card({"name": "ppl", "model": {"source": "x/y"}}, "name: ppl\n", manifest, {**rep, "passed": True}))
-    assert "Collateral cost: perplexity" in card and f"{ppl['reduced']:.3f}" in card
+    manifest = {"model": {"source": "x/y", "model_type": "llama"}, "storage": "dense", "matrices": []}
+    recipe = {"name": "ppl", "model": {"source": "x/y"}, "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}]}
+    card = str(render_card(recipe, "name: ppl\n", manifest, {**rep, "passed": True}))
+    assert "## Measured costs" in card
+    assert f"- Perplexity: {ppl['baseline']:.3f} → {ppl['reduced']:.3f}" in card
 
 
 def test_check_refuses_perplexity_for_a_masked_lm(ws, tmp_path, capsys):
