@@ -477,7 +477,7 @@ def _how_to_load(ctx: CardContext) -> list[str]:
         *_snippet(ctx, ", trust_remote_code=True"),
         "With laser-export installed, importing it registers the same loader and no remote code runs:", "",
         "```python", "import laser_export  # registers the factorised-layer loader",
-        *_snippet(ctx, "")[1:-1],
+        *_snippet(ctx, "")[1:],
         "Without either, loading fails loudly (a size mismatch, or `LaserLoadError` for a missing factor) instead of "
         "silently loading wrong (random) weights for the factorised layers.", "",
     ]
