@@ -62,6 +62,14 @@ _TABLE: list[Family] = [
         notes="gated MLP: fc_in = gate_proj, fc_up = up_proj, fc_out = down_proj",
     ),
     Family(
+        "gemma3",
+        ("gemma3", "gemma3_text"),
+        layers="layers",
+        matrices=_LLAMA_LIKE,
+        final_norm="norm",
+        notes="gated MLP like llama (gate_proj/up_proj/down_proj); text-only checkpoints (Gemma3ForCausalLM)",
+    ),
+    Family(
         "gpt2",
         ("gpt2",),
         layers="h",

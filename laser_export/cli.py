@@ -84,9 +84,13 @@ def cmd_push(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import main as search_main
+    from dataclasses import fields
 
-    return search_main(args)
+    from .search import SearchOptions, search
+
+    names = {f.name for f in fields(SearchOptions)} - {"progress"}
+    search(SearchOptions(**{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress))
+    return EXIT_OK
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -127,8 +131,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     )
     search.add_argument("--model", help="model source (as model.source in a recipe)")
     search.add_argument("--benchmark", help="benchmark name (as benchmark.name)")
-    search.add_argument("--template", help="recipe to take model/benchmark/storage/export/comments from; "
-                        "its interventions and claims are replaced")
+    search.add_argument("--template", help="recipe to take model (revision, dtype, device, trust_remote_code), "
+                        "benchmark, storage, reduction and export from; its name, comments, interventions and "
+                        "claims are replaced")
     search.add_argument("--benchmark-path", help="benchmark data file or archive")
     search.add_argument("--subsample", type=int, help="draw N examples (seeded) before splitting")
     search.add_argument("--max-examples", type=int, help="sweep on only the first N validation examples")
@@ -146,7 +151,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--tolerance", type=float, default=0.005, help="claims tolerance written to the recipe")
     search.add_argument("--skip-test", action="store_true", help="no test scoring (writes sweep files, no recipe)")
     search.add_argument("--results", help="JSONL of candidate results (resumable; default next to --out)")
-    search.add_argument("--name", help="recipe name (default: template's, else from --out)")
+    search.add_argument("--name", help="recipe name (default: <model>-<benchmark>)")
+    search.add_argument("--plot-metric", choices=["top1", "logloss", "both"], default="both",
+                        help="heatmap panels: Δ top-1, Δ validation log-loss (the paper's Figure 1), or both")
+    search.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="score candidates on Ray actors (one per GPU, else 2 CPU workers); without ADDRESS "
+                        "a local Ray (or RAY_ADDRESS); needs pip install 'laser-export[ray]'")
+    search.add_argument("--ray-workers", type=int, help="number of Ray actors (default: one per GPU, else 2)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_common(search)
     return {"run": run, "check": check, "verify": verify, "push": push, "search": search}
