@@ -199,8 +199,8 @@ def search(opts: SearchOptions) -> SearchOutcome:
             baseline_acc=test["baseline"]["top1"], reduced_acc=test["reduced"]["top1"],
             tolerance=opts.tolerance, storage=recipe.storage, template=template,
             model={"model_type": p.config.model_type, "num_layers": n_layers},
-            description=f"{source} with {len(result.chosen)} matrix(es) rank-reduced by LASER, found by "
-            f"laser-export search on {bench['name']}",
+            description=f"{source} with {'one matrix' if len(result.chosen) == 1 else f'{len(result.chosen)} matrices'} "
+            f"rank-reduced by LASER, found by laser-export search on {bench['name']}",
         )
         if template and opts.model and opts.model != (template.get("model") or {}).get("source"):
             data["model"] = {k: v for k, v in data["model"].items()

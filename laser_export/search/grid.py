@@ -46,6 +46,8 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
                 if lo is None:
                     raise ValueError
                 a, b = int(lo), int(hi)
+                if a > b:
+                    raise RecipeError([f"--layers: range {part!r} is empty (write low-high, e.g. {b}-{a})"])
                 layers += list(range(a, b + 1))
             else:
                 v = int(part)

@@ -32,9 +32,10 @@ def _file_identity(path: Path) -> str:
         fh.seek(0)
         h.update(fh.read(min(head, size)))
         # a fine-tune with the same shapes has the same header: sample the data too
+        block = min(_BLOCK, size)
         for i in range(_SAMPLES + 1):
-            fh.seek(min(size - _BLOCK, head + (size - head - _BLOCK) * i // _SAMPLES))
-            h.update(fh.read(_BLOCK))
+            fh.seek(max(0, min(size - block, head + (size - head - block) * i // _SAMPLES)))
+            h.update(fh.read(block))
     return h.hexdigest()
 
 
