@@ -80,17 +80,25 @@ class RayPool:
         n = workers or (gpus if gpus else 2)
         if n < 1:
             raise RecipeError([f"--ray-workers: at least 1, got {n}"])
-        actor = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(_Worker)
-        self.actors = [
-            actor.remote(factory, family, list(examples), batch_size, storage, reduction, cache_start,
-                         use_prefix_cache, threads)
+        self.size = n
+        self._spawn = lambda: [  # noqa: E731  (actors start on first use: a fully resumed sweep needs none)
+            ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)(_Worker).remote(
+                factory, family, list(examples), batch_size, storage, reduction, cache_start, use_prefix_cache,
+                threads)
             for _ in range(n)
         ]
+        self._actors: list | None = None
         self.timings: dict = {"capture_s": 0.0, "score_s": 0.0}
         self.n_scored = 0
 
+    @property
+    def actors(self) -> list:
+        if self._actors is None:
+            self._actors = self._spawn()
+        return self._actors
+
     def __len__(self) -> int:
-        return len(self.actors)
+        return self.size
 
     def _refresh_stats(self) -> None:
         stats = self.ray.get([a.stats.remote() for a in self.actors])
@@ -103,6 +111,8 @@ class RayPool:
 
     def score_candidates(self, cands: Sequence[Candidate], baseline: dict) -> Iterator[tuple[Candidate, dict]]:
         """Groups of one layer each, handed to whichever actor is free; yields as groups finish."""
+        if not cands:
+            return
         groups: dict[int, list[Candidate]] = defaultdict(list)
         for c in cands:
             groups[c.layer].append(c)
@@ -129,8 +139,8 @@ class RayPool:
         return out
 
     def close(self) -> None:
-        for a in self.actors:
+        for a in self._actors or []:
             self.ray.kill(a)
-        self.actors = []
+        self._actors = None
         if self._started:
             self.ray.shutdown()
