@@ -22,7 +22,7 @@ from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
 from .options import SearchOptions
 from .plot import plot_sweep
-from .recipe_writer import build_recipe_dict, header_comments, recipe_name, write_recipe
+from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
 from .results import ResultsLog, run_key, weights_identity
 from .sweep import KEPT_METRICS, evaluate_recipe, run_search
 
@@ -85,12 +85,31 @@ def _load_for_worker(p):
     return loaded.model, loaded.tokenizer
 
 
-def search(opts: SearchOptions) -> SearchOutcome:
+@dataclass
+class _Prepared:
+    """Everything known before the weights load."""
+
+    plan: object
+    template: dict
+    bench: dict
+    layers: list[int]
+    matrices: list[str]
+    rhos: list[float]
+    split: object
+    validation: list
+    identity: str
+    key: str
+    log: ResultsLog
+    out: Path
+    stem: Path
+
+
+def prepare(opts: SearchOptions) -> _Prepared:
+    """Plan (no weights), grid, benchmark split and the run key: every input problem fails here."""
     import yaml
 
     from ..benchmarks import examples_sha256, load_split
-    from ..intervene import SVDCache
-    from ..pipeline import console, load_model, plan
+    from ..pipeline import console, plan
 
     template: dict = {}
     if opts.template:
@@ -98,19 +117,15 @@ def search(opts: SearchOptions) -> SearchOutcome:
         template = yaml.safe_load(t_text)
     data = _plan_recipe(opts, template)
     p = plan(parse_recipe(data, opts.template), yaml.safe_dump(data, sort_keys=False))
-    recipe = p.recipe
-    bench = recipe.benchmark.model_dump(exclude={"split"}, exclude_none=True)
-    source = recipe.model.source
+    bench = p.recipe.benchmark.model_dump(exclude={"split"}, exclude_none=True)
     n_layers = num_layers(p.config)
     layers = parse_layers(opts.layers, n_layers)
     matrices = parse_matrices(opts.matrices, p.family)
     rhos = parse_rhos(opts.rhos)
-
     out = Path(opts.out)
     stem = out.with_suffix("")
     results_path = Path(opts.results) if opts.results else stem.parent / f"{stem.name}.search.jsonl"
 
-    # data before weights: a data problem fails fast
     with console.status(f"loading benchmark {bench['name']}"):
         split = load_split(bench["name"], path=bench.get("path"), seed=bench.get("seed"),
                            validation_fraction=bench["validation_fraction"], subsample=bench.get("subsample"))
@@ -120,33 +135,32 @@ def search(opts: SearchOptions) -> SearchOutcome:
 
     with console.status("identifying the weights"):
         identity = weights_identity(p.source)
-    key = run_key(weights=identity, dtype=recipe.model.dtype, benchmark=bench["name"],
-                  validation=examples_sha256(validation), storage=recipe.storage,
-                  reduction=recipe.reduction.model_dump())
+    key = run_key(weights=identity, dtype=p.recipe.model.dtype, benchmark=bench["name"],
+                  validation=examples_sha256(validation), storage=p.recipe.storage,
+                  reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)
-    ignored = f"; {log.other_runs} rows of other runs (other weights or settings) ignored" if log.other_runs else ""
-    console.print(
-        f"search: {len(layers)} layers × {len(matrices)} matrices × {len(rhos)} ρ on {len(validation)} validation "
-        f"examples; {len(log.rows)} results already in {results_path}{ignored}"
-    )
-    loaded = load_model(p)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    svd = SVDCache(recipe.reduction)
+    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem)
+
+
+def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
+    from ..pipeline import console
+
+    p = pr.plan
     pool = None
     if opts.ray is not None:
         from .ray_pool import RayPool
 
-        with console.status("starting Ray actors"):
-            pool = RayPool(partial(_load_for_worker, p), p.family, validation, batch_size=bench["batch_size"],
-                           storage=recipe.storage, reduction=recipe.reduction, cache_start=min(layers),
+        with console.status("starting Ray"):
+            pool = RayPool(partial(_load_for_worker, p), p.family, pr.validation, batch_size=pr.bench["batch_size"],
+                           storage=p.recipe.storage, reduction=p.recipe.reduction, cache_start=min(pr.layers),
                            address=opts.ray or None, workers=opts.ray_workers)
         console.print(f"Ray: {len(pool)} actors")
     t0 = time.perf_counter()
     try:
         result = run_search(
-            model, tokenizer, p.family, validation, layers=layers, matrices=matrices, rhos=rhos,
-            batch_size=bench["batch_size"], results=log, compose=opts.compose, compose_tries=opts.compose_tries,
-            prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=recipe.storage, svd=svd,
+            model, tokenizer, p.family, pr.validation, layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
+            batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
+            prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
             progress=opts.progress, pool=pool,
         )
     finally:
@@ -155,6 +169,11 @@ def search(opts: SearchOptions) -> SearchOutcome:
     result.timings["search_s"] = time.perf_counter() - t0
     if not result.chosen:
         raise RecipeError(["search: no candidates were swept"])
+    return result
+
+
+def _print_validation(result) -> None:
+    from ..pipeline import console
 
     top = sorted(result.candidates, key=lambda r: selection_key(r["metrics"]), reverse=True)[:10]
     console.print(f"validation baseline top1 {result.baseline['top1']:.4f} (n={int(result.baseline['n'])})")
@@ -165,54 +184,84 @@ def search(opts: SearchOptions) -> SearchOutcome:
                       f"({r['delta_top1'] * 100:+.2f} pts) logprob {m['logprob']:.3f}{ll}")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 
-    test: dict = {}
-    if not opts.skip_test:
-        base, red = evaluate_recipe(model, tokenizer, p.family, split.test, result.chosen,
-                                    batch_size=bench["batch_size"], storage=recipe.storage, svd=svd,
-                                    progress=opts.progress)
-        test = {
-            "n": len(split.test),
-            "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
-            "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
-            "delta_top1_bootstrap": evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1")),
-        }
-        if "top1_no_article" in base.metrics:
-            test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
-                base.hits("top1_no_article"), red.hits("top1_no_article"))
+
+def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
+    """Baseline and the chosen recipe scored once on the held-out test split, with bootstrap CIs."""
+    base, red = evaluate_recipe(model, tokenizer, pr.plan.family, pr.split.test, chosen,
+                                batch_size=pr.bench["batch_size"], storage=pr.plan.recipe.storage, svd=svd,
+                                progress=progress)
+    test = {
+        "n": len(pr.split.test),
+        "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
+        "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
+        "delta_top1_bootstrap": evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1")),
+    }
+    if "top1_no_article" in base.metrics:
+        test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
+            base.hits("top1_no_article"), red.hits("top1_no_article"))
+    return test
+
+
+def _write_recipe(opts: SearchOptions, pr: _Prepared, result, test: dict, name: str) -> Path:
+    p, template = pr.plan, pr.template
+    source = p.recipe.model.source
+    n = len(result.chosen)
+    data = build_recipe_dict(
+        name=name, source=source, chosen=result.chosen, benchmark=pr.bench,
+        baseline_acc=test["baseline"]["top1"], reduced_acc=test["reduced"]["top1"],
+        tolerance=opts.tolerance, storage=p.recipe.storage, template=template,
+        model={"model_type": p.config.model_type, "num_layers": num_layers(p.config)},
+        description=f"{source} with {'one matrix' if n == 1 else f'{n} matrices'} rank-reduced by LASER, "
+        f"found by laser-export search on {pr.bench['name']}",
+    )
+    if template and opts.model and opts.model != (template.get("model") or {}).get("source"):
+        data["model"] = {k: v for k, v in data["model"].items()
+                         if k not in _CHECKPOINT_FIELDS or k in ("model_type", "num_layers")}
+    comments = header_comments(
+        source=source, benchmark=pr.bench["name"], n_validation=len(pr.validation),
+        n_candidates=len(result.candidates), layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
+        compose=opts.compose, test=test, tolerance=opts.tolerance,
+    )
+    write_recipe(pr.out, data, comments)
+    return pr.out
+
+
+def search(opts: SearchOptions) -> SearchOutcome:
+    """The whole search; see the module docstring. Raises RecipeError/SourceError/... on bad input."""
+    from ..intervene import SVDCache
+    from ..pipeline import console, load_model
+
+    pr = prepare(opts)
+    p = pr.plan
+    ignored = f"; {pr.log.other_runs} rows of other runs (other weights or settings) ignored" if pr.log.other_runs else ""
+    console.print(
+        f"search: {len(pr.layers)} layers × {len(pr.matrices)} matrices × {len(pr.rhos)} ρ on {len(pr.validation)} "
+        f"validation examples; {len(pr.log.rows)} results already in {pr.log.path}{ignored}"
+    )
+    loaded = load_model(p)
+    svd = SVDCache(p.recipe.reduction)
+    result = _sweep(opts, pr, loaded.model, loaded.tokenizer, svd)
+    _print_validation(result)
+    test = {} if opts.skip_test else _test(pr, loaded.model, loaded.tokenizer, result.chosen, svd, opts.progress)
+    if test:
         print_test_summary(test)
 
+    source, bench = p.recipe.model.source, pr.bench
     name = opts.name or recipe_name(source, bench["name"])
-    sweep = {"run": key, "weights_identity": identity, "model": source, "benchmark": bench, "layers": layers,
-             "matrices": matrices, "rhos": rhos, "validation_n": len(validation), "results_file": str(results_path),
-             **result.to_json(), "test": test}
-    json_path = stem.parent / f"{stem.name}.sweep.json"
+    sweep = {"run": pr.key, "weights_identity": pr.identity, "model": source, "benchmark": bench,
+             "layers": pr.layers, "matrices": pr.matrices, "rhos": pr.rhos, "validation_n": len(pr.validation),
+             "results_file": str(pr.log.path), **result.to_json(), "test": test}
+    json_path = pr.stem.parent / f"{pr.stem.name}.sweep.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(sweep, indent=1))
-    png = plot_sweep(result, stem.parent / f"{stem.name}.sweep.png", metric=opts.plot_metric,
-                     model=name.removesuffix("-" + bench["name"].replace("_", "-")), benchmark=bench["name"])
+    png = plot_sweep(result, pr.stem.parent / f"{pr.stem.name}.sweep.png", metric=opts.plot_metric,
+                     model=model_stem(source), benchmark=bench["name"])
     console.print(f"wrote {json_path} and {png}")
-
     written = None
     if test:
-        data = build_recipe_dict(
-            name=name, source=source, chosen=result.chosen, benchmark=bench,
-            baseline_acc=test["baseline"]["top1"], reduced_acc=test["reduced"]["top1"],
-            tolerance=opts.tolerance, storage=recipe.storage, template=template,
-            model={"model_type": p.config.model_type, "num_layers": n_layers},
-            description=f"{source} with {'one matrix' if len(result.chosen) == 1 else f'{len(result.chosen)} matrices'} "
-            f"rank-reduced by LASER, found by laser-export search on {bench['name']}",
-        )
-        if template and opts.model and opts.model != (template.get("model") or {}).get("source"):
-            data["model"] = {k: v for k, v in data["model"].items()
-                             if k not in _CHECKPOINT_FIELDS or k in ("model_type", "num_layers")}
-        comments = header_comments(
-            source=source, benchmark=bench["name"], n_validation=len(validation), n_candidates=len(result.candidates),
-            layers=layers, matrices=matrices, rhos=rhos, compose=opts.compose, test=test, tolerance=opts.tolerance,
-        )
-        write_recipe(out, data, comments)
-        written = out
-        console.print(f"wrote {out} (recipe {name!r})")
-    return SearchOutcome(json_path, png, results_path, written, list(result.chosen), test)
+        written = _write_recipe(opts, pr, result, test, name)
+        console.print(f"wrote {written} (recipe {name!r})")
+    return SearchOutcome(json_path, png, pr.log.path, written, list(result.chosen), test)
 
 
 def print_test_summary(test: dict) -> None:
