@@ -39,7 +39,7 @@ def _split(path):
     return load_split("jsonl", path=path, seed=0, validation_fraction=0.5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj", "gemma3_text"])
 def test_prefix_cache_replay_equals_full_forward(model_type):
     model, fam = tiny_model(model_type), family_for(model_type)
     ids = tiny_inputs(3, 9)

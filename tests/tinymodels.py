@@ -14,6 +14,7 @@ TINY = {
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
     "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V)),
+    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V, sliding_window=4, max_position_embeddings=64)),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=H, n_layer=L, n_head=4, n_positions=64, vocab_size=V, bos_token_id=1, eos_token_id=2)),
     "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
     "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
