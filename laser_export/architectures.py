@@ -1,4 +1,4 @@
-"""Architecture knowledge as data: one table row per model family.
+"""Architecture knowledge as data: one validated JSON file per model family in ``laser_export/families/``.
 
 Each family says, relative to the model's *base model* (``model.base_model``, e.g. ``LlamaModel``
 inside ``LlamaForCausalLM``), where the list of transformer blocks lives and, relative to one
@@ -6,137 +6,32 @@ block, which module each matrix alias names. Aliases follow the paper: ``fc_in``
 matrix: GPT-J ``fc_in``, Llama ``gate_proj``), ``fc_up`` (Llama's ``up_proj``), ``fc_out``, and
 attention ``q``/``k``/``v``/``o`` (``qkv`` where a family fuses them). Groups expand to every alias
 of that kind that the family has.
+
+A family file also carries the *capabilities* the rest of the package reads instead of testing
+model-type strings: ``task`` (causal-lm | masked-lm), ``auto_class``, ``pipeline_tag``, ``onnx``
+(our ONNX exporter supports it), ``gguf_arch`` (llama.cpp architecture name that our GGUF writer supports and tests, or null),
+``scorers`` (the scorers of :mod:`laser_export.evaluate` that apply) and ``weight_layout``
+(``linear``: weight stored (out, in); ``conv1d``: GPT-2 style (in, out)). ``per_model_type``
+overrides any of ``layers``, ``final_norm``, ``gguf_arch`` for one model type of the family
+(Gemma-3's multimodal checkpoint keeps its blocks under ``language_model.layers``).
+
+Adding an architecture = adding one ``families/<name>.json`` file (and one row of the tiny-model
+table in ``tests/tinymodels.py``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from functools import lru_cache
+from importlib import resources
 from types import MappingProxyType
+from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # ModuleList of blocks, relative to the base model
-    matrices: dict[str, str]  # alias -> module path relative to one block
-    final_norm: str | None  # relative to the base model (None: post-LN models)
-    task: str = "causal-lm"  # causal-lm | masked-lm
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-_LLAMA_LIKE = {
-    "fc_in": "mlp.gate_proj",
-    "fc_up": "mlp.up_proj",
-    "fc_out": "mlp.down_proj",
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-}
-
-_TABLE: list[Family] = [
-    Family(
-        "gptj",
-        ("gptj",),
-        layers="h",
-        matrices={
-            "fc_in": "mlp.fc_in",
-            "fc_out": "mlp.fc_out",
-            "q": "attn.q_proj",
-            "k": "attn.k_proj",
-            "v": "attn.v_proj",
-            "o": "attn.out_proj",
-        },
-        final_norm="ln_f",
-    ),
-    Family(
-        "llama",
-        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
-        layers="layers",
-        matrices=_LLAMA_LIKE,
-        final_norm="norm",
-        notes="gated MLP: fc_in = gate_proj, fc_up = up_proj, fc_out = down_proj",
-    ),
-    Family(
-        "gemma3",
-        ("gemma3", "gemma3_text"),
-        layers="layers",
-        matrices=_LLAMA_LIKE,
-        final_norm="norm",
-        notes="gated MLP like llama (gate_proj/up_proj/down_proj); text-only checkpoints (Gemma3ForCausalLM)",
-    ),
-    Family(
-        "gpt2",
-        ("gpt2",),
-        layers="h",
-        matrices={"fc_in": "mlp.c_fc", "fc_out": "mlp.c_proj", "qkv": "attn.c_attn", "o": "attn.c_proj"},
-        final_norm="ln_f",
-        notes="Conv1D layers (weight stored (in, out)); q/k/v are fused in c_attn: use qkv",
-    ),
-    Family(
-        "gpt_neox",
-        ("gpt_neox",),
-        layers="layers",
-        matrices={
-            "fc_in": "mlp.dense_h_to_4h",
-            "fc_out": "mlp.dense_4h_to_h",
-            "qkv": "attention.query_key_value",
-            "o": "attention.dense",
-        },
-        final_norm="final_layer_norm",
-        notes="q/k/v are fused in query_key_value: use qkv",
-    ),
-    Family(
-        "roberta",
-        ("roberta", "xlm-roberta", "bert"),
-        layers="encoder.layer",
-        matrices={
-            "fc_in": "intermediate.dense",
-            "fc_out": "output.dense",
-            "q": "attention.self.query",
-            "k": "attention.self.key",
-            "v": "attention.self.value",
-            "o": "attention.output.dense",
-        },
-        final_norm=None,
-        task="masked-lm",
-    ),
-    Family(
-        "phi",
-        ("phi",),
-        layers="layers",
-        matrices={
-            "fc_in": "mlp.fc1",
-            "fc_out": "mlp.fc2",
-            "q": "self_attn.q_proj",
-            "k": "self_attn.k_proj",
-            "v": "self_attn.v_proj",
-            "o": "self_attn.dense",
-        },
-        final_norm="final_layernorm",
-    ),
-    Family(
-        "opt",
-        ("opt",),
-        layers="decoder.layers",
-        matrices={
-            "fc_in": "fc1",
-            "fc_out": "fc2",
-            "q": "self_attn.q_proj",
-            "k": "self_attn.k_proj",
-            "v": "self_attn.v_proj",
-            "o": "self_attn.out_proj",
-        },
-        final_norm="decoder.final_layer_norm",
-    ),
-]
-
-FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _TABLE})
-_BY_MODEL_TYPE = {mt: f for f in _TABLE for mt in f.model_types}
+#: Matrix aliases a family may define (the paper's names).
+ALIASES = ("fc_in", "fc_up", "fc_out", "q", "k", "v", "qkv", "o")
 
 #: Groups of aliases; each expands to the members the family actually has.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -144,9 +39,114 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("q", "k", "v", "qkv", "o"),
 }
 
+#: Scorer names (see :mod:`laser_export.evaluate`): ``causal`` next-token top-k and teacher-forced
+#: log-probs, ``masked`` the prediction at a mask token, ``generate`` greedy decoding,
+#: ``masked_generate`` the argmax at a fixed number of mask tokens (a masked LM's "generation").
+SCORERS = ("causal", "masked", "generate", "masked_generate")
+_MASKED_SCORERS = {"masked", "masked_generate"}
+
+_TASK_CLASSES = {
+    "causal-lm": ("AutoModelForCausalLM", "text-generation"),
+    "masked-lm": ("AutoModelForMaskedLM", "fill-mask"),
+}
+
+
+class _Override(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layers: str | None = None
+    final_norm: str | None = None
+    gguf_arch: str | None = None
+
+
+class Family(BaseModel):
+    """One model family (validated from its JSON file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    model_types: tuple[str, ...] = Field(min_length=1)
+    layers: str = Field(description="ModuleList of blocks, relative to the base model")
+    matrices: dict[str, str] = Field(description="alias -> module path relative to one block")
+    final_norm: str | None = Field(description="relative to the base model (null: post-LN models)")
+    task: Literal["causal-lm", "masked-lm"]
+    auto_class: Literal["AutoModelForCausalLM", "AutoModelForMaskedLM"]
+    pipeline_tag: Literal["text-generation", "fill-mask"]
+    weight_layout: Literal["linear", "conv1d"] = "linear"
+    onnx: bool = False
+    gguf_arch: str | None = None
+    scorers: tuple[Literal["causal", "masked", "generate", "masked_generate"], ...] = Field(min_length=1)
+    per_model_type: dict[str, _Override] = Field(default_factory=dict)
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        unknown = [a for a in self.matrices if a not in ALIASES]
+        if unknown:
+            raise ValueError(f"matrices: unknown alias(es) {unknown}; aliases are {', '.join(ALIASES)}")
+        if not self.matrices:
+            raise ValueError("matrices: at least one alias")
+        auto, tag = _TASK_CLASSES[self.task]
+        if self.auto_class != auto or self.pipeline_tag != tag:
+            raise ValueError(f"task {self.task} needs auto_class {auto} and pipeline_tag {tag}")
+        if self.task == "masked-lm" and set(self.scorers) - _MASKED_SCORERS:
+            raise ValueError("a masked-lm family can only use the masked and masked_generate scorers")
+        if self.task == "causal-lm" and set(self.scorers) & _MASKED_SCORERS:
+            raise ValueError("a causal-lm family cannot use the masked scorers")
+        stray = set(self.per_model_type) - set(self.model_types)
+        if stray:
+            raise ValueError(f"per_model_type: {sorted(stray)} not in model_types")
+        return self
+
+    def for_model_type(self, model_type: str) -> "Family":
+        """This family with the overrides of ``model_type`` applied (itself when there are none)."""
+        over = self.per_model_type.get(model_type)
+        if over is None:
+            return self
+        return self.model_copy(update=over.model_dump(exclude_unset=True))
+
+    def __hash__(self) -> int:  # dict fields: hash by identity of the data file
+        return hash((self.name, self.layers, self.final_norm))
+
 
 class ArchitectureError(ValueError):
     """A model, layer or matrix that the architecture table cannot resolve."""
+
+
+def _read_family(text: str, where: str) -> Family:
+    try:
+        return Family.model_validate(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ArchitectureError(f"{where}: invalid family file: {err}") from None
+    except ValidationError as err:
+        why = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<family>'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+        )
+        raise ArchitectureError(f"{where}: invalid family file: {why}") from None
+
+
+@lru_cache(maxsize=1)
+def _load_table() -> tuple[Family, ...]:
+    files = sorted(
+        (f for f in resources.files("laser_export.families").iterdir() if f.name.endswith(".json")),
+        key=lambda f: f.name,
+    )
+    table = []
+    seen: dict[str, str] = {}
+    for f in files:
+        fam = _read_family(f.read_text(encoding="utf-8"), f"laser_export/families/{f.name}")
+        if f.name != f"{fam.name}.json":
+            raise ArchitectureError(f"laser_export/families/{f.name}: name {fam.name!r} must match the file name")
+        for mt in fam.model_types:
+            if mt in seen:
+                raise ArchitectureError(f"model_type {mt!r} is claimed by both {seen[mt]} and {fam.name}")
+            seen[mt] = fam.name
+        table.append(fam)
+    return tuple(table)
+
+
+_TABLE: tuple[Family, ...] = _load_table()
+FAMILIES: MappingProxyType[str, Family] = MappingProxyType({f.name: f for f in _TABLE})
+_BY_MODEL_TYPE = {mt: f for f in _TABLE for mt in f.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -154,12 +154,22 @@ def supported_model_types() -> list[str]:
 
 
 def family_for(model_type: str) -> Family:
+    """The family of ``model_type``, with that model type's overrides applied."""
     try:
-        return _BY_MODEL_TYPE[model_type]
+        return _BY_MODEL_TYPE[model_type].for_model_type(model_type)
     except KeyError:
         raise ArchitectureError(
             f"unknown architecture {model_type!r}; supported model types: {', '.join(supported_model_types())}"
         ) from None
+
+
+def families_with(**capabilities) -> list[Family]:
+    """Families whose fields equal the given values (``families_with(onnx=True)``)."""
+    return [f for f in _TABLE if all(getattr(f, k) == v for k, v in capabilities.items())]
+
+
+def model_types_with(**capabilities) -> list[str]:
+    return sorted(mt for f in families_with(**capabilities) for mt in f.model_types)
 
 
 def expand_matrix(family: Family, matrix: str) -> list[str]:

@@ -25,7 +25,9 @@ _LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
 TOPK = (1, 5, 10)
 
 # Metrics averaged into ScoreResult.metrics (when present in at least one example).
-_MEAN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss", "accuracy")
+_MEAN_METRICS = (
+    "top1", "top5", "top10", "top1_no_article", "logprob", "logloss", "accuracy", "exact_match", "contains", "f1",
+)
 
 
 @dataclass
@@ -244,13 +246,338 @@ def score_examples(
             row["predicted_token"] = tokenizer.decode([top[0]])
         per_example.append(row)
 
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+def score_masked(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "scoring",
+    forward_fn=None,
+) -> ScoreResult:
+    """Score ``examples`` with a masked LM in the paper's protocol (its ``intervention_roberta_*.py``).
+
+    Each example becomes one row: :meth:`Example.masked_text` (the prompt followed by the mask
+    token, or the paper's RoBERTa wording) with the tokenizer's special tokens; exactly one mask
+    token per row. A row longer than ``tokenizer.model_max_length`` keeps its first token and its end
+    (the paper kept the last 50 tokens of a bio). Rows are right-padded with the pad token and an attention mask (RoBERTa derives
+    positions from non-pad ids, BERT counts from 0: both unchanged by right padding), so batched
+    results equal batch size 1. One forward pass per batch; the log-softmax at the mask position gives
+
+    - generative examples: ``top1/5/10`` (an accepted answer's first token, ``" " + answer`` without
+      special tokens, is in the top-k), ``top1_no_article`` (articles excluded from the argmax, the
+      answer's leading article dropped), ``logprob`` (log-prob of that first token: one mask predicts one
+      token), ``logloss`` = −logprob;
+    - choice examples: the choice whose first token has the highest log-prob at the mask is the
+      prediction (``accuracy`` = ``top1``); ``logprob``/``logloss`` of the correct choice's token.
+
+    ``forward_fn(model, input_ids, attention_mask)`` replaces the model call; returns [batch, seq, vocab].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mask_id, mask_token = tokenizer.mask_token_id, tokenizer.mask_token
+    if mask_id is None or mask_token is None:
+        raise ValueError("masked-LM scoring needs a tokenizer with a mask token")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("masked-LM scoring needs a tokenizer with a pad token")
+    articles = torch.tensor(article_token_ids(tokenizer), dtype=torch.long)
+
+    rows: list[tuple[list[int], int]] = []  # (ids, mask position)
+    targets: list[list[int]] = []  # per example: first token of each answer / choice
+    stripped: list[list[int]] = []
+    limit = getattr(tokenizer, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and 2 < limit < 1_000_000 else None
+    for ex in examples:
+        ids = _encode(tokenizer, ex.masked_text(mask_token), True)
+        if limit is not None and len(ids) > limit:  # keep the first (special) token and the end, where the mask is
+            ids = ids[:1] + ids[len(ids) - limit + 1 :]
+        where = [i for i, t in enumerate(ids) if t == mask_id]
+        if len(where) != 1:
+            raise ValueError(f"example {ex.id!r}: masked prompt has {len(where)} mask tokens, expected exactly 1")
+        rows.append((ids, where[0]))
+        candidates = ex.choices if ex.is_choice else ex.answers
+        if not candidates:
+            raise ValueError(f"example {ex.id!r} has no answers/choices")
+        if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
+            raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+        firsts = []
+        for cand in candidates:
+            cont = _continuation_ids(tokenizer, cand)
+            if not cont:
+                raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
+            firsts.append(cont[0])
+        if ex.is_choice and len(set(firsts)) != len(firsts):
+            raise ValueError(
+                f"example {ex.id!r}: choices {list(ex.choices)} share a first token; a single mask cannot tell them apart"
+            )
+        targets.append(firsts)
+        stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
+
+    at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(rows))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(rows[r][0]) for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    seq = rows[r][0]
+                    ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    mask[b, : len(seq)] = 1
+                logits = call(model, ids.to(device), mask.to(device))
+                for b, r in enumerate(batch):
+                    at_mask[r] = torch.log_softmax(logits[b, rows[r][1]].float().cpu(), dim=-1)
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+
+    per_example: list[dict] = []
+    for i, ex in enumerate(examples):
+        logp = at_mask[i]
+        row: dict = {"id": ex.id}
+        if ex.is_choice:
+            lps = [float(logp[t]) for t in targets[i]]
+            pred = int(np.argmax(lps))
+            row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
+                       top1=pred == ex.label, logprob=lps[ex.label], logloss=-lps[ex.label])
+        else:
+            top = torch.topk(logp, k=min(max(TOPK), logp.numel())).indices.tolist()
+            for k in TOPK:
+                row[f"top{k}"] = any(t in top[:k] for t in targets[i])
+            masked = logp.clone()
+            if len(articles):
+                masked[articles] = float("-inf")
+            row["top1_no_article"] = any(t == int(masked.argmax()) for t in stripped[i])
+            row["logprob"] = max(float(logp[t]) for t in targets[i])
+            row["n_answer_tokens"] = 1
+            row["logloss"] = -row["logprob"]
+            row["predicted_token"] = tokenizer.decode([top[0]])
+        per_example.append(row)
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def _bag(text: str) -> set[str]:
+    return set(_PUNCT.sub(" ", _normalise(text)).split())
+
+
+def token_f1(generation: str, answer: str) -> float:
+    """The paper's bag-of-words F1 (sets of lower-cased words; punctuation split off)."""
+    gen, ans = _bag(generation), _bag(answer)
+    common = len(gen & ans)
+    p, r = common / max(1, len(gen)), common / max(1, len(ans))
+    return 2 * p * r / max(1e-12, p + r) if common else 0.0
+
+
+def score_generate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "generating",
+    max_new_tokens: int = 15,
+    forward_fn=None,
+) -> ScoreResult:
+    """Greedy generation, batched with left padding (the paper's HotpotQA protocol).
+
+    Each prompt (with BOS if the tokenizer adds one) is continued greedily for at most
+    ``max_new_tokens`` tokens (at least 1, stopping at EOS); only the *new* tokens are decoded. Per
+    example, with answers and generation lower-cased and whitespace-normalised:
+    ``exact_match`` (generation equals an accepted answer), ``contains`` (an answer occurs in the
+    generation: the paper's accuracy, without its bug of searching the decoded prompt too) and
+    ``f1`` (bag-of-words F1, best over answers). ``forward_fn`` is accepted for a uniform
+    interface and must be None (generation runs the whole model)."""
+    if forward_fn is not None:
+        raise ValueError("the generate scorer runs the whole model; forward_fn is not supported")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
+    prompts = []
+    for ex in examples:
+        if ex.is_choice:
+            raise ValueError(f"example {ex.id!r}: the generate scorer scores answers, not choices")
+        ids = _prompt_ids(tokenizer, ex.prompt)
+        if not ids:
+            raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
+        prompts.append(ids)
+    generated: dict[int, list[int]] = {}
+    order = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(prompts))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(prompts[r]) for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    ids[b, width - len(prompts[r]) :] = torch.tensor(prompts[r], dtype=torch.long)
+                    mask[b, width - len(prompts[r]) :] = 1
+                out = model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                    min_new_tokens=1, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                for b, r in enumerate(batch):
+                    new = out[b, width:].tolist()
+                    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+                        new = new[: new.index(tokenizer.eos_token_id)]
+                    generated[r] = new
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+    per_example = []
+    for i, ex in enumerate(examples):
+        text = tokenizer.decode(generated[i], skip_special_tokens=True)
+        gen = _normalise(text)
+        answers = [_normalise(a) for a in ex.answers]
+        per_example.append({
+            "id": ex.id,
+            "generation": text,
+            "exact_match": any(gen == a for a in answers),
+            "contains": any(a in gen for a in answers),
+            "f1": max(token_f1(text, a) for a in ex.answers),
+        })
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+def score_masked_generate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    description: str = "filling masks",
+    n_masks: int = 5,
+    forward_fn=None,
+) -> ScoreResult:
+    """"Generation" with a masked LM, the paper's RoBERTa HotpotQA protocol: the prompt followed by
+    ``n_masks`` mask tokens (space-separated), one forward pass, the argmax token at every mask
+    decoded as the answer text; then the metrics of :func:`score_generate` (exact_match, contains, f1).
+    Right padding, so batched results equal batch size 1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mask_id, mask_token, pad_id = tokenizer.mask_token_id, tokenizer.mask_token, tokenizer.pad_token_id
+    if mask_id is None or pad_id is None:
+        raise ValueError("masked-LM generation needs a tokenizer with mask and pad tokens")
+    rows = []
+    for ex in examples:
+        if ex.is_choice:
+            raise ValueError(f"example {ex.id!r}: the masked_generate scorer scores answers, not choices")
+        text = ex.prompt + "".join(f" {mask_token}" for _ in range(n_masks))
+        rows.append(_encode(tokenizer, text, True))
+    filled: dict[int, list[int]] = {}
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    device = _model_device(model)
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with _progress(progress, description) as bar, torch.inference_mode():
+            task = bar.add_task(description, total=len(rows))
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(rows[r]) for r in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for b, r in enumerate(batch):
+                    ids[b, : len(rows[r])] = torch.tensor(rows[r], dtype=torch.long)
+                    mask[b, : len(rows[r])] = 1
+                logits = call(model, ids.to(device), mask.to(device))
+                for b, r in enumerate(batch):
+                    at = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
+                    filled[r] = logits[b, at].argmax(-1).tolist()
+                bar.advance(task, len(batch))
+    finally:
+        if was_training:
+            model.train()
+    per_example = []
+    for i, ex in enumerate(examples):
+        text = tokenizer.decode(filled[i], skip_special_tokens=True)
+        gen, answers = _normalise(text), [_normalise(a) for a in ex.answers]
+        per_example.append({
+            "id": ex.id,
+            "generation": text,
+            "exact_match": any(gen == a for a in answers),
+            "contains": any(a in gen for a in answers),
+            "f1": max(token_f1(text, a) for a in ex.answers),
+        })
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+#: Scorers that generate text (their metrics: exact_match, contains, f1); the others score at one position.
+GENERATION_SCORERS = ("generate", "masked_generate")
+GENERATION_METRICS = ("exact_match", "contains", "f1")
+
+
+def scorer_for(family, spec, metric: str | None = None) -> str:
+    """The scorer for a family (``Family.scorers``, in its order of preference) on a benchmark
+    (``BenchmarkSpec.scorers``); with ``metric``, one that computes it (a generation metric needs a
+    generation scorer). ValueError naming the recipe field when none applies (``check`` reports it)."""
+    pair = [s for s in family.scorers if s in spec.scorers]
+    if not pair:
+        raise ValueError(
+            f"benchmark.name: {spec.name} is scored by the {' or '.join(spec.scorers)} scorer; "
+            f"{family.name} has only {', '.join(family.scorers)}"
+        )
+    if metric is not None:
+        wants_generation = metric in GENERATION_METRICS
+        fit = [s for s in pair if (s in GENERATION_SCORERS) == wants_generation]
+        if not fit:
+            kind = "a generation" if wants_generation else "a single-position"
+            raise ValueError(
+                f"benchmark.metric: {metric} needs {kind} scorer; {family.name} scores {spec.name} with "
+                f"{', '.join(pair)}"
+            )
+        return fit[0]
+    return pair[0]
+
+
+def score(scorer: str, model, tokenizer, examples: Sequence[Example], **options) -> ScoreResult:
+    """Score with the named scorer (see :data:`SCORERS`)."""
+    try:
+        fn = SCORERS[scorer]
+    except KeyError:
+        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}") from None
+    return fn(model, tokenizer, examples, **options)
+
+
+def _means(per_example: list[dict]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name in _MEAN_METRICS:
         vals = [float(r[name]) for r in per_example if name in r]
         if vals:
             metrics[name] = float(np.mean(vals))
     metrics["n"] = len(per_example)
-    return ScoreResult(per_example=per_example, metrics=metrics)
+    return metrics
 
 
 def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
@@ -281,10 +608,27 @@ def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
     return {"estimate": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
 
 
+#: Scorer name (the names used in ``Family.scorers`` / ``BenchmarkSpec.scorers``) -> function.
+SCORERS = {
+    "causal": score_examples,
+    "masked": score_masked,
+    "generate": score_generate,
+    "masked_generate": score_masked_generate,
+}
+
 __all__ = [
+    "GENERATION_METRICS",
+    "GENERATION_SCORERS",
+    "SCORERS",
+    "score",
+    "scorer_for",
     "ScoreResult",
     "article_token_ids",
     "paired_bootstrap",
     "score_examples",
+    "score_generate",
+    "score_masked_generate",
+    "score_masked",
+    "token_f1",
     "strip_leading_article",
 ]

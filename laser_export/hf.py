@@ -55,7 +55,59 @@ def swap_to_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
         w = old.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(old) else (w.shape[0], w.shape[1])
         new = LowRankLinear(in_f, out_f, int(rank), bias=old.bias is not None, device=w.device, dtype=w.dtype)
+        new.dense_class = type(old)  # what the product of the factors is, for a later dense write-back
         model.set_submodule(name, new)
+
+
+def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> None:
+    """Every factor of every factorised module is in the checkpoint with the shape its rank implies.
+
+    transformers would otherwise leave a missing factor as uninitialised memory (it does not know how
+    to initialise a LowRankLinear) and load without an error. Raises ValueError listing the problems."""
+    from .export.safetensors import read_safetensors_header
+
+    stored: dict[str, list[int]] = {}
+    files = [str(f) for f in (checkpoint_files or [])]
+    if not files or not all(f.endswith(".safetensors") for f in files):
+        return  # only safetensors checkpoints carry a header to check (laser-export writes safetensors)
+    for f in files:
+        stored.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
+    prefix = getattr(model, "base_model_prefix", "")
+    problems = []
+    for name, rank in ranks.items():
+        mod = model.get_submodule(name)
+        want = {"weight": [int(rank), mod.in_features], "weight_out": [mod.out_features, int(rank)]}
+        if mod.bias is not None:
+            want["bias"] = [mod.out_features]
+        for part, shape in want.items():
+            key = f"{name}.{part}"
+            candidates = [key, f"{prefix}.{key}" if prefix else key, key.removeprefix(f"{prefix}.")]
+            found = next((stored[c] for c in candidates if c in stored), None)
+            if found is None:  # transformers may save under legacy prefixes (Gemma3: language_model.model.*)
+                found = _unique_suffix_match(stored, key)
+            if found is None:
+                problems.append(f"{key} is missing")
+            elif list(found) != shape:
+                problems.append(f"{key} has shape {list(found)}, rank {rank} needs {shape}")
+    if problems:
+        raise ValueError(
+            "factorised checkpoint is incomplete or inconsistent with its quantization_config.ranks: "
+            + "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
+        )
+
+
+def _unique_suffix_match(stored: dict[str, list[int]], key: str) -> list[int] | None:
+    """The shape of the one stored tensor whose name ends with the longest tail of ``key`` (at least the
+    layer index, module path and tensor name), or None when no tail matches exactly one stored name."""
+    parts = key.split(".")
+    for start in range(1, max(1, len(parts) - 3)):
+        tail = "." + ".".join(parts[start:])
+        hits = [k for k in stored if k.endswith(tail)]
+        if len(hits) == 1:
+            return stored[hits[0]]
+        if len(hits) > 1:
+            return None
+    return None
 
 
 class LaserQuantizer(HfQuantizer):
@@ -64,8 +116,9 @@ class LaserQuantizer(HfQuantizer):
     def __init__(self, quantization_config: LaserConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         swap_to_lowrank(model, self.quantization_config.ranks)
+        check_factors(model, self.quantization_config.ranks, checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

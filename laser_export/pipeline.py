@@ -15,7 +15,7 @@ from . import __version__
 from .architectures import Family, family_for
 from .intervene import SVDCache, Target, plan_targets, reduce_model
 from .recipe import Recipe, RecipeError
-from .sources import ResolvedSource, SourceError, resolve_source
+from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -65,6 +65,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     ``model.num_layers`` hints stand in for it.
     """
     source = resolve_source(recipe.model.source, recipe.model.revision)
+    source.check_files()
     config, from_hints = None, False
     if weights_free and source.kind == "hub":
         try:
@@ -81,6 +82,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
                 ) from None
     else:
         config = source.load_config(trust_remote_code=recipe.model.trust_remote_code)
+        check_config(config, source.describe())
     try:
         family = family_for(config.model_type)
     except ValueError as err:
@@ -88,30 +90,152 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
     if not from_hints:
         _check_hints(recipe, config)
     targets = plan_targets(recipe.interventions, config, family)
-    if "onnx" in recipe.export.formats:
-        from .export.onnx import ONNX_FAMILIES
-
-        if family.name not in ONNX_FAMILIES:
-            raise RecipeError([
-                f"export.formats: ONNX export supports {', '.join(ONNX_FAMILIES)}; not {family.name} "
-                f"(model_type {config.model_type!r})"
-            ])
+    if not from_hints:
+        check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
+    _check_formats(recipe, family, config)
+    if recipe.perplexity is not None and family.task != "causal-lm":
+        raise RecipeError([
+            f"perplexity: measured for causal LMs; {family.name} (model_type {config.model_type!r}) is {family.task}"
+        ])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
-        if recipe.benchmark.name not in BENCHMARKS:
+        bench = recipe.benchmark
+        spec = BENCHMARKS.get(bench.name)
+        if spec is None:
             raise RecipeError([
-                f"benchmark.name: unknown benchmark {recipe.benchmark.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
+                f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
+        from .evaluate import scorer_for
+
+        if bench.metric not in spec.metrics:
+            raise RecipeError([
+                f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; available: {', '.join(spec.metrics)}"
+            ])
+        try:
+            scorer_for(family, spec, bench.metric)
+        except ValueError as err:
+            raise RecipeError([f"{err} (model_type {config.model_type!r}, {family.task})"]) from None
     return Plan(recipe, yaml_text, source, config, family, targets, from_hints)
 
 
-def load_model(p: Plan) -> Loaded:
+def check_ranks_without_weights(config, family: Family, targets: list[Target], trust_remote_code: bool = False) -> None:
+    """Check each target's rank against its matrix shape on a weightless (meta-device) skeleton of the
+    model, so a too-large rank is a recipe error before any weights load. Skipped (the same check runs
+    after loading) when the skeleton cannot be built from the config."""
+    try:
+        import torch
+        import transformers
+
+        from .architectures import module_name
+        from .lowrank import as_matrix
+
+        auto = getattr(transformers, family.auto_class)
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+        shapes = {}
+        for t in targets:
+            name = module_name(skeleton, family, t.layer, t.alias)
+            shapes[t] = (name, tuple(int(d) for d in as_matrix(skeleton.get_submodule(name)).shape))
+    except Exception:  # noqa: BLE001 - an unusual config: leave the check to after loading
+        return
+    problems = []
+    for t, (name, shape) in shapes.items():
+        k = t.rank_for(shape)
+        if k > min(shape):
+            problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
+    if problems:
+        raise RecipeError(problems)
+
+
+def _check_formats(recipe: Recipe, family: Family, config) -> None:
+    """Export formats the family's capability fields (``onnx``, ``gguf_arch``) do not allow."""
+    from .architectures import FAMILIES
+
+    problems = []
+    for fmt, ok, able in (
+        ("onnx", family.onnx, [f.name for f in FAMILIES.values() if f.onnx]),
+        ("gguf", family.gguf_arch is not None, [f.name for f in FAMILIES.values() if f.gguf_arch]),
+    ):
+        if fmt in recipe.export.formats and not ok:
+            problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
+                            f"(model_type {config.model_type!r})")
+    if problems:
+        raise RecipeError(problems)
+
+
+def status(text: str, progress: bool = True):
+    """A rich spinner while a step runs; nothing with ``progress=False`` (--no-progress)."""
+    from contextlib import nullcontext
+
+    return console.status(text) if progress else nullcontext()
+
+
+def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
-    with console.status(f"loading {p.source.describe()}"):
+    with status(f"loading {p.source.describe()}", progress):
         tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device)
+    densify_targets(p, model)
+    check_finite_targets(p, model)
     return Loaded(model, tokenizer)
+
+
+def densify_targets(p: Plan, model) -> list[str]:
+    """A factorised source (a laser-export export) holds LowRankLinear modules whose ``weight`` is the
+    thin right factor. Each one a target names is turned back into its dense module (the product of
+    its factors, in the module class the architecture uses), so the reduction works on the real
+    matrix. Untouched factorised modules stay factorised. Returns the names densified."""
+    import torch
+    from torch import nn
+
+    from .architectures import module_name
+    from .lowrank import LowRankLinear, from_matrix
+
+    done = []
+    for t in p.targets:
+        name = module_name(model, p.family, t.layer, t.alias)
+        mod = model.get_submodule(name)
+        if not isinstance(mod, LowRankLinear):
+            continue
+        cls = getattr(mod, "dense_class", nn.Linear)
+        w = mod.weight
+        if cls.__name__ == "Conv1D":
+            dense = cls(mod.out_features, mod.in_features)
+        else:
+            dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+        dense = dense.to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(from_matrix(dense, mod.dense_matrix()))
+            if mod.bias is not None:
+                dense.bias.copy_(mod.bias)
+            elif getattr(dense, "bias", None) is not None:
+                dense.bias.zero_()
+        model.set_submodule(name, dense)
+        done.append(name)
+    return done
+
+
+def check_finite_targets(p: Plan, model) -> None:
+    """Every target matrix is finite: the SVD of a matrix with inf/NaN is undefined (NaN factors or
+    a LinAlgError). A SourceError naming the module, raised before anything is written."""
+    import torch
+
+    from .architectures import module_name
+    from .lowrank import as_matrix
+
+    problems = []
+    for t in p.targets:
+        name = module_name(model, p.family, t.layer, t.alias)
+        w = as_matrix(model.get_submodule(name))
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            problems.append(
+                f"model.source: {name} ({t.field}, layer {t.layer} {t.alias}) holds {bad} non-finite values "
+                f"(inf/NaN) of {w.numel()}; it cannot be reduced"
+            )
+    if problems:
+        raise SourceError("\n".join(problems))
 
 
 def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:
@@ -135,6 +259,18 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
     return loaded
 
 
+def _source_format(p: Plan) -> dict:
+    """GGUF sources: the file and its quantization (the weights were dequantized on load)."""
+    if not p.source.gguf_file:
+        return {"format": "transformers"}
+    from pathlib import Path
+
+    from .export.gguf import gguf_quantization
+
+    path = Path(p.source.location) / p.source.gguf_file
+    return {"format": "gguf", "gguf_file": p.source.gguf_file, "gguf_quantization": gguf_quantization(path)}
+
+
 def build_manifest(p: Plan, entries: list[dict]) -> dict:
     m = p.recipe.model
     return {
@@ -148,6 +284,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "base_model": m.base_model,
             "license": m.license,
             "dtype": m.dtype,
+            **_source_format(p),
         },
         "storage": p.recipe.storage,
         "reduction": p.recipe.reduction.model_dump(),

@@ -4,11 +4,59 @@ and export targets. Pydantic models with unknown fields forbidden; every error n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+def _no_bool(v):
+    """YAML ``true`` is not a number: pydantic's lax mode would read it as 1 / 1.0."""
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+    return v
+
+
+def _size(v):
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"expected a size such as 500MB, 2GB or 5GiB (or bytes as an integer), got {v!r}")
+    if isinstance(v, int):
+        if v < 1:
+            raise ValueError(f"must be a positive number of bytes, got {v}")
+        return v
+    if not _SIZE.match(v) or float(re.match(r"\s*([\d.]+)", v).group(1)) <= 0:
+        raise ValueError(f"expected a size such as 500MB, 2GB or 5GiB (or bytes as an integer), got {v!r}")
+    return v
+
+
+#: int fields refuse booleans and strings ("3"); float fields refuse booleans (ints are fine).
+Int = Annotated[StrictInt, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_no_bool)]
+Bool = StrictBool
+
+#: transformers' ``convert_file_size_to_int`` accepts an int (bytes) or <number><unit>
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB|KBIT|MBIT|GBIT)?\s*$", re.I)
+#: a Hub repo id: namespace/name (huggingface_hub.utils.validate_repo_id rules, with the namespace required)
+_REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?<![.-])$")
+
+
+def check_repo_id(repo_id: str) -> str | None:
+    """None when ``repo_id`` is a valid ``namespace/name``; else why not."""
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
+        return f"{repo_id!r} is not a Hub repo id (namespace/name: letters, digits, '-', '_', '.')"
+    return None
 
 
 class RecipeError(ValueError):
@@ -34,19 +82,19 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     model_type: str | None = Field(
         None, description="expected config.model_type; lets `check` validate without the weights"
     )
-    num_layers: int | None = Field(None, ge=1, description="expected number of layers (checked like model_type)")
+    num_layers: Int | None = Field(None, ge=1, description="expected number of layers (checked like model_type)")
 
 
 class Intervention(_Strict):
-    layer: int = Field(ge=0)
+    layer: Int = Field(ge=0)
     matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
-    rho: float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
-    rank: int | None = Field(None, ge=1, description="explicit rank instead of rho")
+    rho: Float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
+    rank: Int | None = Field(None, ge=1, description="explicit rank instead of rho")
 
     @field_validator("rho")
     @classmethod
@@ -65,44 +113,73 @@ class Intervention(_Strict):
 class Reduction(_Strict):
     method: Literal["exact", "randomized"] = "exact"
     svd_dtype: Literal["float32", "float64"] = "float32"
-    oversampling: int = Field(10, ge=0)
-    power_iterations: int = Field(4, ge=0)
-    seed: int = 0
+    oversampling: Int = Field(10, ge=0)
+    power_iterations: Int = Field(4, ge=0)
+    seed: Int = 0
 
 
 class BenchmarkSpec(_Strict):
-    name: str = Field(description="counterfact | qa_wikidata | epistemic_reasoning | fever | jsonl")
+    name: str = Field(description="a benchmark of laser_export.benchmarks.BENCHMARKS (README: Benchmarks and metrics)")
     path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
     split: Literal["validation", "test"] = "test"
-    seed: int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    subsample: int | None = Field(
+    seed: Int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
+    validation_fraction: Float = Field(0.2, gt=0, lt=1)
+    subsample: Int | None = Field(
         None, ge=2, description="draw N examples (whole groups) at random with `seed` before splitting"
     )
     metric: str = "top1"
-    batch_size: int = Field(16, ge=1)
+    batch_size: Int = Field(16, ge=1)
+
+
+class PerplexitySpec(_Strict):
+    """Collateral cost: perplexity on general text, measured by verify before and after the reduction."""
+
+    dataset: str = Field("wikitext", description="Hub dataset id with a `text` column")
+    config: str | None = Field("wikitext-2-raw-v1", description="its config (subset)")
+    split: str = "test"
+    path: str | None = Field(None, description="local .txt file, folder of .txt files, or Hub-layout copy")
+    max_tokens: int = Field(20_000, ge=2, description="score the first N tokens of the joined text")
+    context: int = Field(1024, ge=2, description="window length (capped at the model's max positions)")
+    stride: int = Field(512, ge=1, description="window step; each token is predicted once")
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride > self.context:
+            raise ValueError(f"stride ({self.stride}) must be <= context ({self.context})")
+        return self
 
 
 class Claim(_Strict):
-    accuracy: float = Field(ge=0, le=1)
+    accuracy: Float = Field(ge=0, le=1)
 
 
 class Claims(_Strict):
     baseline: Claim
     reduced: Claim
-    tolerance: float = Field(0.01, ge=0, le=1)
+    tolerance: Float = Field(0.01, ge=0, le=1)
 
 
 class HubSpec(_Strict):
     repo_id: str
-    private: bool = False
+    private: Bool = False
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v):
+        why = check_repo_id(v)
+        if why:
+            raise ValueError(why)
+        return v
 
 
 class ExportSpec(_Strict):
-    formats: list[Literal["safetensors", "onnx"]] = ["safetensors"]
-    max_shard_size: str = "2GB"
-    onnx_with_past: bool = True
-    onnx_tolerance: float = Field(
+    formats: list[Literal["safetensors", "onnx", "gguf"]] = ["safetensors"]
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of the exported tensors (default: the dtype the model is loaded in, model.dtype)"
+    )
+    max_shard_size: Annotated[str | int, BeforeValidator(_size)] = "2GB"
+    onnx_with_past: Bool = True
+    onnx_tolerance: Float = Field(
         1e-4, gt=0, description="max |logit difference| onnxruntime vs torch (fp32) for the export to pass"
     )
     hub: HubSpec | None = None
@@ -117,12 +194,20 @@ class Recipe(_Strict):
     storage: Literal["dense", "factorised"] = "dense"
     benchmark: BenchmarkSpec | None = None
     claims: Claims | None = None
+    perplexity: PerplexitySpec | None = None
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")
     def _claims_need_benchmark(self):
         if self.claims is not None and self.benchmark is None:
             raise ValueError("claims need a benchmark to be verified on")
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_is_dense(self):
+        if "gguf" in self.export.formats and self.storage == "factorised":
+            raise ValueError("export.formats: gguf holds dense weights only (llama.cpp has no factorised layers); "
+                             "use storage: dense, or drop gguf")
         return self
 
     def to_yaml(self) -> str:
@@ -163,11 +248,19 @@ def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns (recipe, yaml_text)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise RecipeError([f"<file>: cannot read recipe: {err.strerror}"], path) from None
+    if b"\0" in raw:
+        raise RecipeError(["<file>: not a text file (binary data); a recipe is a YAML file"], path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"<file>: not UTF-8 text (byte {err.start}); save the recipe as UTF-8"], path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError([f"<yaml>: {err}"], path) from None
+        raise RecipeError([f"<yaml>: {' '.join(str(err).split())}"], path) from None
+    except RecursionError:
+        raise RecipeError(["<yaml>: nested too deeply"], path) from None
     return parse_recipe(data, path), text

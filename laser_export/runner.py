@@ -1,90 +1,295 @@
-"""The commands behind the CLI: run a recipe end to end, verify only, push an existing export."""
+"""The library behind the ``run``, ``verify`` and ``push`` commands.
+
+Functions here take typed options (:class:`RunOptions`, :class:`VerifyOptions`, :class:`PushOptions`,
+built by :mod:`laser_export.cli` or by any caller) and raise typed errors; they never read argparse
+and never choose exit codes. Bad input raises one of the input errors (``RecipeError``,
+``SourceError``, ``ArchitectureError``, ``BenchmarkError``, ``OutputError``); a check that ran and
+failed raises :class:`ClaimsFailed`, ``OnnxExportError`` or ``PushError``.
+
+Order of a run (everything knowable without weights is checked before they load):
+recipe → plan (source files, config, layers, matrices, metric) → output folder and report path →
+leftovers of killed runs → benchmark data → weights (non-finite check) → verify → export → push.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded
-from .recipe import load_recipe
+from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded, status
+from .recipe import RecipeError, check_repo_id, load_recipe
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+#: default seconds for every Hub request (connect and read), see export/hub.py
+HUB_TIMEOUT = 60.0
+
+
+class ClaimsFailed(RuntimeError):
+    """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
+
+    def __init__(self, message: str, report: dict, report_path: Path):
+        super().__init__(message)
+        self.report = report
+        self.report_path = report_path
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    recipe: Path
+    limit: int | None = None
+    report: Path | None = None  # default reports/<name>.verify.json
+    progress: bool = True
+    prefix_cache: bool = True
+    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    recipe: Path
+    out: Path | None = None  # default out/<name>
+    overwrite: bool = False
+    skip_verify: bool = False
+    limit: int | None = None
+    report: Path | None = None  # default reports/<name>.verify.json
+    push: bool = False
+    repo_id: str | None = None
+    private: bool = False
+    endpoint: str | None = None
+    hub_timeout: float = HUB_TIMEOUT
+    progress: bool = True
+    prefix_cache: bool = True
+    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    folder: Path
+    repo_id: str
+    private: bool = False
+    endpoint: str | None = None
+    hub_timeout: float = HUB_TIMEOUT
+
+
+@dataclass
+class RunResult:
+    out: Path | None = None
+    report_path: Path | None = None
+    report: dict | None = None
+    manifest: dict | None = None
+    url: str | None = None  # the pushed commit
+    planned: list[str] = field(default_factory=list)  # --dry-run: what would be written
+
+
+# ----------------------------------------------------------------------------------------------- checks
+
+
+def _protected(p: Plan) -> list[Path]:
+    """Local paths that an export must never replace: the model source and the benchmark data."""
+    held = []
+    if p.source.kind != "hub":
+        held.append(Path(p.source.location))
+    bench = p.recipe.benchmark
+    if bench is not None and bench.path and not str(bench.path).startswith(("http://", "https://")):
+        held.append(Path(bench.path).expanduser())
+    return held
+
+
+def check_report_path(path: Path, flag: str) -> Path:
+    """The report can be written at ``path`` (not a folder, parent creatable and writable)."""
+    from .export.safetensors import OutputError
+
+    if path.is_dir():
+        raise OutputError(f"{flag} {path}: is a folder; give a file path such as {path / 'report.json'}")
+    parent = path.expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied or read-only)")
+    return path
+
+
+def _report_path(recipe_name: str, report: Path | None) -> tuple[Path, str]:
+    if report is not None:
+        return Path(report), "--report"
+    return Path("reports") / f"{recipe_name}.verify.json", "report path"
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    """Write JSON atomically (temporary sibling + rename): a kill never leaves half a report."""
+    from .export.safetensors import OutputError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(data, indent=2) + "\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write: {err.strerror}") from None
 
 
-def _select(p: Plan, args):
+def _select(p: Plan, limit: int | None, progress: bool = True):
     """Load the benchmark data before the weights, so a data problem fails fast."""
+    from .benchmarks import BenchmarkError
     from .verify import check_scorable, select_examples
 
     check_scorable(p)
-    with console.status(f"loading benchmark {p.recipe.benchmark.name}"):
-        return select_examples(p, args.limit)
+    with status(f"loading benchmark {p.recipe.benchmark.name}", progress):
+        examples, info = select_examples(p, limit)
+    if not examples:
+        bench = p.recipe.benchmark
+        raise BenchmarkError(
+            f"benchmark.split: the {bench.split} split is empty ({info['sizes']['validation']} validation, "
+            f"{info['sizes']['test']} test examples with validation_fraction {bench.validation_fraction})"
+        )
+    return examples, info
 
 
-def _verify(p: Plan, loaded, args, selected):
+def _no_stdout(on: bool):
+    """Swallow third-party progress printed to stdout (with --no-progress)."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO()) if on else contextlib.nullcontext()
+
+
+def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
+    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
+             f"storage {p.recipe.storage}"]
+    return lines + [f"would write: {w}" for w in writes]
+
+
+# ------------------------------------------------------------------------------------------------ verify
+
+
+def _verify(p: Plan, loaded, opts, selected) -> dict:
     from .verify import print_report, verify_loaded
 
-    report = verify_loaded(p, loaded, limit=args.limit, progress=not args.no_progress, selected=selected,
-                           prefix_cache=not args.no_prefix_cache)
+    from .baseline_cache import BaselineCache
+
+    report = verify_loaded(p, loaded, limit=opts.limit, progress=opts.progress, selected=selected,
+                           prefix_cache=opts.prefix_cache, baseline_cache=BaselineCache() if opts.baseline_cache else None)
     print_report(report)
     return report
 
 
-def run_recipe(args) -> int:
-    recipe, text = load_recipe(args.recipe)
-    p = plan(recipe, text)
-    out = Path(args.out or Path("out") / recipe.name)
-    hub = recipe.export.hub
-    repo_id = args.repo_id or (hub.repo_id if hub else None)
-    if args.push and not repo_id:
-        console.print("[red]error:[/] --push needs a repo: set export.hub.repo_id in the recipe or pass --repo-id")
-        return EXIT_BAD_INPUT
-    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, {recipe.storage}")
+def verify(opts: VerifyOptions) -> RunResult:
+    """Score baseline and reduced model on the recipe's split; write the report.
 
-    verifying = recipe.claims is not None and not args.skip_verify
-    selected = _select(p, args) if verifying else None
-    loaded = load_model(p)
+    Raises :class:`ClaimsFailed` (report written) when a claim does not hold."""
+    recipe, text = load_recipe(opts.recipe)
+    if recipe.claims is None:
+        raise RecipeError(["claims: the recipe makes no claims to verify"], opts.recipe)
+    p = plan(recipe, text)
+    path, flag = _report_path(recipe.name, opts.report)
+    check_report_path(path, flag)
+    selected = _select(p, opts.limit, opts.progress)
+    if opts.dry_run:
+        return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
+                                                                 "examples scored twice)"]))
+    loaded = load_model(p, progress=opts.progress)
+    report = _verify(p, loaded, opts, selected)
+    _write_json(path, report)
+    console.print(f"report: {path}")
+    if not report["passed"]:
+        raise ClaimsFailed(f"claims do not hold (see {path})", report, path)
+    return RunResult(report_path=path, report=report)
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run a recipe end to end: reduce → verify → export (→ push).
+
+    Raises :class:`ClaimsFailed` (nothing exported), ``OnnxExportError`` (nothing exported) or
+    ``PushError`` (the export is written and intact) for checks that fail."""
+    from .export.safetensors import check_output, clean_debris
+
+    recipe, text = load_recipe(opts.recipe)
+    hub = recipe.export.hub
+    repo_id = opts.repo_id or (hub.repo_id if hub else None)
+    if opts.repo_id and (why := check_repo_id(opts.repo_id)):
+        raise RecipeError([f"--repo-id: {why}"])
+    if opts.push and not repo_id:
+        raise RecipeError(["export.hub.repo_id: --push needs a repo: set it in the recipe or pass --repo-id"],
+                          opts.recipe)
+    p = plan(recipe, text)
+    out = Path(opts.out) if opts.out else Path("out") / recipe.name
+    for line in clean_debris(out, dry_run=opts.dry_run):  # first: it may restore an export at `out`
+        console.print(line)
+    check_output(out, overwrite=opts.overwrite, protect=_protected(p))
+    verifying = recipe.claims is not None and not opts.skip_verify
+    report_path = None
+    if verifying:
+        report_path, flag = _report_path(recipe.name, opts.report)
+        check_report_path(report_path, flag)
+    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
+                  f"{recipe.storage}")
+    selected = _select(p, opts.limit, opts.progress) if verifying else None
+
+    if opts.dry_run:
+        writes = []
+        if verifying:
+            writes.append(f"{report_path} (verify report, {len(selected[0])} examples scored twice)")
+        formats = " + ".join(recipe.export.formats)
+        writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
+                      + (", verify_report.json" if verifying else "") + ")"
+                      + (" replacing the existing export" if out.exists() else ""))
+        if opts.push:
+            writes.append(f"Hub repo {repo_id} (one commit)")
+        return RunResult(out=out, report_path=report_path, planned=_plan_lines(p, writes))
+
+    loaded = load_model(p, progress=opts.progress)
     report = None
     if verifying:
-        report = _verify(p, loaded, args, selected)  # scores baseline, reduces in place, scores reduced
-        report_path = Path(args.report) if args.report else Path("reports") / f"{recipe.name}.verify.json"
+        report = _verify(p, loaded, opts, selected)  # scores baseline, reduces in place, scores reduced
         _write_json(report_path, report)
         console.print(f"verify report: {report_path}")
         if not report["passed"]:
-            console.print("[red]claims do not hold: nothing exported[/] (see the report; --skip-verify exports anyway)")
-            return EXIT_FAILED
+            raise ClaimsFailed(
+                "claims do not hold: nothing exported (see the report; --skip-verify exports anyway)",
+                report, report_path,
+            )
     else:
-        reduce_loaded(p, loaded, progress=not args.no_progress)
+        reduce_loaded(p, loaded, progress=opts.progress)
         if recipe.claims is not None:
             console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
 
     manifest = build_manifest(p, loaded.entries)
-    from .export.onnx import OnnxExportError
-
-    try:
-        _export(p, loaded, out, args, manifest, report)
-    except OnnxExportError as err:
-        console.print(f"[red]ONNX export failed, nothing exported:[/] {err}")
-        return EXIT_FAILED
+    _export(p, loaded, out, opts, manifest, report, protect=_protected(p))
     saved = manifest["totals"]["bytes_saved"]
     console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
+    result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest)
+    if opts.push:
+        result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
+                                      endpoint=opts.endpoint, hub_timeout=opts.hub_timeout))
+    return result
 
-    if args.push:
-        return _push(out, repo_id, private=args.private or bool(hub and hub.private), endpoint=args.endpoint)
-    return EXIT_OK
 
-
-def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | None) -> None:
+def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report: dict | None,
+            protect: list[Path]) -> None:
     """Write every export format into a temporary folder, then rename it to ``out``."""
     from .export.safetensors import atomic_folder, write_checkpoint
 
+    from .export.dtype import cast_for_export
+
     recipe, text = p.recipe, p.yaml_text
-    with atomic_folder(out, overwrite=args.overwrite) as tmp:
-        with console.status("writing safetensors"):
+    cast_for_export(loaded.model, recipe.export.dtype, manifest)  # after verify: numbers are the loaded dtype's
+    with atomic_folder(out, overwrite=opts.overwrite, protect=protect) as tmp:
+        with status("writing safetensors", opts.progress):
             write_checkpoint(
                 loaded.model, loaded.tokenizer, tmp, recipe_yaml=text, manifest=manifest,
                 max_shard_size=recipe.export.max_shard_size,
@@ -92,60 +297,69 @@ def _export(p: Plan, loaded, out: Path, args, manifest: dict, report: dict | Non
         if "onnx" in recipe.export.formats:
             from .export.onnx import export_onnx
 
-            with console.status("exporting ONNX and checking parity with onnxruntime"):
+            with status("exporting ONNX and checking parity with onnxruntime", opts.progress), \
+                    _no_stdout(not opts.progress):  # torch.onnx prints its "[torch.onnx] ..." steps
                 manifest["onnx"] = export_onnx(
-                    loaded.model, loaded.tokenizer, tmp, with_past=recipe.export.onnx_with_past,
+                    loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
                     tolerance=recipe.export.onnx_tolerance,
                 )
+                _under_onnx_folder(manifest["onnx"])
             console.print(
                 f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
                 f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
             )
+        if "gguf" in recipe.export.formats:
+            _export_gguf(p, loaded, tmp, manifest, opts.progress)
         if report is not None:
             _write_json(tmp / "verify_report.json", report)
         _write_json(tmp / "manifest.json", manifest)
         from .export.card import render_card
 
         recipe_dict = recipe.model_dump(mode="json")
-        if args.repo_id:  # the card's loading snippet names the repo the export is pushed to
-            recipe_dict["export"]["hub"] = {"repo_id": args.repo_id, "private": bool(args.private)}
+        if opts.repo_id:  # the card's loading snippet names the repo the export is pushed to
+            recipe_dict["export"]["hub"] = {"repo_id": opts.repo_id, "private": bool(opts.private)}
         card = render_card(
             recipe_dict, text, manifest, report,
-            skip_verify=bool(args.skip_verify and recipe.claims is not None),
+            skip_verify=bool(opts.skip_verify and recipe.claims is not None), folder=out,
         )
         (tmp / "README.md").write_text(str(card))
 
 
-def _push(folder: Path, repo_id: str, *, private: bool, endpoint: str | None) -> int:
-    from .export.hub import PushError, push_folder
-
-    try:
-        url = push_folder(folder, repo_id, private=private, endpoint=endpoint)
-    except PushError as err:
-        console.print(f"[red]push failed:[/] {err}")
-        return EXIT_FAILED
-    console.print(f"[green]pushed[/] {url}")
-    return EXIT_OK
+def _under_onnx_folder(info: dict) -> None:
+    """The ONNX files live in ``onnx/`` (the layout transformers.js and optimum expect)."""
+    for key in ("file", "external_data"):
+        if info.get(key):
+            info[key] = f"onnx/{info[key]}"
 
 
-def push_existing(args) -> int:
-    folder = Path(args.folder)
+def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = True) -> None:
+    from .export.gguf import write_gguf
+
+    import torch
+    import transformers
+
+    auto = getattr(transformers, p.family.auto_class)
+    source = Path(p.source.location) / p.source.gguf_file if p.source.gguf_file else None
+    with status("writing GGUF and checking it against the safetensors export", progress):
+        reference = auto.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
+        manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
+                                      dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
+                                      reference=reference)
+
+
+# -------------------------------------------------------------------------------------------------- push
+
+
+def push(opts: PushOptions) -> str:
+    """Push an export folder as one commit; return the commit URL. Raises ``PushError``."""
+    from .export.hub import push_folder
+    from .export.safetensors import OutputError
+
+    folder = Path(opts.folder)
     if not (folder / "config.json").is_file():
-        console.print(f"[red]error:[/] {folder} is not an export folder (no config.json)")
-        return EXIT_BAD_INPUT
-    return _push(folder, args.repo_id, private=args.private, endpoint=args.endpoint)
-
-
-def verify_only(args) -> int:
-    recipe, text = load_recipe(args.recipe)
-    if recipe.claims is None:
-        console.print(f"[red]error:[/] {args.recipe}: claims: the recipe makes no claims to verify")
-        return EXIT_BAD_INPUT
-    p = plan(recipe, text)
-    selected = _select(p, args)
-    loaded = load_model(p)
-    report = _verify(p, loaded, args, selected)
-    path = Path(args.report) if args.report else Path("reports") / f"{recipe.name}.verify.json"
-    _write_json(path, report)
-    console.print(f"report: {path}")
-    return EXIT_OK if report["passed"] else EXIT_FAILED
+        raise OutputError(f"{folder}: is not an export folder (no config.json)")
+    if why := check_repo_id(opts.repo_id):
+        raise RecipeError([f"--repo-id: {why}"])
+    url = push_folder(folder, opts.repo_id, private=opts.private, endpoint=opts.endpoint, timeout=opts.hub_timeout)
+    console.print(f"[green]pushed[/] {url}")
+    return url

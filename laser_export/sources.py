@@ -13,8 +13,11 @@ Forms accepted for ``source``:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +55,73 @@ class ResolvedSource:
         return f"{self.location}@{self.revision}" if self.revision else self.location
 
     def _wrap(self, what: str, fn, *args, **kwargs):
+        """Call a transformers loader; whatever it raises on a corrupt, truncated or inconsistent
+        source becomes one SourceError line naming the source (exit 2). Hub requests get the Hub
+        timeout (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s) so a stalled server cannot hang a run."""
+        from contextlib import nullcontext
+
         try:
-            return fn(self.location, *args, **self._kwargs(), **kwargs)
-        except (OSError, ValueError, ImportError) as err:
+            if self.kind == "hub":
+                from .export.hub import hub_timeout, timeout_from_env
+
+                guard = hub_timeout(timeout_from_env())
+            else:
+                guard = nullcontext()
+            with guard:
+                return fn(self.location, *args, **self._kwargs(), **kwargs)
+        except (KeyboardInterrupt, MemoryError, SourceError):
+            raise
+        except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
             hint = ""
             if self.kind == "hub":
+                if _offline():
+                    offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
+                else:
+                    offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
                 hint = (
-                    " (a Hub id needs network access or a copy in the local Hugging Face cache; "
-                    "with no network, download it elsewhere or point model.source at a local folder)"
+                    f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
+                    "or download it elsewhere and point model.source at a local folder)"
                 )
-            raise SourceError(f"model.source: cannot load {what} from {self.describe()}: {err}{hint}") from err
+            msg = " ".join(str(err).split())
+            if len(msg) > 400:
+                msg = msg[:400] + " ..."
+            raise SourceError(
+                f"model.source: cannot load {what} from {self.describe()}: {type(err).__name__}: {msg}{hint}"
+            ) from err
+
+    def check_files(self) -> None:
+        """Cheap checks on the files of a local source, before any weights load: every safetensors
+        header parses and matches the file size (truncation), a GGUF starts with its magic, a folder
+        has tokenizer files (transformers would otherwise build an empty tokenizer silently)."""
+        if self.gguf_file:
+            path = Path(self.location) / self.gguf_file
+            try:
+                with open(path, "rb") as f:
+                    magic = f.read(4)
+            except OSError as err:
+                raise SourceError(f"model.source: cannot read {path}: {err.strerror}") from None
+            if magic != b"GGUF":
+                raise SourceError(f"model.source: {path} is not a GGUF file (no GGUF magic at the start)")
+            return
+        if self.kind != "folder":
+            return
+        folder = Path(self.location)
+        for file in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(file)
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise SourceError(f"model.source: {index} is not a valid safetensors index (weight_map)") from None
+            missing = sorted(f for f in shards if not (folder / str(f)).is_file())
+            if missing:
+                raise SourceError(f"model.source: {index} names shards that are missing: {', '.join(missing)}")
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES) and not list(folder.glob("*.tiktoken")):
+            raise SourceError(
+                f"model.source: {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                "copy the tokenizer of the original model into the folder"
+            )
 
     def load_config(self, trust_remote_code: bool = False):
         from transformers import AutoConfig
@@ -71,14 +131,24 @@ class ResolvedSource:
     def load_tokenizer(self, trust_remote_code: bool = False):
         from transformers import AutoTokenizer
 
-        return self._wrap("tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
+        tok = self._wrap("tokenizer", AutoTokenizer.from_pretrained, trust_remote_code=trust_remote_code)
+        try:
+            size = len(tok)
+        except Exception:  # noqa: BLE001
+            size = None
+        if size == 0:
+            raise SourceError(
+                f"model.source: the tokenizer of {self.describe()} is empty (vocabulary 0); "
+                "the source lacks its tokenizer files"
+            )
+        return tok
 
     def load_model(
         self, family: Family, dtype: str = "float32", trust_remote_code: bool = False, device: str = "auto"
     ):
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        import transformers
 
-        auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
+        auto = getattr(transformers, family.auto_class)
         model = self._wrap("weights", auto.from_pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         quantizer = getattr(model, "hf_quantizer", None)
         if self.gguf_file and quantizer is not None:
@@ -89,6 +159,112 @@ class ResolvedSource:
         if device == "cuda" and not torch.cuda.is_available():
             raise SourceError("model.device: cuda requested but torch sees no CUDA device")
         return model.to(device).eval()
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "spm.model", "vocab.model", "tokenizer.tiktoken",
+)
+
+#: config fields that must be positive integers when present (a string here breaks model construction)
+_INT_CONFIG_FIELDS = (
+    "num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "intermediate_size",
+    "num_attention_heads", "n_head", "num_key_value_heads", "vocab_size", "max_position_embeddings",
+)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_config(config, where: str) -> None:
+    """The integer fields of a config are integers (config.json with wrong types is a SourceError)."""
+    text = getattr(config, "text_config", None) or config
+    for name in _INT_CONFIG_FIELDS:
+        value = getattr(text, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SourceError(f"model.source: {where}: config field {name} must be a positive integer, got {value!r}")
+
+
+def check_safetensors_file(path: Path) -> dict:
+    """Parse a safetensors header and check that the file holds all the data it announces."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SourceError(f"model.source: {path} is not a safetensors file (shorter than its 8-byte header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 << 20):
+                raise SourceError(f"model.source: {path} is not a safetensors file (header length {n} is impossible)")
+            header = json.loads(f.read(n))
+    except SourceError:
+        raise
+    except OSError as err:
+        raise SourceError(f"model.source: cannot read {path}: {err.strerror}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise SourceError(f"model.source: {path} is corrupt (its safetensors header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"model.source: {path} is corrupt (safetensors header is not an object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            end = max(end, int(stop))
+        except (KeyError, TypeError, ValueError):
+            raise SourceError(f"model.source: {path} is corrupt (tensor {name!r} has no valid data_offsets)") from None
+    if 8 + n + end != size:
+        raise SourceError(
+            f"model.source: {path} is truncated or corrupt: its header announces {8 + n + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def weights_identity(source: "ResolvedSource | str", revision: str | None = None) -> str:
+    """A short content identity of a source's weights, to key caches and resumable results.
+
+    Hashes, per weights file (safetensors or GGUF; sorted by name): its name, size, header (the
+    safetensors JSON header, or the first 1 MiB of a GGUF, which holds its metadata and tensor
+    table) and 16 evenly spaced 64 KiB samples of its data, plus ``config.json``. New weights at the
+    same path give a new identity; copying or touching the files does not. Reads at most ~2 MiB per
+    file. A Hub source not in the local cache is identified by ``hub:ID@REVISION``.
+    """
+    src = resolve_source(source, revision) if isinstance(source, str) else source
+    files: list[Path] = []
+    if src.gguf_file:
+        files = [Path(src.location) / src.gguf_file]
+        folder = None
+    else:
+        folder = Path(src.location)
+        if src.kind == "hub":
+            try:
+                from huggingface_hub import snapshot_download
+
+                folder = Path(snapshot_download(src.location, revision=src.revision, local_files_only=True))
+            except Exception:  # noqa: BLE001 - not cached: the id and revision are all we know
+                return hashlib.sha256(f"hub:{src.location}@{src.revision or 'main'}".encode()).hexdigest()[:32]
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.gguf")) + sorted(folder.glob("*.bin"))
+    h = hashlib.sha256()
+    if folder is not None and (folder / "config.json").is_file():
+        h.update(b"config.json\0" + (folder / "config.json").read_bytes())
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.name}\0{size}\0".encode())
+        with open(file, "rb") as f:
+            if file.suffix == ".safetensors":
+                head = f.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                h.update(head + f.read(min(n, 100 << 20)))
+            else:
+                h.update(f.read(1 << 20))
+            for i in range(16):
+                f.seek(size * i // 16)
+                h.update(f.read(1 << 16))
+    return h.hexdigest()[:32]
 
 
 def _package_file(spec: str) -> tuple[str, str]:

@@ -8,30 +8,39 @@ but can never satisfy a claim.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
-from .evaluate import paired_bootstrap, score_examples
+from .evaluate import paired_bootstrap, score, scorer_for
 from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
+if TYPE_CHECKING:
+    from .baseline_cache import BaselineCache
+
 #: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "logprob", "logloss")
+REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "contains", "f1", "logprob", "logloss")
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
     """The examples a verify run scores and the split info for its report (no model needed)."""
+    from .benchmarks.hub import recorded_sources
+
     bench = p.recipe.benchmark
-    split = load_split(
-        bench.name,
-        path=bench.path,
-        seed=bench.seed,
-        validation_fraction=bench.validation_fraction,
-        subsample=bench.subsample,
-    )
+    with recorded_sources() as sources:
+        split = load_split(
+            bench.name,
+            path=bench.path,
+            seed=bench.seed,
+            validation_fraction=bench.validation_fraction,
+            subsample=bench.subsample,
+        )
     examples = split.get(bench.split)
     info = {"name": bench.name, "split": bench.split, "subsample": bench.subsample, **split.info(bench.split)}
+    if sources:  # Hub datasets: the resolved commit (online) or the local files' SHA-256
+        info["sources"] = sources
     if limit is not None:
         examples = examples[:limit]
         info["examples_sha256"] = examples_sha256(examples)
@@ -40,17 +49,56 @@ def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
     return examples, info
 
 
-def check_scorable(p: Plan) -> None:
-    if p.family.task != "causal-lm":
-        raise BenchmarkError(
-            f"benchmark: scoring a {p.family.task} model ({p.family.name}) is not implemented; "
-            "verify supports causal LMs"
-        )
+def check_scorable(p: Plan) -> str:
+    """The scorer that applies to the plan's family and benchmark (``plan`` checked this already)."""
+    from .benchmarks import BENCHMARKS
+
+    try:
+        return scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
+    except ValueError as err:
+        raise BenchmarkError(str(err)) from None
+
+
+def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict:
+    from .baseline_cache import model_identity, scorer_version
+    from .evaluate import _model_device
+
+    return {
+        "model": model_identity(p.source, loaded.model.config),
+        "dtype": p.recipe.model.dtype,
+        "device": _model_device(loaded.model).type,
+        "benchmark": info["name"],
+        "examples_sha256": info["examples_sha256"],
+        "batch_size": p.recipe.benchmark.batch_size,
+        "scorer": scorer_version(),
+        "scorer_kind": check_scorable(p),
+        "scorer_options": extra,
+    }
+
+
+def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache,
+                    extra: dict):
+    """(baseline ScoreResult, cache info for the report, prefix cache still usable for the reduced pass)."""
+    if baseline_cache is None:
+        base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=p.recipe.benchmark.batch_size,
+                     progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture,
+                     **extra)
+        return base, None, cache
+    identity = _baseline_identity(p, loaded, info, extra)
+    key = baseline_cache.key(identity)
+    base = baseline_cache.load(key)
+    if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
+        console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
+        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}, None
+    base, _, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
+                                     baseline_cache=None, extra=extra)
+    path = baseline_cache.store(key, identity, base)
+    return base, {"hit": False, "key": key, "path": str(path) if path else None}, cache
 
 
 def verify_loaded(
     p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None,
-    prefix_cache: bool = True,
+    prefix_cache: bool = True, baseline_cache: "BaselineCache | None" = None,
 ) -> dict:
     """Score ``loaded`` (unreduced) on the split, reduce it in place, score again, build the report.
 
@@ -59,18 +107,26 @@ def verify_loaded(
     layer on, and the reduced pass replays only those blocks (equal to a full forward within 1e-5,
     see tests/test_search.py); False runs two full forwards."""
     recipe, bench = p.recipe, p.recipe.benchmark
-    check_scorable(p)
+    scorer = check_scorable(p)
     examples, info = selected or select_examples(p, limit)
     start = min(t.layer for t in p.targets)
+    prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
     cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
+    ppl_ids, ppl_opts = _perplexity_input(p, loaded)
+    from .benchmarks import BENCHMARKS
+
+    extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if scorer == "generate" else {}
     t0 = time.perf_counter()
-    base = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                          progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
+    base, cache_info, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
+                                              baseline_cache=baseline_cache, extra=extra)
+    replayed = cache is not None
+    ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
-    red = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                         progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start))
+    ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
+    red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
+                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:
@@ -110,10 +166,40 @@ def verify_loaded(
         "claims": claims,
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
+        "scorer": scorer,
+        "perplexity": None if ppl_base is None else {
+            **{k: v for k, v in vars(ppl_opts).items() if k != "max_tokens"},
+            "path": None if ppl_opts.path is None else str(ppl_opts.path),
+            "n_tokens": ppl_base["n_tokens"],
+            "baseline": ppl_base["perplexity"],
+            "reduced": ppl_red["perplexity"],
+            "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
+        },
         "skip_verify": False,
-        "prefix_cache": prefix_cache,
+        "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
+        "baseline_cache": cache_info,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
+
+
+def _perplexity_input(p: Plan, loaded: Loaded):
+    """Token ids and options of the recipe's perplexity measurement (None when it has none)."""
+    spec = p.recipe.perplexity
+    if spec is None:
+        return None, None
+    from .perplexity import PerplexityOptions, load_text, token_ids
+
+    max_pos = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or spec.context
+    context = min(spec.context, max_pos)
+    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
+                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
+    return token_ids(loaded.tokenizer, load_text(opts), opts.max_tokens), opts
+
+
+def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:
+    from .perplexity import perplexity
+
+    return perplexity(loaded.model, ids, context=opts.context, stride=opts.stride, progress=progress)
 
 
 def _fmt(v: float, metric: str) -> str:
@@ -134,6 +220,13 @@ def print_report(report: dict) -> None:
         t.add_row(m, _fmt(report["metrics"]["baseline"][m], m), _fmt(report["metrics"]["reduced"][m], m),
                   f"{d['estimate']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     console.print(t)
+    ppl = report.get("perplexity")
+    if ppl:
+        console.print(
+            f"perplexity ({ppl['dataset']}{'/' + ppl['config'] if ppl['config'] else ''} {ppl['split']}, "
+            f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
+            f"(×{ppl['ratio']:.4f})"
+        )
     for c in report["claims"]:
         mark = "[green]✓ holds[/]" if c["passed"] else "[red]✗ FAILS[/]"
         why = f" ({c['why']})" if "why" in c else ""

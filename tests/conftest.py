@@ -35,3 +35,18 @@ def bigbench_archive() -> Path:
     if found is None:
         _missing("the bigbench==1.0.0 sdist (pip download --no-deps bigbench==1.0.0 -d ~/.cache/laser-export)")
     return found
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Tests against the local Hub server (tests/hub_server.py) must work when the user's shell has
+    HF_HUB_OFFLINE=1: huggingface_hub reads it once at import, so switch it off for the test."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # transformers asks huggingface_hub
+    yield
+@pytest.fixture(autouse=True)
+def _private_baseline_cache(tmp_path, monkeypatch):
+    """Each test gets its own baseline cache (never the user's ~/.cache, never another test's entries)."""
+    monkeypatch.setenv("LASER_EXPORT_BASELINE_CACHE", str(tmp_path / "baseline-cache"))

@@ -1,7 +1,17 @@
+import json
+
 import pytest
 import torch
 
-from laser_export.architectures import FAMILIES, GROUPS, ArchitectureError, family_for, module_name
+from laser_export.architectures import (
+    FAMILIES,
+    GROUPS,
+    ArchitectureError,
+    family_for,
+    layer_modules,
+    module_name,
+    num_layers,
+)
 from laser_export.intervene import SVDCache, plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear, as_matrix
 from laser_export.recipe import Intervention, RecipeError, Reduction
@@ -13,15 +23,96 @@ def test_every_family_has_a_tiny_model():
     assert covered == set(FAMILIES)
 
 
+def test_every_family_file_is_loaded_and_named_after_its_file():
+    from importlib import resources
+
+    files = {f.name for f in resources.files("laser_export.families").iterdir() if f.name.endswith(".json")}
+    assert files == {f"{name}.json" for name in FAMILIES}
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_every_alias_resolves_to_a_linear_map(model_type):
     model = tiny_model(model_type)
     fam = family_for(model.config.model_type)
     for alias in fam.matrices:
-        for layer in range(model.config.num_hidden_layers):
+        for layer in range(num_layers(model.config)):
             mod = model.get_submodule(module_name(model, fam, layer, alias))
             m = as_matrix(mod)
             assert m.dim() == 2 and min(m.shape) >= 8, (alias, m.shape)
+            # the family's declared weight layout is the module's
+            assert (type(mod).__name__ == "Conv1D") == (fam.weight_layout == "conv1d"), (alias, type(mod))
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_family_capabilities_match_the_model(model_type):
+    """auto_class builds the same class as the tiny model; task/pipeline_tag/scorers agree; the card
+    says the pipeline tag and loads with the auto class."""
+    import transformers
+
+    from laser_export.export.card import render_card
+
+    model = tiny_model(model_type)
+    fam = family_for(model_type)
+    auto = getattr(transformers, fam.auto_class)
+    assert type(auto.from_config(model.config)) is type(model)
+    assert fam.pipeline_tag == {"causal-lm": "text-generation", "masked-lm": "fill-mask"}[fam.task]
+    assert ("masked" in fam.scorers) == (fam.task == "masked-lm") != ("causal" in fam.scorers)
+    assert num_layers(model.config) == len(layer_modules(model, fam))
+    if fam.final_norm:
+        model.base_model.get_submodule(fam.final_norm)
+    recipe = {"name": "t", "model": {"source": "x/y"}, "storage": "factorised", "interventions": [{"layer": 0, "matrix": "fc_in", "rho": 0.5}]}
+    manifest = {"model": {"source": "x/y", "model_type": model_type, "architecture": fam.name}, "storage": "factorised", "matrices": []}
+    card = str(render_card(recipe, "name: t\n", manifest, None))
+    assert f"pipeline_tag: {fam.pipeline_tag}" in card
+    assert f"from transformers import {fam.auto_class}" in card
+    assert f"{fam.auto_class}.from_pretrained(" in card
+    other = {"AutoModelForCausalLM", "AutoModelForMaskedLM"} - {fam.auto_class}
+    assert not any(o in card for o in other)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_factorised_round_trip_every_family(tmp_path, model_type):
+    """reduce (factorised) -> save -> from_pretrained with the family's auto class -> same logits."""
+    import transformers
+
+    from laser_export.export.safetensors import atomic_folder, write_checkpoint
+
+    model = tiny_model(model_type)
+    fam = family_for(model_type)
+    iv = [Intervention(layer=1, matrix="fc_in", rho=0.25), Intervention(layer=2, matrix="fc_out", rank=3)]
+    entries = reduce_model(model, fam, plan_targets(iv, model.config, fam), storage="factorised")
+    assert [e["storage"] for e in entries] == ["factorised", "factorised"]
+    with atomic_folder(tmp_path / "out") as tmp:
+        write_checkpoint(model, None, tmp, recipe_yaml="name: t\n", manifest={"storage": "factorised", "matrices": entries})
+    loaded = getattr(transformers, fam.auto_class).from_pretrained(tmp_path / "out").eval()
+    for e in entries:
+        assert isinstance(loaded.get_submodule(e["name"]), LowRankLinear)
+    x = tiny_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6)
+
+
+def test_family_files_are_validated():
+    from laser_export.architectures import ArchitectureError, _read_family
+
+    good = FAMILIES["llama"].model_dump(mode="json")
+    with pytest.raises(ArchitectureError, match="bad.json: invalid family file.*auto_class"):
+        _read_family(json.dumps({**good, "auto_class": "AutoModelForMaskedLM"}), "bad.json")
+    with pytest.raises(ArchitectureError, match="unknown alias"):
+        _read_family(json.dumps({**good, "matrices": {"gate": "mlp.gate_proj"}}), "bad.json")
+    with pytest.raises(ArchitectureError, match="scorer"):
+        _read_family(json.dumps({**good, "scorers": ["masked"]}), "bad.json")
+    with pytest.raises(ArchitectureError, match="extra"):
+        _read_family(json.dumps({**good, "extra": {}}), "bad.json")
+
+
+def test_per_model_type_overrides():
+    assert family_for("gemma3_text").layers == "layers"
+    assert family_for("gemma3").layers == "language_model.layers"
+    assert family_for("gemma3").final_norm == "language_model.norm"
+    assert family_for("gemma3").name == family_for("gemma3_text").name == "gemma3"
+    # GGUF export is tested for llama/mistral only; the other llama-family types override it off
+    assert family_for("qwen2").gguf_arch is None and family_for("mistral").gguf_arch == "llama"
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY))

@@ -87,12 +87,15 @@ def test_counterfact_url_downloads_into_cache(home):
     try:
         url = f"http://127.0.0.1:{server.server_port}/counterfact_small.json"
         examples = load_examples("counterfact", url)
-        cached = home / ".cache" / "laser-export" / "counterfact_small.json"
+        from laser_export.benchmarks.counterfact import cache_path
+
+        cached = cache_path(url)  # keyed by the full URL
+        assert home / ".cache" / "laser-export" / "downloads" in cached.parents and cached.name == "counterfact_small.json"
         assert cached.read_bytes() == COUNTERFACT.read_bytes()
         assert examples == load_examples("counterfact", str(COUNTERFACT))
         with pytest.raises(BenchmarkError, match="could not download"):
             load_examples("counterfact", f"http://127.0.0.1:{server.server_port}/nope.json")
-        assert not (home / ".cache" / "laser-export" / "nope.json").exists()
+        assert not list((home / ".cache" / "laser-export").rglob("nope.json"))
     finally:
         server.shutdown()
         server.server_close()
@@ -102,7 +105,9 @@ def test_counterfact_url_downloads_into_cache(home):
 
 
 def test_registry_and_unknown_name():
-    assert set(BENCHMARKS) == {"counterfact", "qa_wikidata", "epistemic_reasoning", "fever", "jsonl"}
+    assert set(BENCHMARKS) == {"counterfact", "qa_wikidata", "epistemic_reasoning", "fever", "jsonl", "bios_gender",
+                               "bios_profession", "truthfulqa", "fever_paper", "causal_judgement", "web_of_lies",
+                               "hotpot_qa"}
     with pytest.raises(BenchmarkError) as err:
         load_examples("counterfactual")
     for name in BENCHMARKS:

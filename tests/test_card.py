@@ -127,7 +127,10 @@ def test_factorised_verified_card_metadata_and_model_index():
     assert entry["name"] == "smollm2-wikidataqa"
     (result,) = entry["results"]
     assert result["task"]["type"] == "text-generation"
-    assert result["dataset"]["type"] == "qa_wikidata"
+    assert result["dataset"]["type"] == "tasksource/bigbench"  # a Hub dataset id, from the benchmark registry
+    assert result["dataset"]["config"] == "qa_wikidata"
+    assert meta["base_model_relation"] == "finetune"
+    assert meta["pipeline_tag"] == "text-generation"
     assert result["dataset"]["split"] == "test"
     assert result["dataset"]["args"]["seed"] == 0
     assert result["dataset"]["args"]["n_examples"] == 4000
@@ -281,7 +284,7 @@ def test_recipe_with_backticks_gets_a_longer_fence_and_base_model_from_hub_sourc
     assert "````yaml\n" + yaml_text.rstrip("\n") + "\n````" in card.text
 
 
-def test_card_yaml_passes_hub_validation_and_survives_save_load(tmp_path):
+def test_card_yaml_passes_hub_validation_and_survives_save_load(tmp_path, hub_online):
     card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report())
     path = tmp_path / "README.md"
     card.save(path)
@@ -303,3 +306,69 @@ def test_no_claims_no_report_says_nothing_was_measured():
     assert "No accuracy was measured or claimed" in card.text
     assert "| Claim | Metric |" not in card.text
     assert "No measurement of this checkpoint is available." in card.text
+
+
+# ------------------------------------------------------------------------------------- honest card (issue 12)
+def test_factorised_card_gives_the_remote_code_command_and_the_laser_export_one():
+    text = render_card(make_recipe(), RECIPE_YAML, make_manifest(), make_report()).text
+    load = text.split("## How to load", 1)[1].split("\n## ", 1)[0]
+    remote = 'AutoModelForCausalLM.from_pretrained("you/smollm2-135m-laser-wikidataqa", trust_remote_code=True)'
+    assert remote in load
+    assert load.index(remote) < load.index("import laser_export")  # the command that works for anyone comes first
+    assert "pip install laser-export" not in text
+
+
+def test_no_repo_id_gives_a_local_path_snippet_not_a_placeholder():
+    recipe = make_recipe("dense")
+    recipe["export"]["hub"] = None
+    text = render_card(recipe, RECIPE_YAML, make_manifest("dense"), make_report(), folder="out/smollm2-x").text
+    assert "REPO_ID" not in text
+    assert 'AutoModelForCausalLM.from_pretrained("out/smollm2-x")  # the export folder' in text
+
+
+def test_gguf_source_is_named_with_its_quantization_and_dtype():
+    manifest = make_manifest()
+    manifest["model"].update(format="gguf", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", gguf_quantization="Q4_1",
+                             dtype="float32")
+    card = render_card(make_recipe(), RECIPE_YAML, manifest, make_report())
+    _, meta = parse(card)
+    source = card.text.split("**Source:**", 1)[1].split("\n", 1)[0]
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf` (Q4_1 quantization of `HuggingFaceTB/SmolLM2-135M-Instruct`)" in source
+    assert "dequantized to **float32**" in source and "not the original full-precision" in source
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["base_model_relation"] == "finetune"
+    assert "gguf-source" in meta["tags"]
+
+
+def test_masked_lm_card_uses_the_family_task_and_auto_class():
+    manifest = make_manifest()
+    manifest["model"].update(model_type="roberta", architecture="roberta", base_model="FacebookAI/roberta-base")
+    card = render_card(make_recipe(), RECIPE_YAML, manifest, make_report())
+    _, meta = parse(card)
+    assert meta["pipeline_tag"] == "fill-mask"
+    assert meta["model-index"][0]["results"][0]["task"]["type"] == "fill-mask"
+    assert "AutoModelForMaskedLM.from_pretrained(" in card.text and "AutoModelForCausalLM" not in card.text
+
+
+def test_perplexity_from_the_report_is_shown_as_a_measured_cost():
+    report = make_report()
+    text = render_card(make_recipe(), RECIPE_YAML, make_manifest(), report).text
+    assert "Perplexity (general language-modelling quality) was **not measured**" in text
+    report["perplexity"] = {"dataset": "wikitext-2", "baseline": 20.0, "reduced": 21.0}
+    text = render_card(make_recipe(), RECIPE_YAML, make_manifest(), report).text
+    costs = text.split("## Measured costs", 1)[1].split("\n## ", 1)[0]
+    assert "Perplexity: 20.000 → 21.000 (+5.00%) (dataset wikitext-2)." in costs
+    assert "Answer log-loss on the benchmark split: 3.2109 → 3.1021." in costs
+    assert "General language-modelling quality (perplexity)" not in text.split("## Limits", 1)[1]
+
+
+def test_schemas_next_to_the_artifacts_are_current():
+    from laser_export.artifacts import SCHEMA_DIR, SCHEMAS, Manifest, VerifyReport, schema_text
+
+    for name, model in SCHEMAS.items():
+        assert (SCHEMA_DIR / f"{name}.schema.json").read_text() == schema_text(model), (
+            f"run `python -m laser_export.artifacts` to refresh {name}.schema.json")
+    # the fixtures in this file are valid artifacts, and unknown keys survive a round trip
+    report = make_report()
+    report["perplexity"] = {"baseline": 1.0}
+    assert VerifyReport.model_validate(report).model_dump(exclude_none=True)["perplexity"] == {"baseline": 1.0}
+    assert Manifest.model_validate(make_manifest()).matrices[0].bytes_saved == 3538944 - 42240

@@ -75,9 +75,20 @@ def test_true_claims_verify_then_export_loads_with_same_logits(workspace, tmp_pa
     assert json.loads((out / "verify_report.json").read_text())["passed"] is True
     assert (out / "recipe.yaml").read_text() == recipe.read_text()
 
-    # the export reproduces the verified reduced model: re-verify the export itself as the source
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    # the export reproduces the reduced model: same logits as the recipe's reduction done in memory
+    from laser_export.pipeline import load_model, plan, reduce_loaded
+    from laser_export.recipe import load_recipe
+
+    p = plan(*load_recipe(recipe))
+    in_memory = reduce_loaded(p, load_model(p), progress=False).model.eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded.get_submodule(entry["name"])).__name__ == "LowRankLinear"
+    source = AutoModelForCausalLM.from_pretrained(workspace / "model").eval()
+    x = torch.tensor([[5, 17, 9, 44, 3, 71], [8, 8, 120, 2, 64, 33]])
+    with torch.no_grad():
+        expected, got, before = in_memory(x).logits, reloaded(x).logits, source(x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got - before).abs().max() > 1e-4  # and the reduction did change the model
     card = (out / "README.md").read_text()
     assert "NOT verified" not in card
     assert ModelCard(card).data.to_dict()["model-index"][0]["results"]
@@ -156,7 +167,8 @@ def test_onnx_export_with_parity_in_the_manifest(workspace, tmp_path):
     out = tmp_path / "out"
     assert main([str(recipe), "--out", str(out), "--no-progress"]) == 0
     onnx = json.loads((out / "manifest.json").read_text())["onnx"]
-    assert (out / "model.onnx").is_file() and onnx["passed"] is True
+    assert (out / "onnx" / "model.onnx").is_file() and onnx["passed"] is True  # the layout transformers.js expects
+    assert onnx["file"] == "onnx/model.onnx" and not (out / "model.onnx").exists()
     assert 0 <= onnx["max_abs_diff"] <= onnx["tolerance"] == 1e-4
 
 
@@ -183,7 +195,7 @@ def test_onnx_for_an_unsupported_family_is_a_recipe_error(tmp_path, capsys):
     assert "export.formats: ONNX export supports" in capsys.readouterr().err
 
 
-def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys):
+def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys, hub_online):
     import os
     import subprocess
     import sys

@@ -36,7 +36,7 @@ README = textwrap.dedent(
 
 
 @pytest.fixture
-def hub_server(tmp_path):
+def hub_server(tmp_path, hub_online):
     """A running test Hub on 127.0.0.1: yields the HubServer (`.endpoint`, `.storage`, `.requests`)."""
     with HubServer(tmp_path / "hub-storage") as server:
         yield server

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import ExportError, atomic_folder, checkpoint_tensor_bytes, write_checkpoint
+from laser_export.export.safetensors import OutputError, atomic_folder, checkpoint_tensor_bytes, write_checkpoint
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear
 from laser_export.recipe import Intervention
@@ -97,7 +97,7 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     out = tmp_path / "out"
     _export("llama", "dense", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(ExportError, match="already exists"):
+    with pytest.raises(OutputError, match="already holds an export; pass --overwrite"):
         _export("llama", "factorised", out)
 
     model = tiny_model("llama")

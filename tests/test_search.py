@@ -316,8 +316,7 @@ def test_resume_is_keyed_by_the_weights_not_the_path(bench, tmp_path, monkeypatc
     assert second_sweep["baseline"] != first_sweep["baseline"]
 
 
-def test_weights_identity_reads_content_not_path(tmp_path, monkeypatch):
-    from laser_export.search import results
+def test_weights_identity_reads_content_not_path(tmp_path):
     from laser_export.sources import resolve_source
 
     a, b = tmp_path / "a", tmp_path / "b"
@@ -325,13 +324,9 @@ def test_weights_identity_reads_content_not_path(tmp_path, monkeypatch):
     save_tiny("llama", b, seed=0)
     ident = lambda p: search.weights_identity(resolve_source(str(p)))  # noqa: E731
     assert ident(a) == ident(b)  # same content at two paths: same identity
-    for seed, limit in ((2, results._FULL_HASH_LIMIT), (3, 1024)):  # whole-file hash; header + sampled blocks
-        monkeypatch.setattr(results, "_FULL_HASH_LIMIT", limit)
-        monkeypatch.setattr(results, "_HEAD", 256)
-        monkeypatch.setattr(results, "_BLOCK", 512)
-        before = ident(a)
-        save_tiny("llama", a, seed=seed)
-        assert ident(a) != before
+    before = ident(a)
+    save_tiny("llama", a, seed=2)  # same shapes and sizes, other values
+    assert ident(a) != before
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(100))
     one = ident(gguf)

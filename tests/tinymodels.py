@@ -14,9 +14,15 @@ TINY = {
     "mistral": (tf.MistralConfig, tf.MistralForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
     "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V)),
     "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V)),
-    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V, sliding_window=4, max_position_embeddings=64)),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, dict(n_embd=H, n_layer=L, n_head=4, n_positions=64, vocab_size=V, bos_token_id=1, eos_token_id=2)),
     "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "gemma3_text": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V, sliding_window=4)),
+    # the multimodal checkpoint (AutoModelForCausalLM -> Gemma3ForConditionalGeneration): blocks under model.language_model
+    "gemma3": (tf.Gemma3Config, tf.Gemma3ForConditionalGeneration, dict(
+        text_config=dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, vocab_size=V + 3, sliding_window=4),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=V, eoi_token_index=V + 1, image_token_index=V + 2)),
+    "bert": (tf.BertConfig, tf.BertForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64, pad_token_id=0)),
     "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
     "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, ffn_dim=64, vocab_size=V, max_position_embeddings=64, word_embed_proj_dim=H)),
@@ -53,8 +59,27 @@ def tiny_tokenizer():
     )
 
 
+def tiny_mlm_tokenizer():
+    """Like :func:`tiny_tokenizer`, with the last id as ``<mask>`` and RoBERTa-style ``<s> … </s>``
+    added around every text (what a masked-LM tokenizer does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 5)] + ["<mask>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        mask_token="<mask>",
+    )
+
+
 def save_tiny(model_type: str, folder, seed: int = 0):
     model = tiny_model(model_type, seed)
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    from laser_export.architectures import family_for
+
+    masked = family_for(model.config.model_type).task == "masked-lm"
+    (tiny_mlm_tokenizer() if masked else tiny_tokenizer()).save_pretrained(folder)
     return model

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
-from . import bigbench, counterfact, jsonl
+from . import bigbench, counterfact, jsonl, paper
 from .base import (
     BenchmarkError,
     Example,
@@ -25,44 +25,116 @@ from .base import (
 )
 
 
+#: Metrics of each kind of example (the scorers in :mod:`laser_export.evaluate` compute them).
+FIRST_TOKEN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss")
+CHOICE_METRICS = ("accuracy", "top1")
+GENERATION_METRICS = ("exact_match", "contains", "f1")
+
+
 @dataclass(frozen=True)
 class BenchmarkSpec:
+    """A benchmark: its loader, the scorers that can score it (a family must have one of them,
+    see ``Family.scorers``) and the metrics a recipe's ``benchmark.metric`` may name."""
+
     name: str
-    kind: str  # "generative" or "choice" (jsonl: either)
     description: str
     loader: Callable[[str | os.PathLike | None], list[Example]]
+    scorers: tuple[str, ...] = ("causal", "masked")
+    metrics: tuple[str, ...] = FIRST_TOKEN_METRICS
+    # the Hub dataset the examples correspond to (model card `model-index` dataset.type), its config, revision
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    hub_revision: str | None = None
+    max_new_tokens: int = 15  # generation scorers: new tokens per answer
 
+
+#: open-ended answers: first-token scoring, or generation (the paper's protocol for Llama-2 and WikidataQA)
+_OPEN = dict(scorers=("causal", "masked", "generate", "masked_generate"),
+             metrics=FIRST_TOKEN_METRICS + GENERATION_METRICS, max_new_tokens=10)
+
+
+_CHOICE = dict(metrics=CHOICE_METRICS)
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "counterfact": BenchmarkSpec(
         "counterfact",
-        "generative",
         "CounterFact true facts: rewrite prompt + 2 paraphrases per record, grouped by case_id",
         counterfact.load,
+        hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
+        **_OPEN,
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
-        "generative",
         "BigBench qa_wikidata (WikidataQA): complete a Wikidata fact; several accepted answers",
         partial(bigbench.load, "qa_wikidata"),
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="qa_wikidata",
+        **_OPEN,
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
-        "choice",
         "BigBench epistemic_reasoning: entailment vs non-entailment",
         partial(bigbench.load, "epistemic_reasoning"),
+        **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="epistemic_reasoning",
     ),
     "fever": BenchmarkSpec(
         "fever",
-        "choice",
         "BigBench fact_checker/fever: is the claim true or false",
         partial(bigbench.load, "fever"),
+        **_CHOICE,
+        hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
+        hub_config="fact_checker",
+    ),
+    "bios_gender": BenchmarkSpec(
+        "bios_gender",
+        "Bias in Bios (LabHC/bias_in_bios dev): male or female, compared at the next token / mask",
+        paper.load_bios_gender,
+        **_CHOICE,
+    ),
+    "bios_profession": BenchmarkSpec(
+        "bios_profession",
+        "Bias in Bios (LabHC/bias_in_bios dev), the paper's 8 one-token professions",
+        paper.load_bios_profession,
+        **_CHOICE,
+    ),
+    "truthfulqa": BenchmarkSpec(
+        "truthfulqa",
+        "TruthfulQA multiple_choice validation, every mc2 answer as a true/false statement",
+        paper.load_truthfulqa,
+        **_CHOICE,
+    ),
+    "fever_paper": BenchmarkSpec(
+        "fever_paper",
+        "FEVER v1.0 (EleutherAI/fever) paper_dev + paper_test, deduplicated claims: true or false",
+        paper.load_fever_paper,
+        **_CHOICE,
+    ),
+    "causal_judgement": BenchmarkSpec(
+        "causal_judgement",
+        "BigBench causal_judgment (tasksource/bigbench validation + train): Yes or No",
+        paper.load_causal_judgement,
+        **_CHOICE,
+    ),
+    "web_of_lies": BenchmarkSpec(
+        "web_of_lies",
+        "BigBench-Hard web_of_lies (lighteval/big_bench_hard): Yes or No",
+        paper.load_web_of_lies,
+        **_CHOICE,
+    ),
+    "hotpot_qa": BenchmarkSpec(
+        "hotpot_qa",
+        "HotpotQA fullwiki (train head + validation, answers <= 15 words): greedy generation",
+        paper.load_hotpot_qa,
+        scorers=("generate", "masked_generate"),
+        metrics=GENERATION_METRICS,
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",
-        "generative or choice",
         "your own examples, one JSON object per line (path required)",
         jsonl.load,
+        metrics=FIRST_TOKEN_METRICS + ("accuracy",),
     ),
 }
 
@@ -80,7 +152,25 @@ def load_examples(
         raise BenchmarkError(f"unknown benchmark {name!r}; known benchmarks: {', '.join(sorted(BENCHMARKS))}")
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
         raise BenchmarkError(f"{name}: max_examples must be a positive integer, got {max_examples!r}")
-    examples = spec.loader(path)
+    try:
+        examples = spec.loader(path)
+    except BenchmarkError:
+        raise
+    except RecursionError:
+        raise BenchmarkError(f"{name}: {path or 'the default file'}: data nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"{name}: {path or 'the default file'}: not UTF-8 text (byte {exc.start})") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        # a record of the wrong type (a number where a string or list belongs, ...) in a loader
+        raise BenchmarkError(
+            f"{name}: {path or 'the default file'}: a record has a field of the wrong type "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        ) from None
+    except OSError as exc:
+        raise BenchmarkError(f"{name}: cannot read {path or 'the default file'}: {exc.strerror or exc}") from None
+    blank = next((ex for ex in examples if not ex.prompt.strip() or not all(a.strip() for a in ex.answers)), None)
+    if blank is not None:
+        raise BenchmarkError(f"{name}: example {blank.id!r} has an empty (whitespace-only) prompt or answer")
     if not examples:
         raise BenchmarkError(f"{name}: no examples loaded from {path or 'the default location'}")
     check_unique_ids(examples, name)
@@ -123,6 +213,9 @@ def load_split(
 
 
 __all__ = [
+    "CHOICE_METRICS",
+    "FIRST_TOKEN_METRICS",
+    "GENERATION_METRICS",
     "load_split",
     "subsample_examples",
     "BENCHMARKS",

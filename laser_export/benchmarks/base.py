@@ -31,6 +31,8 @@ class Example:
     ``answers``: accepted answers (without the leading space; the scorer adds it). For choice
     examples ``answers`` holds the correct choice, ``choices`` all candidates and ``label`` the index
     of the correct one. ``group`` is the unit of splitting (``None`` → the example is its own group).
+    ``masked_prompt``: the prompt for masked LMs, with ``{mask}`` where the mask token goes
+    (``None`` → ``prompt + " {mask}"``).
     """
 
     id: str
@@ -39,6 +41,10 @@ class Example:
     choices: tuple[str, ...] | None = None
     label: int | None = None
     group: str | None = None
+    masked_prompt: str | None = None
+
+    #: placeholder for the tokenizer's mask token in :attr:`masked_prompt`
+    MASK = "{mask}"
 
     @property
     def is_choice(self) -> bool:
@@ -48,8 +54,17 @@ class Example:
     def split_group(self) -> str:
         return self.group if self.group is not None else self.id
 
+    def masked_text(self, mask_token: str) -> str:
+        """The masked-LM prompt: :attr:`masked_prompt` (the paper's RoBERTa wording where it differs)
+        or ``prompt + " {mask}"``, with ``{mask}`` replaced by ``mask_token``."""
+        template = self.masked_prompt if self.masked_prompt is not None else f"{self.prompt} {self.MASK}"
+        return template.replace(self.MASK, mask_token)
+
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["masked_prompt"] is None:  # keeps the SHA-256 of examples without one unchanged
+            del data["masked_prompt"]
+        return data
 
 
 def examples_sha256(examples: Iterable[Example]) -> str:

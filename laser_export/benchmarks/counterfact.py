@@ -7,6 +7,7 @@ fact ``requested_rewrite.target_true.str`` (the scorer prepends the space).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,10 +32,18 @@ def _how_to_get() -> str:
     )
 
 
-def download(url: str, *, timeout: float = 60.0) -> Path:
-    """Download ``url`` into the cache directory (once) and return the local file."""
+def cache_path(url: str) -> Path:
+    """Where ``url`` is cached: keyed by the full URL (two URLs ending in the same file name never
+    share an entry): ``~/.cache/laser-export/downloads/<sha256(url)[:16]>/<file name>``."""
     name = Path(urllib.parse.urlparse(url).path).name or "counterfact.json"
-    dest = cache_dir() / name
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    return cache_dir() / "downloads" / key / name
+
+
+def download(url: str, *, timeout: float = 60.0) -> Path:
+    """Download ``url`` into the cache directory (once per URL) and return the local file."""
+    dest = cache_path(url)
+    name = dest.name
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +92,16 @@ def _record_examples(rec: dict, index: int, source: str) -> list[Example]:
             f"counterfact: {source}: record #{index} is missing field {exc} "
             "(expected case_id, requested_rewrite.{prompt,subject,target_true.str}, paraphrase_prompts)"
         ) from None
+    if not isinstance(subject, str) or not subject.strip():
+        raise BenchmarkError(
+            f"counterfact: {source}: record #{index} (case_id {case_id}): requested_rewrite.subject must be a non-empty string"
+        )
     if not isinstance(template, str) or "{}" not in template:
         raise BenchmarkError(
             f"counterfact: {source}: record #{index} (case_id {case_id}): "
             f"requested_rewrite.prompt must contain '{{}}', got {template!r}"
         )
-    if not isinstance(paraphrases, list) or not all(isinstance(p, str) for p in paraphrases):
+    if not isinstance(paraphrases, list) or not all(isinstance(p, str) and p.strip() for p in paraphrases):
         raise BenchmarkError(
             f"counterfact: {source}: record #{index} (case_id {case_id}): paraphrase_prompts must be a list of strings"
         )
@@ -99,7 +112,8 @@ def _record_examples(rec: dict, index: int, source: str) -> list[Example]:
     prompts = [template.replace("{}", subject, 1)] + list(paraphrases)
     group = str(case_id)
     return [
-        Example(id=f"counterfact:{case_id}:{k}", prompt=p, answers=(answer,), group=group)
+        Example(id=f"counterfact:{case_id}:{k}", prompt=p, answers=(answer,), group=group,
+                masked_prompt=p + ("{mask}." if p.endswith(" ") else " {mask}."))  # the paper's RoBERTa prompt
         for k, p in enumerate(prompts)
     ]
 
@@ -111,10 +125,16 @@ def load(path: str | os.PathLike | None = None) -> list[Example]:
         with open(p, encoding="utf-8") as f:
             records = json.load(f)
     except json.JSONDecodeError as exc:
-        raise BenchmarkError(f"counterfact: {p} is not valid JSON: {exc}") from exc
+        raise BenchmarkError(f"counterfact: {p} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"counterfact: {p} is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise BenchmarkError(f"counterfact: {p}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise BenchmarkError(f"counterfact: {p} must contain a JSON list of records")
     out: list[Example] = []
     for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"counterfact: {p}: record #{i} is a {type(rec).__name__}, expected an object")
         out.extend(_record_examples(rec, i, str(p)))
     return out

@@ -35,8 +35,8 @@ def parse_line(obj, where: str, default_id: str) -> Example:
     if unknown:
         raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(ALLOWED_KEYS)}")
     prompt = obj.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise BenchmarkError(f"{where}: 'prompt' must be a non-empty string")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BenchmarkError(f"{where}: 'prompt' must be a non-empty string (not only whitespace)")
     ex_id = obj.get("id", default_id)
     if not isinstance(ex_id, (str, int)) or isinstance(ex_id, bool):
         raise BenchmarkError(f"{where}: 'id' must be a string or integer")
@@ -84,15 +84,27 @@ def load(path: str | os.PathLike | None) -> list[Example]:
     if not p.is_file():
         raise BenchmarkError(f"jsonl: file not found: {p}")
     out: list[Example] = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    try:
+        f = open(p, "rb")
+    except OSError as exc:
+        raise BenchmarkError(f"jsonl: cannot read {p}: {exc.strerror}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"jsonl: {p}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BenchmarkError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"jsonl: {p}:{lineno}"
+            if "\0" in line:
+                raise BenchmarkError(f"{where}: binary data (NUL byte); expected one JSON object per line")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise BenchmarkError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise BenchmarkError(f"{where}: JSON nested too deeply") from None
             out.append(parse_line(obj, where, default_id=f"line{lineno}"))
     if not out:
         raise BenchmarkError(f"jsonl: {p} contains no examples")

@@ -1,9 +1,10 @@
 """Model card (README.md) for a LASER export.
 
-`render_card` turns the recipe, the export manifest and the verify report into a
-`huggingface_hub.ModelCard`: YAML front matter with a `model-index` built from `EvalResult`s (only when
-the claims were actually verified), and a body that says what was changed, what was measured, on
-which split, what the measurement does *not* show, and how to load the checkpoint.
+`render_card` turns the recipe, the export manifest and the verify report (typed artifacts, see
+:mod:`laser_export.artifacts`) into a `huggingface_hub.ModelCard`: YAML front matter (``base_model`` +
+``base_model_relation``, a ``model-index`` of Hub dataset ids, only when the claims were verified) and a body
+with one function per section: what the source really was, what changed, what was measured on which split,
+the measured costs, what the measurement does *not* show, and the loading command that works.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ from __future__ import annotations
 import math
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..architectures import Family, family_for
+from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
+from ..recipe import Recipe
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
 
@@ -33,38 +39,38 @@ METRIC_LABELS = {
     "top1_no_article": "top-1 accuracy, leading articles excluded",
     "top5": "top-5 accuracy",
     "top10": "top-10 accuracy",
+    "accuracy": "accuracy",
+    "logprob": "answer log-prob (higher is better)",
     "logloss": "log-loss (lower is better)",
 }
 # A gain on article-excluded top-1 smaller than this fraction of the top-1 gain counts as "much smaller".
 FORMAT_GAIN_RATIO = 0.5
+# LASER edits the base weights without training; of the Hub's relations (adapter, merge, quantized, finetune)
+# "finetune" (a modified full copy of the base weights) is the closest.
+BASE_MODEL_RELATION = "finetune"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- formatting
 def _f(x: Any, nd: int = 4) -> str:
     if x is None:
         return "—"
     if isinstance(x, float) and math.isnan(x):
         return "nan"
-    if isinstance(x, (int, float)):
-        return f"{x:.{nd}f}"
-    return str(x)
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
 
 
-def _signed(x: Any, nd: int = 4) -> str:
+def _signed(x: float | None, nd: int = 4) -> str:
     return "—" if x is None else f"{x:+.{nd}f}"
 
 
-def _ci(ci: Any, nd: int = 4) -> str:
-    if not ci or len(ci) != 2:
-        return "—"
-    return f"[{ci[0]:+.{nd}f}, {ci[1]:+.{nd}f}]"
+def _ci(ci: list[float] | None, nd: int = 4) -> str:
+    return "—" if not ci or len(ci) != 2 else f"[{ci[0]:+.{nd}f}, {ci[1]:+.{nd}f}]"
 
 
-def _bytes(n: Any) -> str:
+def _bytes(n: int | None) -> str:
     if n is None:
         return "—"
-    n = int(n)
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= size:
             return f"{n:,} ({n / size:.1f} {unit})"
@@ -76,366 +82,428 @@ def _cell(x: Any) -> str:
 
 
 def _fence(text: str) -> str:
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    return "`" * max(3, longest + 1)
+    return "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
 
 
-def _hub_id_or_none(source: Any) -> str | None:
+def _hub_id_or_none(source: str | None) -> str | None:
     """A Hub model id from a recipe source (`org/name[@rev]`), or None for local paths / package files."""
-    if not isinstance(source, str) or source.startswith("package:"):
+    if not source or source.startswith("package:"):
         return None
     source = source.split("@", 1)[0]
-    if _HUB_ID.match(source) and not os.path.exists(source):
-        return source
-    return None
+    return source if _HUB_ID.match(source) and not os.path.exists(source) else None
 
 
-def _contains_zero(ci: Any) -> bool:
+def _contains_zero(ci: list[float] | None) -> bool:
     return bool(ci) and len(ci) == 2 and ci[0] <= 0.0 <= ci[1]
+
+
+def _delta(d: Delta | dict | None) -> Delta | None:
+    return d if isinstance(d, Delta) or d is None else Delta.model_validate(d)
 
 
 def format_gain_assessment(delta: dict | None) -> tuple[bool, list[str]]:
     """Does the measured top-1 gain look partly like an answer-format change? Returns (flag, sentences).
 
     Flagged when top-1 improves but the article-excluded top-1 delta is much smaller (< 50% of it) or its
-    95% CI includes 0. Also says when the top-1 CI itself includes 0.
-    """
-    delta = delta or {}
-    t1, na = delta.get("top1"), delta.get("top1_no_article")
-    notes: list[str] = []
-    flag = False
-    if not t1:
+    95% CI includes 0. Also says when the top-1 CI itself includes 0."""
+    t1, na = _delta((delta or {}).get("top1")), _delta((delta or {}).get("top1_no_article"))
+    if t1 is None:
         return False, ["No paired top-1 delta was reported, so the size of the gain is unknown."]
-    d1 = t1.get("estimate")
-    if _contains_zero(t1.get("ci95")):
-        notes.append(
-            f"The top-1 change ({_signed(d1)}, 95% CI {_ci(t1.get('ci95'))}) is **not distinguishable from zero** "
-            "at 95% on this split."
-        )
+    notes: list[str] = []
+    if _contains_zero(t1.ci95):
+        notes.append(f"The top-1 change ({_signed(t1.estimate)}, 95% CI {_ci(t1.ci95)}) is **not distinguishable "
+                     "from zero** at 95% on this split.")
     if na is None:
-        notes.append("No article-excluded top-1 was reported, so a change in answer format cannot be ruled out.")
+        return False, notes + ["No article-excluded top-1 was reported, so a change in answer format cannot be "
+                               "ruled out."]
+    d1, d2 = t1.estimate, na.estimate
+    if d1 is None or d1 <= 0:
         return False, notes
-    d2 = na.get("estimate")
-    if d1 is not None and d1 > 0:
-        much_smaller = d2 is None or d2 < FORMAT_GAIN_RATIO * d1
-        if much_smaller or _contains_zero(na.get("ci95")):
-            flag = True
-            notes.append(
-                f"**Part of the gain is answer format, not recall.** Top-1 improves by {_signed(d1)} but top-1 "
-                f"with leading articles excluded changes by {_signed(d2)} (95% CI {_ci(na.get('ci95'))})"
-                + (", an interval that includes 0" if _contains_zero(na.get("ci95")) else "")
-                + ". Article-excluded top-1 scores the answer without a leading \"the\"/\"a\"/\"an\", so the "
-                "difference between the two deltas is a change in answer *format* (whether the first predicted "
-                "token is an article), not better recall: read the top-1 gain as partly format."
-            )
-        else:
-            notes.append(
-                f"The article-excluded top-1 improves by {_signed(d2)} (95% CI {_ci(na.get('ci95'))}), comparable "
-                f"to the top-1 gain of {_signed(d1)}: the gain is not explained by answer format alone."
-            )
-    return flag, notes
+    if d2 is None or d2 < FORMAT_GAIN_RATIO * d1 or _contains_zero(na.ci95):
+        return True, notes + [
+            f"**Part of the gain is answer format, not recall.** Top-1 improves by {_signed(d1)} but top-1 "
+            f"with leading articles excluded changes by {_signed(d2)} (95% CI {_ci(na.ci95)})"
+            + (", an interval that includes 0" if _contains_zero(na.ci95) else "")
+            + ". Article-excluded top-1 scores the answer without a leading \"the\"/\"a\"/\"an\", so the "
+            "difference between the two deltas is a change in answer *format* (whether the first predicted "
+            "token is an article), not better recall: read the top-1 gain as partly format."]
+    return False, notes + [
+        f"The article-excluded top-1 improves by {_signed(d2)} (95% CI {_ci(na.ci95)}), comparable to the "
+        f"top-1 gain of {_signed(d1)}: the gain is not explained by answer format alone."]
 
 
-# ---------------------------------------------------------------------------------------------- render
-def render_card(
-    recipe_dict: dict,
-    recipe_yaml: str,
-    manifest: dict,
-    report: dict | None,
-    *,
-    skip_verify: bool = False,
-) -> ModelCard:
-    """Render the model card for an export. See the module docstring."""
-    recipe_dict = recipe_dict or {}
-    manifest = manifest or {}
-    r_model = recipe_dict.get("model") or {}
-    m_model = manifest.get("model") or {}
-    bench_recipe = recipe_dict.get("benchmark") or {}
-    storage = manifest.get("storage") or recipe_dict.get("storage") or "dense"
-    name = recipe_dict.get("name") or "laser-model"
-    hub = ((recipe_dict.get("export") or {}).get("hub") or {})
-    repo_id = hub.get("repo_id")
+# ---------------------------------------------------------------------------------------------- context
+@dataclass
+class CardContext:
+    """Everything a section needs, typed."""
 
-    verified = report is not None and not skip_verify and not report.get("skip_verify", False)
-    bench = (report or {}).get("benchmark") or {}
-    metrics = (report or {}).get("metrics") or {}
-    delta = (report or {}).get("delta") or {}
-    limit = bench.get("limit")
-    headline = bench_recipe.get("metric") or "top1"
+    recipe: Recipe
+    recipe_yaml: str
+    manifest: Manifest
+    report: VerifyReport | None
+    verified: bool
+    skip_verify: bool
+    family: Family | None
+    load_path: str  # the Hub repo id, or the local export folder when no repo is known
+    is_repo: bool
 
-    base_model = m_model.get("base_model") or _hub_id_or_none(m_model.get("source") or r_model.get("source"))
-    license_ = m_model.get("license") or r_model.get("license")
-    model_type = m_model.get("model_type") or m_model.get("architecture")
-    is_mlm = bool(model_type) and ("bert" in str(model_type).lower())
-    task_type = "fill-mask" if is_mlm else "text-generation"
-    tags = ["laser", "low-rank", "rank-reduction", "svd", "laser-export", f"laser-{storage}"]
-    if model_type:
-        tags.append(str(model_type))
+    @property
+    def source(self) -> SourceInfo:
+        return self.manifest.model or SourceInfo(source=self.recipe.model.source)
 
-    # -- model-index: only measured + verified numbers of THIS (reduced) model -------------------
-    eval_results: list[EvalResult] = []
-    if verified and metrics.get("reduced"):
-        bname = bench.get("name") or bench_recipe.get("name") or "benchmark"
-        split = bench.get("split") or bench_recipe.get("split") or "test"
-        n = (bench.get("sizes") or {}).get(split)
-        ds_name = f"{bname} ({split} split, seed {bench.get('seed')})"
-        if limit is not None:
-            ds_name += f", limited to {limit} examples"
-        dataset_args = {
-            k: v
-            for k, v in {
-                "seed": bench.get("seed"),
-                "validation_fraction": bench.get("validation_fraction"),
-                "n_examples": n if limit is None else min(n or limit, limit),
-                "limit": limit,
-                "examples_sha256": bench.get("examples_sha256"),
-            }.items()
-            if v is not None
-        }
-        for key in dict.fromkeys([headline, "top1", "top1_no_article"]):
-            value = metrics["reduced"].get(key)
-            if value is None:
-                continue
-            eval_results.append(
-                EvalResult(
-                    task_type=task_type,
-                    task_name="Next-token factual recall" if not is_mlm else "Masked factual recall",
-                    dataset_type=bname,
-                    dataset_name=ds_name,
-                    dataset_split=split,
-                    dataset_args=dataset_args or None,
-                    metric_type="accuracy",
-                    metric_value=float(value),
-                    metric_name=METRIC_LABELS.get(key, key),
-                    metric_config=key,
-                )
-            )
+    @property
+    def storage(self) -> str:
+        return self.manifest.storage or self.recipe.storage
 
-    card_data = ModelCardData(
-        model_name=name if eval_results else None,
-        base_model=base_model,
-        license=license_,
+    @property
+    def bench(self) -> BenchmarkInfo | None:
+        return self.report.benchmark if self.report is not None else None
+
+    @property
+    def limit(self) -> int | None:
+        return self.bench.limit if self.bench is not None else None
+
+    @property
+    def headline(self) -> str:
+        return self.recipe.benchmark.metric if self.recipe.benchmark else "top1"
+
+    @property
+    def base_model(self) -> str | None:
+        return self.source.base_model or self.recipe.model.base_model or _hub_id_or_none(self.source.source)
+
+    @property
+    def auto_class(self) -> str:
+        return self.family.auto_class if self.family else "AutoModelForCausalLM"
+
+
+def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> CardContext:
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+    manifest = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest or {})
+    if report is not None and not isinstance(report, VerifyReport):
+        report = VerifyReport.model_validate(report)
+    if report is not None and report.benchmark is not None and report.benchmark.hub_dataset is None:
+        report.benchmark = _with_hub_dataset(report.benchmark)  # reports written before the field existed
+    verified = report is not None and not skip_verify and not report.skip_verify
+    model_type = manifest.model.model_type if manifest.model else None
+    family = family_for(model_type) if model_type else None
+    repo_id = recipe.export.hub.repo_id if recipe.export.hub else None
+    load_path = repo_id or str(folder or f"out/{recipe.name}")
+    return CardContext(recipe, recipe_yaml or "", manifest, report, verified, skip_verify, family, load_path,
+                       repo_id is not None)
+
+
+def _with_hub_dataset(bench: BenchmarkInfo) -> BenchmarkInfo:
+    from ..benchmarks import BENCHMARKS
+
+    spec = BENCHMARKS.get(bench.name)
+    if spec is None:
+        return bench
+    return bench.model_copy(update={"hub_dataset": spec.hub_dataset, "hub_config": spec.hub_config,
+                                    "hub_revision": spec.hub_revision})
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+def _dataset_args(bench: BenchmarkInfo) -> dict:
+    n = bench.sizes.get(bench.split)
+    args = {"seed": bench.seed, "validation_fraction": bench.validation_fraction,
+            "n_examples": n if bench.limit is None else min(n or bench.limit, bench.limit),
+            "limit": bench.limit, "examples_sha256": bench.examples_sha256}
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _eval_results(ctx: CardContext) -> list[EvalResult]:
+    """model-index: only measured + verified numbers of THIS (reduced) model, on a Hub dataset id."""
+    if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None:
+        return []
+    bench, reduced = ctx.bench, ctx.report.metrics["reduced"]
+    name = f"{bench.name} ({bench.split} split, seed {bench.seed})"
+    if bench.limit is not None:
+        name += f", limited to {bench.limit} examples"
+    results = []
+    for key in dict.fromkeys([ctx.headline, "top1", "top1_no_article"]):
+        if key not in reduced:
+            continue
+        results.append(EvalResult(
+            task_type=ctx.family.pipeline_tag if ctx.family else "text-generation",
+            task_name="Masked factual recall" if ctx.family and ctx.family.task == "masked-lm"
+            else "Next-token factual recall",
+            dataset_type=bench.hub_dataset or "json", dataset_name=name, dataset_config=bench.hub_config,
+            dataset_revision=bench.hub_revision, dataset_split=bench.split, dataset_args=_dataset_args(bench),
+            metric_type="accuracy", metric_value=float(reduced[key]), metric_name=METRIC_LABELS.get(key, key),
+            metric_config=key,
+        ))
+    return results
+
+
+def _card_data(ctx: CardContext) -> ModelCardData:
+    eval_results = _eval_results(ctx)
+    tags = ["laser", "low-rank", "rank-reduction", "svd", "laser-export", f"laser-{ctx.storage}"]
+    if ctx.source.model_type:
+        tags.append(ctx.source.model_type)
+    if ctx.source.format == "gguf":
+        tags.append("gguf-source")
+    base = ctx.base_model
+    return ModelCardData(
+        model_name=ctx.recipe.name if eval_results else None,
+        base_model=base,
+        base_model_relation=BASE_MODEL_RELATION if base else None,
+        license=ctx.source.license or ctx.recipe.model.license,
         library_name="transformers",
-        pipeline_tag=task_type,
+        pipeline_tag=ctx.family.pipeline_tag if ctx.family else None,
         tags=tags,
         eval_results=eval_results or None,
     )
 
-    body = _render_body(
-        name=name, recipe_dict=recipe_dict, recipe_yaml=recipe_yaml, manifest=manifest, report=report,
-        verified=verified, storage=storage, repo_id=repo_id, base_model=base_model, headline=headline,
-        metrics=metrics, delta=delta, bench=bench, limit=limit, skip_verify=skip_verify,
-    )
-    content = f"---\n{card_data.to_yaml()}\n---\n\n{body}"
-    return ModelCard(content)
+
+# ---------------------------------------------------------------------------------------------- body sections
+def _warnings(ctx: CardContext) -> list[str]:
+    report = ctx.report
+    if not ctx.verified and ctx.recipe.claims is None and report is None:
+        return ["> [!WARNING]",
+                "> **No accuracy was measured or claimed for this checkpoint** (the recipe has no claims and no verify",
+                "> report exists). Rank reduction changes the model's outputs; evaluate it before relying on it.", ""]
+    if not ctx.verified:
+        why = "`--skip-verify` was used" if (ctx.skip_verify or (report and report.skip_verify)) \
+            else "no verify report exists"
+        return ["> [!WARNING]",
+                f"> **The accuracy claims on this card were NOT verified** ({why}). The numbers under *Claims* are the",
+                "> recipe author's, not measurements of this checkpoint, and the card's metadata carries no `model-index`",
+                "> results. Re-run the export without `--skip-verify` to measure them on the held-out split.", ""]
+    out = []
+    if not report.passed:
+        failed = [c.name for c in report.claims if not c.passed]
+        out += ["> [!CAUTION]",
+                f"> **Verification FAILED** for: {', '.join(failed) or 'one or more claims'}. The measured numbers",
+                "> below are correct for this checkpoint; the claimed ones were not reproduced within tolerance.", ""]
+    if ctx.limit is not None:
+        b = ctx.bench
+        out += ["> [!WARNING]",
+                f"> **Partial measurement:** verification ran with `--limit {b.limit}`, i.e. on only the first {b.limit}",
+                f"> examples of the `{b.split}` split (full size: {b.sizes.get(b.split, '?')}).",
+                "> The intervals below are wide and the numbers are not the full-split result.", ""]
+    return out
 
 
-def _render_body(*, name, recipe_dict, recipe_yaml, manifest, report, verified, storage, repo_id, base_model,
-                 headline, metrics, delta, bench, limit, skip_verify) -> str:
-    out: list[str] = [f"# {name}", ""]
-    r_model = recipe_dict.get("model") or {}
-    m_model = manifest.get("model") or {}
+def _source_sentence(ctx: CardContext) -> str:
+    """What the weights really were: a GGUF quantization dequantized, or a transformers checkpoint."""
+    s = ctx.source
+    rev = f" (revision `{s.revision}`)" if s.revision else ""
+    if s.format == "gguf":
+        quant = f"{s.gguf_quantization} quantization" if s.gguf_quantization else "quantized weights"
+        base = f" of `{ctx.base_model}`" if ctx.base_model else ""
+        return (f"**Source:** the GGUF file `{s.gguf_file or s.source}` ({quant}{base}), from `{s.source}`, "
+                f"dequantized to **{s.dtype}** by transformers on load. All baseline numbers below are that "
+                "dequantized model's, not the original full-precision checkpoint's.")
+    base = f" (base model `{ctx.base_model}`)" if ctx.base_model and ctx.base_model != s.source else ""
+    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}."
 
-    # -- prominent warnings first ------------------------------------------------------------------
-    if not verified and not recipe_dict.get("claims") and report is None:
-        out += [
-            "> [!WARNING]",
-            "> **No accuracy was measured or claimed for this checkpoint** (the recipe has no claims and no verify",
-            "> report exists). Rank reduction changes the model's outputs; evaluate it before relying on it.",
-            "",
-        ]
-    elif not verified:
-        why = "`--skip-verify` was used" if (skip_verify or (report or {}).get("skip_verify")) else "no verify report exists"
-        out += [
-            "> [!WARNING]",
-            f"> **The accuracy claims on this card were NOT verified** ({why}). The numbers under *Claims* are the",
-            "> recipe author's, not measurements of this checkpoint, and the card's metadata carries no `model-index`",
-            "> results. Re-run the export without `--skip-verify` to measure them on the held-out split.",
-            "",
-        ]
-    elif report.get("passed") is False:
-        failed = [c.get("name") for c in report.get("claims") or [] if not c.get("passed")]
-        out += [
-            "> [!CAUTION]",
-            f"> **Verification FAILED** for: {', '.join(map(str, failed)) or 'one or more claims'}. The measured numbers",
-            "> below are correct for this checkpoint; the claimed ones were not reproduced within tolerance.",
-            "",
-        ]
-    if verified and limit is not None:
-        out += [
-            "> [!WARNING]",
-            f"> **Partial measurement:** verification ran with `--limit {limit}`, i.e. on only the first {limit}",
-            f"> examples of the `{bench.get('split')}` split (full size: {(bench.get('sizes') or {}).get(bench.get('split'), '?')}).",
-            "> The intervals below are wide and the numbers are not the full-split result.",
-            "",
-        ]
 
-    desc = recipe_dict.get("description")
-    if desc:
-        out += [str(desc).strip(), ""]
-    base = base_model or m_model.get("source") or r_model.get("source")
+def _dtype_note(ctx: CardContext) -> list[str]:
+    measured, exported = ctx.source.dtype, ctx.manifest.export_dtype
+    if not measured or not exported or measured == exported:
+        return []
+    return [f"**Export dtype:** the numbers on this card were measured in {measured}; the weights were then cast to "
+            f"**{exported}** for this export, which was not measured again (expect differences at {exported} "
+            "rounding level).", ""]
+
+
+def _intro(ctx: CardContext) -> list[str]:
+    out = [f"# {ctx.recipe.name}", "", *_warnings(ctx)]
+    if ctx.recipe.description:
+        out += [ctx.recipe.description.strip(), ""]
+    dtype = ctx.manifest.export_dtype or ctx.source.dtype
     out += [
-        f"This checkpoint is `{base}`"
-        + (f" (revision `{m_model.get('revision') or r_model.get('revision')}`)" if (m_model.get("revision") or r_model.get("revision")) else "")
-        + f" with LASER applied to {len(manifest.get('matrices') or [])} weight matrix(es), "
-        f"exported by laser-export {manifest.get('laser_export_version', '')} with `{storage}` storage.",
-        "",
-        "## What LASER is",
-        "",
+        f"LASER applied to {len(ctx.manifest.matrices)} weight matrix(es), exported by laser-export "
+        f"{ctx.manifest.laser_export_version} with `{ctx.storage}` storage" + (f" in {dtype}." if dtype else "."),
+        "", _source_sentence(ctx), "", *_dtype_note(ctx),
+        "## What LASER is", "",
         "LASER (LAyer-SElective Rank reduction) replaces one chosen weight matrix of a trained transformer with its "
         "rank-*k* truncated SVD approximation, with no further training. Sharma et al. report that removing the "
         f"higher-order components of late MLP matrices this way can improve factual question answering ({PAPER_CITATION}).",
         "",
-        "## What changed",
-        "",
-        "ρ is the fraction of the matrix's maximum rank that is kept (rank = ⌊ρ · max rank⌋). Relative error is "
-        "‖W − W_k‖_F / ‖W‖_F.",
-        "",
-        "| Layer | Matrix | Module | Shape | ρ | Rank (kept / max) | Rel. Frobenius error | Storage | Bytes saved |",
-        "|---:|---|---|---|---:|---:|---:|---|---:|",
     ]
-    for m in manifest.get("matrices") or []:
-        shape = "×".join(str(s) for s in m.get("shape") or [])
-        out.append(
-            f"| {m.get('layer')} | `{_cell(m.get('matrix'))}` | `{_cell(m.get('name'))}` | {shape} | {m.get('rho')} "
-            f"| {m.get('rank')} / {m.get('max_rank')} | {_f(m.get('relative_error'))} | {m.get('storage', storage)} "
-            f"| {_bytes(m.get('bytes_saved'))} |"
-        )
-    totals = manifest.get("totals") or {}
-    out += ["", f"Total: {totals.get('n_matrices', len(manifest.get('matrices') or []))} matrix(es), "
-            f"{_bytes(totals.get('bytes_saved'))} saved"
-            + (" (dense storage writes the reduced matrix back at full size: no memory is saved)." if storage == "dense" else "."),
-            ""]
+    return out
 
-    # -- results -----------------------------------------------------------------------------------
-    out += ["## Results", ""]
-    if report is not None and metrics:
-        split = bench.get("split")
-        sizes = bench.get("sizes") or {}
-        out += [
-            f"Benchmark `{bench.get('name')}`, **`{split}` split** (seeded split: seed {bench.get('seed')}, "
-            f"validation fraction {bench.get('validation_fraction')}; sizes: "
-            + ", ".join(f"{k} {v}" for k, v in sizes.items())
-            + f"; examples sha256 `{bench.get('examples_sha256')}`"
-            + (f"; **limited to the first {limit} examples**" if limit is not None else "")
+
+def _what_changed(ctx: CardContext) -> list[str]:
+    out = ["## What changed", "",
+           "ρ is the fraction of the matrix's maximum rank that is kept (rank = ⌊ρ · max rank⌋). Relative error is "
+           "‖W − W_k‖_F / ‖W‖_F.", "",
+           "| Layer | Matrix | Module | Shape | ρ | Rank (kept / max) | Rel. Frobenius error | Storage | Bytes saved |",
+           "|---:|---|---|---|---:|---:|---:|---|---:|"]
+    for m in ctx.manifest.matrices:
+        out.append(f"| {m.layer} | `{_cell(m.matrix)}` | `{_cell(m.name)}` | {'×'.join(map(str, m.shape))} "
+                   f"| {m.rho} | {m.rank} / {m.max_rank} | {_f(m.relative_error)} | {m.storage} "
+                   f"| {_bytes(m.bytes_saved)} |")
+    totals = ctx.manifest.totals
+    dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
+    out += ["", f"Total: {totals.n_matrices or len(ctx.manifest.matrices)} matrix(es), {_bytes(totals.bytes_saved)} "
+            "saved" + (dense_note if ctx.storage == "dense" else "."), ""]
+    return out
+
+
+def _metric_rows(ctx: CardContext) -> list[str]:
+    metrics, delta = ctx.report.metrics, ctx.report.delta
+    base_m, red_m = metrics.get("baseline", {}), metrics.get("reduced", {})
+    keys = [k for k in METRIC_LABELS if k in base_m or k in red_m]
+    keys += [k for k in [*base_m, *red_m] if k not in METRIC_LABELS and k != "n"]
+    rows = []
+    for k in dict.fromkeys(keys):
+        d = delta.get(k) or Delta()
+        label = METRIC_LABELS.get(k, k)
+        label = f"**{label}**" if k == ctx.headline else label
+        rows.append(f"| {label} (`{k}`) | {_f(base_m.get(k))} | {_f(red_m.get(k))} | {_signed(d.estimate)} "
+                    f"| {_ci(d.ci95)} | {d.n if d.n is not None else '—'} |")
+    return rows
+
+
+def _results(ctx: CardContext) -> list[str]:
+    if ctx.report is None or not ctx.report.metrics or ctx.bench is None:
+        return ["## Results", "", "No measurement of this checkpoint is available.", ""]
+    b = ctx.bench
+    hub = f" (Hub dataset `{b.hub_dataset}`" + (f", config `{b.hub_config}`" if b.hub_config else "") + ")" \
+        if b.hub_dataset else ""
+    cached = " The baseline numbers were read from the baseline cache (same model, examples and scorer)." \
+        if ctx.report.baseline_cache and ctx.report.baseline_cache.hit else ""
+    return ["## Results", "",
+            f"Benchmark `{b.name}`{hub}, **`{b.split}` split** (seeded split: seed {b.seed}, validation fraction "
+            f"{b.validation_fraction}; sizes: " + ", ".join(f"{k} {v}" for k, v in b.sizes.items())
+            + f"; examples sha256 `{b.examples_sha256}`"
+            + (f"; **limited to the first {b.limit} examples**" if b.limit is not None else "")
             + "). The intervention was chosen on the validation split; numbers below are on the held-out split. "
-            "Δ is reduced − baseline with a paired-bootstrap 95% confidence interval.",
-            "",
-            "| Metric | Baseline | Reduced | Δ | 95% CI of Δ | n |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        base_m, red_m = metrics.get("baseline") or {}, metrics.get("reduced") or {}
-        keys = [k for k in METRIC_LABELS if k in base_m or k in red_m]
-        keys += [k for k in list(base_m) + list(red_m) if k not in keys and k not in METRIC_LABELS and k != "n"]
-        for k in dict.fromkeys(keys):
-            d = delta.get(k) or {}
-            label = METRIC_LABELS.get(k, k)
-            if k == headline:
-                label = f"**{label}**"
-            out.append(
-                f"| {label} (`{k}`) | {_f(base_m.get(k))} | {_f(red_m.get(k))} | {_signed(d.get('estimate'))} "
-                f"| {_ci(d.get('ci95'))} | {d.get('n', '—')} |"
-            )
-        out.append("")
-    else:
-        out += ["No measurement of this checkpoint is available.", ""]
+            "Δ is reduced − baseline with a paired-bootstrap 95% confidence interval." + cached, "",
+            "| Metric | Baseline | Reduced | Δ | 95% CI of Δ | n |", "|---|---:|---:|---:|---:|---:|",
+            *_metric_rows(ctx), ""]
 
-    claims_rows = []
-    if report is not None and report.get("claims"):
-        for c in report["claims"]:
-            ok = "✅ passed" if c.get("passed") else "❌ failed"
-            if not verified:
-                ok = "not verified"
-            claims_rows.append(
-                f"| {c.get('name')} | `{c.get('metric')}` | {_f(c.get('claimed'))} | {_f(c.get('measured'))} "
-                f"| ±{c.get('tolerance')} | {ok} |"
-            )
-    else:
-        claims = recipe_dict.get("claims") or {}
-        tol = claims.get("tolerance")
-        for which in ("baseline", "reduced"):
-            acc = (claims.get(which) or {}).get("accuracy")
-            if acc is not None:
-                claims_rows.append(f"| {which}.accuracy | `{headline}` | {_f(acc)} | — | ±{tol} | not verified |")
-    if claims_rows:
-        out += ["### Claims", "", "| Claim | Metric | Claimed | Measured | Tolerance | Status |",
-                "|---|---|---:|---:|---:|---|", *claims_rows, ""]
 
-    # -- limits ------------------------------------------------------------------------------------
-    out += ["## Limits", ""]
-    if verified:
-        _, notes = format_gain_assessment(delta)
-        out += [f"- {n}" for n in notes]
+def _claims(ctx: CardContext) -> list[str]:
+    rows = []
+    if ctx.report is not None and ctx.report.claims:
+        for c in ctx.report.claims:
+            status = ("✅ passed" if c.passed else "❌ failed") if ctx.verified else "not verified"
+            rows.append(f"| {c.name} | `{c.metric}` | {_f(c.claimed)} | {_f(c.measured)} | ±{c.tolerance} | {status} |")
+    elif ctx.recipe.claims is not None:
+        claims = ctx.recipe.claims
+        for which, claim in (("baseline", claims.baseline), ("reduced", claims.reduced)):
+            rows.append(f"| {which}.accuracy | `{ctx.headline}` | {_f(claim.accuracy)} | — | ±{claims.tolerance} "
+                        "| not verified |")
+    if not rows:
+        return []
+    return ["### Claims", "", "| Claim | Metric | Claimed | Measured | Tolerance | Status |",
+            "|---|---|---:|---:|---:|---|", *rows, ""]
+
+
+def _perplexity(ctx: CardContext) -> dict | None:
+    """The verify report's perplexity measurement, when there is one (``report["perplexity"]``)."""
+    if ctx.report is None or not ctx.report.model_extra:
+        return None
+    ppl = ctx.report.model_extra.get("perplexity")
+    return ppl if isinstance(ppl, dict) and ppl else None
+
+
+def _costs(ctx: CardContext) -> list[str]:
+    """Measured costs: general language-modelling quality (perplexity) and answer log-loss."""
+    out = ["## Measured costs", ""]
+    ppl = _perplexity(ctx)
+    if ppl is not None:
+        base, red = ppl.get("baseline"), ppl.get("reduced")
+        where = ", ".join(f"{k} {_cell(v)}" for k, v in ppl.items()
+                          if k not in ("baseline", "reduced") and isinstance(v, (str, int, float)))
+        if isinstance(base, (int, float)) and isinstance(red, (int, float)):
+            out.append(f"- Perplexity: {_f(base, 3)} → {_f(red, 3)} ({(red / base - 1) * 100:+.2f}%)"
+                       + (f" ({where})." if where else "."))
+        else:
+            out.append(f"- Perplexity: {_cell(ppl)}")
+    else:
+        out.append("- Perplexity (general language-modelling quality) was **not measured** for this export.")
+    if ctx.report is not None:
+        b, r = ctx.report.metrics.get("baseline", {}), ctx.report.metrics.get("reduced", {})
+        if "logloss" in b and "logloss" in r:
+            out.append(f"- Answer log-loss on the benchmark split: {_f(b['logloss'])} → {_f(r['logloss'])}.")
+    errs = [m.relative_error for m in ctx.manifest.matrices if m.relative_error is not None]
+    if errs:
+        out.append(f"- Largest relative Frobenius error of a reduced matrix: {_f(max(errs))}.")
+    return out + [""]
+
+
+def _limits(ctx: CardContext) -> list[str]:
+    out = ["## Limits", ""]
+    if ctx.verified:
+        out += [f"- {n}" for n in format_gain_assessment(
+            {k: v.model_dump() for k, v in ctx.report.delta.items()})[1]]
     else:
         out.append("- **Nothing on this card was measured by laser-export**: the claimed accuracies are unverified.")
-    if limit is not None:
-        out.append(f"- The measurement used only {limit} examples (`--limit`); it is a smoke test, not the full split.")
-    out += [
-        f"- One benchmark, one held-out split, first-token scoring. General "
-        "language-modelling quality (perplexity) and other tasks were not measured here and may be worse.",
-        "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.",
-        "",
+    if ctx.limit is not None:
+        out.append(f"- The measurement used only {ctx.limit} examples (`--limit`); it is a smoke test, not the full split.")
+    other = "Other tasks were" if _perplexity(ctx) is not None else "General language-modelling quality (perplexity) and other tasks were"
+    out += [f"- One benchmark, one held-out split, first-token scoring. {other} not measured here and may be worse.",
+            "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.", ""]
+    return out
+
+
+def _formats(ctx: CardContext) -> list[str]:
+    out = []
+    onnx = ctx.manifest.onnx
+    if onnx is not None:
+        status = "passed" if onnx.passed else "**FAILED**"
+        out += ["## ONNX", "",
+                f"`{onnx.file}`: max |logits(ONNX Runtime) − logits(PyTorch)| = {onnx.max_abs_diff:.3g} "
+                f"(tolerance {onnx.tolerance:.3g}) — parity check {status}.", ""]
+    gguf = ctx.manifest.gguf
+    if gguf is not None:
+        out += ["## GGUF", "",
+                f"`{gguf.file}`: {gguf.dtype} tensors, llama.cpp architecture `{gguf.arch}` (dense weights), for "
+                f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`."
+                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the source was not a GGUF "
+                   "file): llama.cpp needs one; transformers can load the weights with the folder's tokenizer."), ""]
+    return out
+
+
+def _snippet(ctx: CardContext, *lines: str) -> list[str]:
+    where = "" if ctx.is_repo else "  # the export folder; after a push, the Hub repo id"
+    return ["```python", f"from transformers import {ctx.auto_class}", "", *lines[:-1],
+            f'model = {ctx.auto_class}.from_pretrained("{ctx.load_path}"{lines[-1]}){where}', "```", ""]
+
+
+def _how_to_load(ctx: CardContext) -> list[str]:
+    out = ["## How to load", ""]
+    if ctx.storage != "factorised":
+        return out + ["The reduced matrices were written back at full size, so this loads anywhere, with no extra "
+                      "package:", "", *_snippet(ctx, "")]
+    return out + [
+        "The reduced matrices are stored as their two low-rank factors (this is where the memory saving comes from). "
+        "The checkpoint carries its own loading code (`modeling_laser.py`, named in `config.json`'s `auto_map`), so "
+        "plain transformers loads it with `trust_remote_code=True`; laser-export need not be installed:", "",
+        *_snippet(ctx, ", trust_remote_code=True"),
+        "With laser-export installed, importing it registers the same loader and no remote code runs:", "",
+        "```python", "import laser_export  # registers the factorised-layer loader",
+        *_snippet(ctx, "")[1:-1],
+        "Without either, loading fails loudly (a size mismatch, or `LaserLoadError` for a missing factor) instead of "
+        "silently loading wrong (random) weights for the factorised layers.", "",
     ]
 
-    # -- ONNX --------------------------------------------------------------------------------------
-    onnx = manifest.get("onnx")
-    if onnx:
-        status = "passed" if onnx.get("passed") else "**FAILED**"
-        out += [
-            "## ONNX",
-            "",
-            f"`{onnx.get('file')}`: max |logits(ONNX Runtime) − logits(PyTorch)| = {onnx.get('max_abs_diff'):.3g} "
-            f"(tolerance {onnx.get('tolerance'):.3g}) — parity check {status}.",
-            "",
-        ]
 
-    # -- loading -----------------------------------------------------------------------------------
-    repo = repo_id or "REPO_ID"
-    out += ["## How to load", ""]
-    if storage == "factorised":
-        out += [
-            "The reduced matrices are stored as their two low-rank factors (this is where the memory saving comes "
-            "from). **`laser_export` must be imported before loading**; it registers the loader for the factorised layers:",
-            "",
-            "```python",
-            "import laser_export  # pip install laser-export; registers the factorised-layer loader",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            "```",
-            "",
-            "A loader without `laser_export` fails loudly instead of silently loading wrong (random) weights for "
-            "the factorised layers.",
-            "",
-        ]
-    else:
-        out += [
-            "The reduced matrices were written back at full size, so this loads anywhere, with no extra package:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-            "```",
-            "",
-        ]
+def _recipe_and_citation(ctx: CardContext) -> list[str]:
+    fence = _fence(ctx.recipe_yaml)
+    return ["## Recipe", "", "The full recipe this checkpoint was built from:", "",
+            f"{fence}yaml", ctx.recipe_yaml.rstrip("\n"), fence, "",
+            "## Citation", "", "```bibtex", BIBTEX, "```", ""]
 
-    # -- recipe ------------------------------------------------------------------------------------
-    fence = _fence(recipe_yaml or "")
-    out += [
-        "## Recipe",
-        "",
-        "The full recipe this checkpoint was built from:",
-        "",
-        f"{fence}yaml",
-        (recipe_yaml or "").rstrip("\n"),
-        fence,
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        BIBTEX,
-        "```",
-        "",
-    ]
-    return "\n".join(out)
+
+SECTIONS = (_intro, _what_changed, _results, _claims, _costs, _limits, _formats, _how_to_load, _recipe_and_citation)
+
+
+def render_card(
+    recipe: Recipe | dict,
+    recipe_yaml: str,
+    manifest: Manifest | dict,
+    report: VerifyReport | dict | None,
+    *,
+    skip_verify: bool = False,
+    folder: str | os.PathLike | None = None,
+) -> ModelCard:
+    """Render the model card for an export. ``folder``: the export folder, named in the loading snippet when
+    the recipe has no ``export.hub.repo_id``."""
+    ctx = _context(recipe, recipe_yaml, manifest, report, skip_verify, folder)
+    body = "\n".join(line for section in SECTIONS for line in section(ctx))
+    return ModelCard(f"---\n{_card_data(ctx).to_yaml()}\n---\n\n{body}")

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shlex
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations"]
+__all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations", "redact",
+           "hub_timeout", "DEFAULT_TIMEOUT"]
+
+#: seconds allowed for each Hub request to connect and for each read (``--hub-timeout``,
+#: ``LASER_EXPORT_HUB_TIMEOUT``); a server that accepts the connection and never answers fails after it.
+DEFAULT_TIMEOUT = 60.0
 
 # Same exclusions as huggingface_hub's upload_folder (DEFAULT_IGNORE_PATTERNS): never push VCS or
 # huggingface_hub's local bookkeeping.
@@ -43,6 +51,57 @@ def retry_command(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
     if endpoint:
         parts += ["--endpoint", endpoint]
     return shlex.join(parts)
+
+
+_SECRETS = [
+    (re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),
+    (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|basic\s+)?[^\s,'\"}]+"), r"\1\2***"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer ***"),
+    (re.compile(r"(?i)((?:access_|api_|hf_)?token[\"']?\s*[:=]\s*[\"']?)[^\s,'\"&}]+"), r"\1***"),
+]
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """``text`` with Hub tokens, Authorization headers and ``token=`` values replaced by ``***``."""
+    for secret in (*secrets, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    for pattern, repl in _SECRETS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
+    value = os.environ.get("LASER_EXPORT_HUB_TIMEOUT")
+    try:
+        return float(value) if value else default
+    except ValueError:
+        return default
+
+
+@contextmanager
+def hub_timeout(seconds: float | None) -> Iterator[None]:
+    """Give every huggingface_hub request a connect/read/write timeout of ``seconds`` (its shared
+    HTTP client has none by default, so a stalled server hangs forever); restored afterwards."""
+    from huggingface_hub.utils import _http
+
+    if seconds is None:
+        yield
+        return
+    import httpx2
+
+    previous = _http._GLOBAL_CLIENT_FACTORY
+
+    def factory():
+        client = previous()
+        client.timeout = httpx2.Timeout(seconds)
+        return client
+
+    _http.set_client_factory(factory)
+    try:
+        yield
+    finally:
+        _http.set_client_factory(previous)
 
 
 def hub_repo_url(repo_id: str, *, endpoint: str | None = None, revision: str | None = None) -> str:
@@ -87,6 +146,7 @@ def push_folder(
     endpoint: str | None = None,
     commit_message: str | None = None,
     revision: str | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> str:
     """Create `repo_id` if needed and upload every file of `folder` in ONE commit; return the commit URL.
 
@@ -97,6 +157,10 @@ def push_folder(
     installed, ``upload_folder`` switches to a pipelined multi-commit upload, and an export must land
     atomically (weights, manifest and card together). Large files still go through Xet/LFS when the
     server's preupload answer says so; a server that answers "regular" gets them inline.
+
+    ``timeout``: seconds for each request to connect and for each read (None: no limit). A stalled
+    server fails the push (after huggingface_hub's retries) with the retry command. Server error
+    text in the message has tokens and Authorization headers redacted.
     """
     folder_s = str(folder)
     retry = retry_command(folder_s, repo_id, private=private, endpoint=endpoint)
@@ -123,18 +187,24 @@ def push_folder(
     try:
         from huggingface_hub import CommitOperationAdd, HfApi
 
-        api = HfApi(endpoint=endpoint, token=token)
-        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
-        info = api.create_commit(
-            repo_id=repo_id,
-            repo_type="model",
-            operations=operations,
-            commit_message=commit_message or f"Upload LASER export ({len(files)} files) with laser-export",
-            revision=revision,
-        )
+        with hub_timeout(timeout):
+            api = HfApi(endpoint=endpoint, token=token)
+            api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
+            info = api.create_commit(
+                repo_id=repo_id,
+                repo_type="model",
+                operations=operations,
+                commit_message=commit_message or f"Upload LASER export ({len(files)} files) with laser-export",
+                revision=revision,
+            )
     except PushError:
         raise
     except Exception as e:  # any auth / network / HTTP / validation failure
-        raise fail(f"{type(e).__name__}: {e}", e) from e
+        text = " ".join(str(e).split())
+        if timeout and ("timeout" in type(e).__name__.lower() or "timed out" in text.lower()):
+            text += f" (no answer within the {timeout:g} s Hub timeout; raise it with --hub-timeout)"
+        if "offline" in type(e).__name__.lower() or "HF_HUB_OFFLINE" in text:
+            text += " (HF_HUB_OFFLINE is set: unset it to push)"
+        raise fail(redact(f"{type(e).__name__}: {text}", token), e) from e
     return str(info.commit_url or hub_repo_url(repo_id, endpoint=endpoint))

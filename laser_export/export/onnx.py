@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from laser_export.architectures import ArchitectureError, family_for
+from laser_export.architectures import ArchitectureError, families_with, family_for, model_types_with
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ EXTERNAL_DATA_SUFFIX = ".data"
 #: protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
-#: Families (``laser_export.architectures``) whose ONNX export is supported and tested.
-ONNX_FAMILIES = ("llama", "gpt2", "gptj", "roberta")
+#: Families whose data file says ``onnx: true`` (supported and tested by this exporter).
+ONNX_FAMILIES = tuple(f.name for f in families_with(onnx=True))
 
 DEFAULT_SAMPLE_TEXTS = [
     "The capital of France is",
@@ -52,7 +52,7 @@ DEFAULT_SAMPLE_TEXTS = [
     "Hello",
 ]
 
-_PAST_RE = re.compile(r"^(?:input\.|output\.)?past_key_values\.layers\.(\d+)\.(keys|values)$")
+_PAST_RE = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache)\.layers\.(\d+)\.(keys|values)$")
 
 
 class OnnxExportError(RuntimeError):
@@ -87,20 +87,22 @@ def onnx_task(model) -> str:
         family = family_for(model_type)
     except ArchitectureError as err:
         raise UnsupportedOnnxArchitecture(f"ONNX export: {err}") from None
-    supported = sorted(mt for name in ONNX_FAMILIES for mt in family_for(name).model_types)
-    if family.name not in ONNX_FAMILIES:
+    supported = model_types_with(onnx=True)
+    if not family.onnx:
         raise UnsupportedOnnxArchitecture(
             f"ONNX export is not supported for model_type {model_type!r} (family {family.name!r}); "
             f"supported model types: {', '.join(supported)}"
         )
-    cls = type(model).__name__
-    if family.task == "causal-lm" and not cls.endswith(("ForCausalLM", "LMHeadModel")):
+    import transformers
+
+    try:  # the class the family's Auto class builds for this config
+        expected = getattr(transformers, family.auto_class)._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        expected = None
+    if expected is not None and not isinstance(model, expected):
         raise UnsupportedOnnxArchitecture(
-            f"ONNX export of model_type {model_type!r} needs a causal-LM model (*ForCausalLM), got {cls}"
-        )
-    if family.task == "masked-lm" and not cls.endswith("ForMaskedLM"):
-        raise UnsupportedOnnxArchitecture(
-            f"ONNX export of model_type {model_type!r} needs a *ForMaskedLM model, got {cls}"
+            f"ONNX export of model_type {model_type!r} needs the {family.task} model {family.auto_class} builds "
+            f"({expected.__name__}), got {type(model).__name__}"
         )
     return family.task
 

@@ -6,66 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
-#: files of a model folder whose content identifies the weights (config.json: same weights, other
-#: architecture settings would score differently)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
-_FULL_HASH_LIMIT = 32 * 2**20  # files up to this size are hashed whole
-_HEAD = 4 * 2**20  # bigger files: the first 4 MiB (header), 64 sampled 64 KiB blocks and the size
-_BLOCK, _SAMPLES = 64 * 2**10, 64
-
-
-def _file_identity(path: Path) -> str:
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}\0{size}\0".encode())
-    with path.open("rb") as fh:
-        if size <= _FULL_HASH_LIMIT:
-            for block in iter(lambda: fh.read(2**20), b""):
-                h.update(block)
-            return h.hexdigest()
-        head = _HEAD
-        if path.suffix == ".safetensors":  # the whole JSON header (dtypes, shapes, offsets), however long
-            (n,) = struct.unpack("<Q", fh.read(8))
-            head = max(head, 8 + n)
-        fh.seek(0)
-        h.update(fh.read(min(head, size)))
-        # a fine-tune with the same shapes has the same header: sample the data too
-        block = min(_BLOCK, size)
-        for i in range(_SAMPLES + 1):
-            fh.seek(max(0, min(size - block, head + (size - head - block) * i // _SAMPLES)))
-            h.update(fh.read(block))
-    return h.hexdigest()
-
-
-def weights_identity(source) -> str:
-    """A content identity of a resolved model source (:class:`laser_export.sources.ResolvedSource`).
-
-    GGUF file: its header, size and sampled data blocks. Folder: the same for every weight file plus
-    ``config.json``. Hub id: the local snapshot's files when it is cached, else ``repo@revision``
-    (a Hub revision pinned by commit sha is itself an identity). Never the path alone.
-    """
-    files: list[Path] = []
-    if source.gguf_file:
-        files = [Path(source.location) / source.gguf_file]
-    elif source.kind == "folder":
-        folder = Path(source.location)
-        files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
-    elif source.kind == "hub":
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(source.location, revision=source.revision, local_files_only=True))
-            files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json"))
-        except Exception:  # not cached (the load will say so), or no network: fall back to the pinned id
-            files = []
-        if not files:
-            return f"hub:{source.location}@{source.revision or 'main'}"
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}\0{_file_identity(f)}\n".encode())
-    return h.hexdigest()[:32]
+# The identity of the weights (content hashes of headers, sizes and sampled data; never the path)
+# lives with the sources, where the baseline cache uses it too.
+from ..sources import weights_identity  # noqa: E402,F401
 
 
 def run_key(**parts) -> str:

@@ -1,0 +1,176 @@
+"""Typed artifacts: the export manifest, one reduced-matrix entry, and the verify report.
+
+They are written as JSON (``manifest.json``, ``verify_report.json``); these pydantic models are their
+schema. ``python -m laser_export.artifacts`` (re)writes the JSON Schemas to ``laser_export/schemas/``
+(a test checks they are current). Readers (the model card) validate the JSON into these models and use
+attributes, never ``dict.get``. Unknown keys are kept (``extra="allow"``), so a newer writer's additions
+survive a round trip through an older reader.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+class _Artifact(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# --------------------------------------------------------------------------------------------- manifest
+class MatrixEntry(_Artifact):
+    """One reduced matrix (manifest ``matrices[]``, verify report ``interventions[]``)."""
+
+    name: str = Field(description="qualified module name, e.g. model.layers.28.mlp.up_proj")
+    intervention: int | None = Field(None, description="index of the recipe intervention it comes from")
+    layer: int
+    matrix: str = Field(description="alias: fc_in, fc_up, fc_out, q, k, v, o, qkv")
+    shape: list[int] = Field(description="[out, in]")
+    rho: float | None = None
+    rank: int
+    max_rank: int
+    frobenius_error: float | None = None
+    relative_error: float | None = Field(None, description="||W - W_k||_F / ||W||_F")
+    storage: Literal["dense", "factorised"] = "dense"
+    bytes_dense: int | None = None
+    bytes_stored: int | None = None
+    bytes_saved: int = 0
+
+
+class SourceInfo(_Artifact):
+    """Where the weights came from and in which form they were loaded."""
+
+    source: str = Field(description="model.source as written in the recipe")
+    revision: str | None = None
+    architecture: str | None = Field(None, description="laser-export family name")
+    model_type: str | None = None
+    base_model: str | None = Field(None, description="Hub id of the original model")
+    license: str | None = None
+    dtype: str | None = Field(None, description="dtype the weights were loaded (and reduced) in")
+    format: Literal["gguf", "transformers"] | None = Field(None, description="file format of the source")
+    gguf_file: str | None = None
+    gguf_quantization: str | None = Field(None, description="GGUF file type, e.g. Q4_1 (dequantized on load)")
+
+
+class OnnxInfo(_Artifact):
+    file: str
+    max_abs_diff: float
+    tolerance: float
+    passed: bool
+
+
+class GgufInfo(_Artifact):
+    file: str
+    arch: str
+    dtype: str
+    tokenizer: bool = Field(False, description="tokenizer metadata copied from the source GGUF")
+    tensor_bytes: int | None = None
+    max_abs_diff: float | None = Field(None, description="max |logits| difference, GGUF read back vs safetensors")
+    tolerance: float | None = None
+
+
+class Totals(_Artifact):
+    n_matrices: int = 0
+    bytes_saved: int = 0
+
+
+class Manifest(_Artifact):
+    """``manifest.json`` of an export."""
+
+    laser_export_version: str = ""
+    recipe: str | None = None
+    model: SourceInfo | None = None
+    storage: Literal["dense", "factorised"] = "dense"
+    export_dtype: str | None = Field(None, description="dtype of the exported tensors")
+    reduction: dict[str, Any] | None = None
+    matrices: list[MatrixEntry] = []
+    totals: Totals = Totals()
+    checkpoint: dict[str, Any] | None = Field(None, description="tensor_bytes and files of the safetensors")
+    auto_map: dict[str, str] | None = Field(None, description="remote-code classes of a factorised export")
+    onnx: OnnxInfo | None = None
+    gguf: GgufInfo | None = None
+
+
+# --------------------------------------------------------------------------------------------- report
+class BenchmarkInfo(_Artifact):
+    name: str
+    split: str = "test"
+    seed: int | None = None
+    validation_fraction: float | None = None
+    subsample: int | None = None
+    sizes: dict[str, int] = {}
+    n_scored: int | None = None
+    examples_sha256: str | None = None
+    limit: int | None = None
+    hub_dataset: str | None = Field(None, description="Hub dataset id the examples correspond to")
+    hub_config: str | None = None
+    hub_revision: str | None = None
+
+
+class Delta(_Artifact):
+    estimate: float | None = None
+    ci95: list[float] | None = None
+    n: int | None = None
+
+
+class ClaimResult(_Artifact):
+    name: str
+    metric: str
+    claimed: float
+    measured: float | None = None
+    tolerance: float
+    passed: bool
+    why: str | None = None
+
+
+class BaselineCacheInfo(_Artifact):
+    hit: bool = Field(description="the baseline came from the cache (not scored in this run)")
+    key: str
+    path: str | None = None
+
+
+class VerifyReport(_Artifact):
+    """``verify_report.json`` (also ``reports/<name>.verify.json``)."""
+
+    recipe: str | None = None
+    benchmark: BenchmarkInfo | None = None
+    metrics: dict[str, dict[str, float]] = {}
+    delta: dict[str, Delta] = {}
+    claims: list[ClaimResult] = []
+    interventions: list[MatrixEntry] = []
+    passed: bool = False
+    skip_verify: bool = False
+    prefix_cache: bool | None = None
+    baseline_cache: BaselineCacheInfo | None = None
+    seconds: dict[str, float] = {}
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "manifest": Manifest,
+    "matrix_entry": MatrixEntry,
+    "verify_report": VerifyReport,
+}
+
+
+def schema_text(model: type[BaseModel]) -> str:
+    return json.dumps(model.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, model in SCHEMAS.items():
+        path = folder / f"{name}.schema.json"
+        path.write_text(schema_text(model))
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in write_schemas():
+        print(p)

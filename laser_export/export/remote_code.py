@@ -1,0 +1,48 @@
+"""Ship the loading code with a factorised export (``auto_map`` + ``modeling_laser.py``).
+
+With these two additions, ``Auto<Class>.from_pretrained(folder_or_repo, trust_remote_code=True)`` loads the
+factorised checkpoint with plain transformers: laser-export need not be installed. With laser-export
+imported, the same folder still loads without ``trust_remote_code`` (the registered quantizer, see
+:mod:`laser_export.hf`). The shipped file is ``laser_export/remote/modeling_laser.py`` plus one generated
+class per checkpoint: ``Laser<ModelClass>(LaserLoadMixin, <ModelClass>)``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from torch import nn
+
+from ..architectures import family_for
+
+MODELING_FILE = "modeling_laser.py"
+
+
+def modeling_source(model_class: str) -> str:
+    """The modeling file's text with the generated class for ``model_class`` (a transformers class name)."""
+    if not model_class.isidentifier():
+        raise ValueError(f"not a class name: {model_class!r}")
+    base = resources.files("laser_export.remote").joinpath(MODELING_FILE).read_text()
+    return base + (
+        f"from transformers import {model_class}  # noqa: E402\n\n\n"
+        f"class Laser{model_class}(LaserLoadMixin, {model_class}):\n"
+        f'    """{model_class} whose factorised layers load from this checkpoint."""\n'
+    )
+
+
+def write_remote_code(folder: Path, model: nn.Module) -> dict[str, str]:
+    """Write ``modeling_laser.py`` into ``folder`` and add ``auto_map`` to its ``config.json``.
+
+    The Auto class comes from the family's ``auto_class``. Returns the auto_map written."""
+    folder = Path(folder)
+    model_class = type(model).__name__
+    auto_class = family_for(model.config.model_type).auto_class
+    (folder / MODELING_FILE).write_text(modeling_source(model_class))
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    auto_map = {auto_class: f"{Path(MODELING_FILE).stem}.Laser{model_class}"}
+    config["auto_map"] = {**config.get("auto_map", {}), **auto_map}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return auto_map

@@ -1,0 +1,135 @@
+"""Load a laser-export *factorised* checkpoint with plain transformers (no laser-export installed).
+
+This file is copied into every factorised export and named in ``config.json``'s ``auto_map``, so
+
+    AutoModelForCausalLM.from_pretrained(repo_or_folder, trust_remote_code=True)
+
+gives the reduced model. It needs only torch and transformers (>= 5). The checkpoint stores each reduced
+matrix W (out x in) as two factors, ``<module>.weight`` (k x in) and ``<module>.weight_out`` (out x k); the
+ranks are in ``config.json`` under ``quantization_config: {quant_method: laser, ranks: {module: k}}``.
+Importing this file registers that quantization method with transformers (unless laser-export already did),
+whose hook swaps each named linear layer for a :class:`LowRankLinear` before the weights load.
+
+A checkpoint that lacks a factor is refused (``LaserLoadError``) instead of loading random weights.
+Generated classes for this checkpoint are appended at the end of the file.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "laser"
+
+
+class LaserLoadError(RuntimeError):
+    """The checkpoint does not hold what its quantization_config says (a factor is missing)."""
+
+
+class LowRankLinear(nn.Module):
+    """y = (x @ weight.T) @ weight_out.T + bias, with weight (k, in) and weight_out (out, k)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.weight_out = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.weight), self.weight_out, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def _is_factorised(module: nn.Module) -> bool:
+    return hasattr(module, "weight_out") and hasattr(module, "rank")
+
+
+def _swap(model: nn.Module, ranks: dict) -> None:
+    for name, rank in ranks.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LaserLoadError(f"quantization_config.ranks names {name!r}, which this model does not have") from None
+        if _is_factorised(old):
+            continue
+        w = old.weight
+        conv1d = type(old).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+        out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
+        new = LowRankLinear(in_f, out_f, int(rank), bias=old.bias is not None, device=w.device, dtype=w.dtype)
+        model.set_submodule(name, new)
+
+
+class LaserConfig(QuantizationConfigMixin):
+    def __init__(self, ranks: dict | None = None, laser_export_version: str | None = None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.ranks = dict(ranks or {})
+        self.laser_export_version = laser_export_version
+
+    def to_dict(self) -> dict:
+        return {"quant_method": QUANT_METHOD, "ranks": dict(self.ranks),
+                "laser_export_version": self.laser_export_version}
+
+
+class LaserQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        _swap(model, self.quantization_config.ranks)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def is_serializable(self, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:  # laser-export, when imported, registers its own
+    register_quantization_config(QUANT_METHOD)(LaserConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(LaserQuantizer)
+
+
+def _ranks(config) -> dict:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return {}
+    return dict(qc.get("ranks") or {}) if isinstance(qc, dict) else dict(getattr(qc, "ranks", {}) or {})
+
+
+class LaserLoadMixin:
+    """from_pretrained that refuses a checkpoint whose factors are missing."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = []
+        for name in _ranks(model.config):
+            module = model.get_submodule(name)
+            if not _is_factorised(module):
+                problems.append(f"{name} was not replaced by its low-rank factors")
+                continue
+            missing = [k for k in info.get("missing_keys", ()) if k.startswith(name + ".")]
+            problems += [f"{k} is missing from the checkpoint" for k in missing]
+        if problems:
+            raise LaserLoadError("factorised checkpoint is incomplete: " + "; ".join(problems[:10]))
+        return (model, info) if want_info else model
+
+
+# ---- generated for this checkpoint by laser-export (below) ----
