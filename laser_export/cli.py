@@ -221,8 +221,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     )
     search.add_argument("--model", help="model source (as model.source in a recipe)")
     search.add_argument("--benchmark", help="benchmark name (as benchmark.name)")
-    search.add_argument("--template", help="recipe to take model/benchmark/storage/export/comments from; "
-                        "its interventions and claims are replaced")
+    search.add_argument("--template", help="recipe to take model (revision, dtype, device, trust_remote_code), "
+                        "benchmark, storage, reduction and export from; its name, comments, interventions and "
+                        "claims are replaced")
     search.add_argument("--benchmark-path", help="benchmark data file or archive")
     search.add_argument("--subsample", type=_positive_int, help="draw N examples (seeded) before splitting")
     search.add_argument("--max-examples", type=_positive_int, help="sweep on only the first N validation examples")
@@ -240,7 +241,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--tolerance", type=_non_negative_float, default=0.005, help="claims tolerance written to the recipe")
     search.add_argument("--skip-test", action="store_true", help="no test scoring (writes sweep files, no recipe)")
     search.add_argument("--results", help="JSONL of candidate results (resumable; default next to --out)")
-    search.add_argument("--name", help="recipe name (default: template's, else from --out)")
+    search.add_argument("--name", help="recipe name (default: <model>-<benchmark>)")
+    search.add_argument("--plot-metric", choices=["top1", "logloss", "both"], default="both",
+                        help="heatmap panels: Δ top-1, Δ validation log-loss (the paper's Figure 1), or both")
+    search.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="score candidates on Ray actors (one per GPU, else 2 CPU workers); without ADDRESS "
+                        "a local Ray (or RAY_ADDRESS); needs pip install 'laser-export[ray]'")
+    search.add_argument("--ray-workers", type=_positive_int, help="number of Ray actors (default: one per GPU, else 2)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_progress(search)
     return {"run": run, "check": check, "verify": verify, "push": push, "search": search}
@@ -318,9 +325,13 @@ def cmd_push(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import main as search_main
+    from dataclasses import fields
 
-    return search_main(args)
+    from .search import SearchOptions, search
+
+    names = {f.name for f in fields(SearchOptions)} - {"progress"}
+    search(SearchOptions(**{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress))
+    return EXIT_OK
 
 
 HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cmd_push, "search": cmd_search}

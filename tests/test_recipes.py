@@ -18,7 +18,7 @@ PAPER = [p for p in RECIPES if p.name.startswith(("gptj-", "llama2-7b-", "robert
 
 
 def _param(path):  # a recipe on a real local model file (GGUF) reads it: slow
-    slow = "source: package:" in path.read_text()
+    slow = "source: package:" in path.read_text() or ".gguf\n" in path.read_text()
     return pytest.param(path, id=path.name, marks=[pytest.mark.slow] if slow else [])
 
 
@@ -36,6 +36,9 @@ def test_recipe_checks_and_has_a_scorer(path, monkeypatch):
             found = None
         if found is None:
             pytest.skip(f"{package} is not installed")
+    gguf = Path(recipe.model.source).expanduser()
+    if recipe.model.source.endswith(".gguf") and not gguf.is_file():
+        pytest.skip(f"{gguf} is not there (its recipe's header says how to install it)")
     p = plan(recipe, text, weights_free=True)
     scorer = scorer_for(p.family, BENCHMARKS[recipe.benchmark.name])
     assert scorer in p.family.scorers

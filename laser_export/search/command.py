@@ -1,0 +1,286 @@
+"""``laser-export search`` as a library call: options → plan → benchmark → load → sweep → test →
+sweep JSON, heatmap, recipe.
+
+The model goes through the same :func:`laser_export.pipeline.plan` / :func:`~laser_export.pipeline.load_model`
+as ``run`` and ``verify``: a ``--template`` recipe's ``model`` section (revision, trust_remote_code,
+device, dtype) and ``reduction`` are honoured. The plan is the template (or a minimal recipe) with one
+probe intervention per requested matrix at layer 0, so bad ``--matrices`` fail before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from .. import evaluate
+from ..architectures import num_layers
+from ..recipe import RecipeError, load_recipe, parse_recipe
+from .compose import selection_key
+from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
+from .options import SearchOptions
+from .plot import plot_sweep
+from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
+from .results import ResultsLog, run_key, weights_identity
+from .sweep import KEPT_METRICS, evaluate_recipe, run_search
+
+#: model fields that describe one particular checkpoint: dropped when --model replaces the template's
+_CHECKPOINT_FIELDS = ("revision", "model_type", "num_layers", "base_model", "license")
+
+
+@dataclass
+class SearchOutcome:
+    """What a search wrote and found (the CLI prints from it; tests read it)."""
+
+    sweep_json: Path
+    plot: Path
+    results: Path
+    recipe: Path | None
+    chosen: list[Candidate]
+    test: dict = field(default_factory=dict)
+
+
+def _plan_recipe(opts: SearchOptions, template: dict) -> dict:
+    model = dict(template.get("model") or {})
+    if opts.model and opts.model != model.get("source"):
+        model = {k: v for k, v in model.items() if k not in _CHECKPOINT_FIELDS}
+        model["source"] = opts.model
+    t_bench = template.get("benchmark") or {}
+    bench_name = opts.benchmark or t_bench.get("name")
+    if not model.get("source") or not bench_name:
+        raise RecipeError(["search: give --model and --benchmark (or a --template recipe that names them)"])
+    pick = lambda value, key, default: value if value is not None else t_bench.get(key, default)  # noqa: E731
+    bench = {
+        "name": bench_name,
+        "path": pick(opts.benchmark_path, "path", None),
+        "seed": pick(opts.seed, "seed", 0),
+        "validation_fraction": pick(opts.validation_fraction, "validation_fraction", 0.2),
+        "subsample": pick(opts.subsample, "subsample", None),
+        "metric": "top1",
+        "batch_size": pick(opts.batch_size, "batch_size", 32),
+    }
+    probes = [{"layer": 0, "matrix": m.strip(), "rho": 1.0} for m in opts.matrices.split(",") if m.strip()]
+    if not probes:
+        raise RecipeError(["--matrices: no matrix named"])
+    data = {
+        "name": "search",
+        "model": model,
+        "interventions": probes,
+        "storage": opts.storage or template.get("storage") or "dense",
+        "benchmark": {k: v for k, v in bench.items() if v is not None},
+    }
+    for key in ("reduction", "export"):
+        if key in template:
+            data[key] = template[key]
+    return data
+
+
+def _load_for_worker(p):
+    """Runs inside each Ray actor: the same loading as the driver (pipeline.load_model)."""
+    from ..pipeline import load_model
+
+    loaded = load_model(p)
+    return loaded.model, loaded.tokenizer
+
+
+@dataclass
+class _Prepared:
+    """Everything known before the weights load."""
+
+    plan: object
+    template: dict
+    bench: dict
+    layers: list[int]
+    matrices: list[str]
+    rhos: list[float]
+    split: object
+    validation: list
+    identity: str
+    key: str
+    log: ResultsLog
+    out: Path
+    stem: Path
+
+
+def prepare(opts: SearchOptions) -> _Prepared:
+    """Plan (no weights), grid, benchmark split and the run key: every input problem fails here."""
+    import yaml
+
+    from ..benchmarks import examples_sha256, load_split
+    from ..pipeline import console, plan
+
+    template: dict = {}
+    if opts.template:
+        _, t_text = load_recipe(opts.template)  # validated; its comments and claims are not carried over
+        template = yaml.safe_load(t_text)
+    data = _plan_recipe(opts, template)
+    p = plan(parse_recipe(data, opts.template), yaml.safe_dump(data, sort_keys=False))
+    bench = p.recipe.benchmark.model_dump(exclude={"split"}, exclude_none=True)
+    n_layers = num_layers(p.config)
+    layers = parse_layers(opts.layers, n_layers)
+    matrices = parse_matrices(opts.matrices, p.family)
+    rhos = parse_rhos(opts.rhos)
+    out = Path(opts.out)
+    stem = out.with_suffix("")
+    results_path = Path(opts.results) if opts.results else stem.parent / f"{stem.name}.search.jsonl"
+
+    with console.status(f"loading benchmark {bench['name']}"):
+        split = load_split(bench["name"], path=bench.get("path"), seed=bench.get("seed"),
+                           validation_fraction=bench["validation_fraction"], subsample=bench.get("subsample"))
+    validation = split.validation[: opts.max_examples] if opts.max_examples else split.validation
+    if not validation or (not opts.skip_test and not split.test):
+        raise RecipeError([f"benchmark: the split has {len(validation)} validation and {len(split.test)} test examples"])
+
+    with console.status("identifying the weights"):
+        identity = weights_identity(p.source)
+    key = run_key(weights=identity, dtype=p.recipe.model.dtype, benchmark=bench["name"],
+                  validation=examples_sha256(validation), storage=p.recipe.storage,
+                  reduction=p.recipe.reduction.model_dump())
+    log = ResultsLog(results_path, key)
+    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem)
+
+
+def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
+    from ..pipeline import console
+
+    p = pr.plan
+    pool = None
+    if opts.ray is not None:
+        from .ray_pool import RayPool
+
+        with console.status("starting Ray"):
+            pool = RayPool(partial(_load_for_worker, p), p.family, pr.validation, batch_size=pr.bench["batch_size"],
+                           storage=p.recipe.storage, reduction=p.recipe.reduction, cache_start=min(pr.layers),
+                           address=opts.ray or None, workers=opts.ray_workers)
+        console.print(f"Ray: {len(pool)} actors")
+    t0 = time.perf_counter()
+    try:
+        result = run_search(
+            model, tokenizer, p.family, pr.validation, layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
+            batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
+            prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
+            progress=opts.progress, pool=pool,
+        )
+    finally:
+        if pool is not None:
+            pool.close()
+    result.timings["search_s"] = time.perf_counter() - t0
+    if not result.chosen:
+        raise RecipeError(["search: no candidates were swept"])
+    return result
+
+
+def _print_validation(result) -> None:
+    from ..pipeline import console
+
+    top = sorted(result.candidates, key=lambda r: selection_key(r["metrics"]), reverse=True)[:10]
+    console.print(f"validation baseline top1 {result.baseline['top1']:.4f} (n={int(result.baseline['n'])})")
+    for r in top:
+        m = r["metrics"]
+        ll = f" logloss {m['logloss']:.3f}" if "logloss" in m else ""
+        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={r['rho']:<5g} k={r['rank']:<4} top1 {m['top1']:.4f} "
+                      f"({r['delta_top1'] * 100:+.2f} pts) logprob {m['logprob']:.3f}{ll}")
+    console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
+
+
+def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
+    """Baseline and the chosen recipe scored once on the held-out test split, with bootstrap CIs."""
+    base, red = evaluate_recipe(model, tokenizer, pr.plan.family, pr.split.test, chosen,
+                                batch_size=pr.bench["batch_size"], storage=pr.plan.recipe.storage, svd=svd,
+                                progress=progress)
+    test = {
+        "n": len(pr.split.test),
+        "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
+        "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
+        "delta_top1_bootstrap": evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1")),
+    }
+    if "top1_no_article" in base.metrics:
+        test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
+            base.hits("top1_no_article"), red.hits("top1_no_article"))
+    return test
+
+
+def _write_recipe(opts: SearchOptions, pr: _Prepared, result, test: dict, name: str) -> Path:
+    p, template = pr.plan, pr.template
+    source = p.recipe.model.source
+    n = len(result.chosen)
+    data = build_recipe_dict(
+        name=name, source=source, chosen=result.chosen, benchmark=pr.bench,
+        baseline_acc=test["baseline"]["top1"], reduced_acc=test["reduced"]["top1"],
+        tolerance=opts.tolerance, storage=p.recipe.storage, template=template,
+        model={"model_type": p.config.model_type, "num_layers": num_layers(p.config)},
+        description=f"{source} with {'one matrix' if n == 1 else f'{n} matrices'} rank-reduced by LASER, "
+        f"found by laser-export search on {pr.bench['name']}",
+    )
+    if template and opts.model and opts.model != (template.get("model") or {}).get("source"):
+        data["model"] = {k: v for k, v in data["model"].items()
+                         if k not in _CHECKPOINT_FIELDS or k in ("model_type", "num_layers")}
+    comments = header_comments(
+        source=source, benchmark=pr.bench["name"], n_validation=len(pr.validation),
+        n_candidates=len(result.candidates), layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
+        compose=opts.compose, test=test, tolerance=opts.tolerance,
+    )
+    write_recipe(pr.out, data, comments)
+    return pr.out
+
+
+def search(opts: SearchOptions) -> SearchOutcome:
+    """The whole search; see the module docstring. Raises RecipeError/SourceError/... on bad input."""
+    from ..intervene import SVDCache
+    from ..pipeline import console, load_model
+
+    pr = prepare(opts)
+    p = pr.plan
+    ignored = f"; {pr.log.other_runs} rows of other runs (other weights or settings) ignored" if pr.log.other_runs else ""
+    console.print(
+        f"search: {len(pr.layers)} layers × {len(pr.matrices)} matrices × {len(pr.rhos)} ρ on {len(pr.validation)} "
+        f"validation examples; {len(pr.log.rows)} results already in {pr.log.path}{ignored}"
+    )
+    loaded = load_model(p)
+    svd = SVDCache(p.recipe.reduction)
+    result = _sweep(opts, pr, loaded.model, loaded.tokenizer, svd)
+    _print_validation(result)
+    test = {} if opts.skip_test else _test(pr, loaded.model, loaded.tokenizer, result.chosen, svd, opts.progress)
+    if test:
+        print_test_summary(test)
+
+    source, bench = p.recipe.model.source, pr.bench
+    name = opts.name or recipe_name(source, bench["name"])
+    sweep = {"run": pr.key, "weights_identity": pr.identity, "model": source, "benchmark": bench,
+             "layers": pr.layers, "matrices": pr.matrices, "rhos": pr.rhos, "validation_n": len(pr.validation),
+             "results_file": str(pr.log.path), **result.to_json(), "test": test}
+    json_path = pr.stem.parent / f"{pr.stem.name}.sweep.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(sweep, indent=1))
+    png = plot_sweep(result, pr.stem.parent / f"{pr.stem.name}.sweep.png", metric=opts.plot_metric,
+                     model=model_stem(source), benchmark=bench["name"])
+    console.print(f"wrote {json_path} and {png}")
+    written = None
+    if test:
+        written = _write_recipe(opts, pr, result, test, name)
+        console.print(f"wrote {written} (recipe {name!r})")
+    return SearchOutcome(json_path, png, pr.log.path, written, list(result.chosen), test)
+
+
+def print_test_summary(test: dict) -> None:
+    """Top-1 and article-excluded deltas on the test split, each with its bootstrap CI and a verdict."""
+    from ..pipeline import console
+
+    def line(label: str, metric: str, ci: dict) -> str:
+        b, r = test["baseline"][metric], test["reduced"][metric]
+        lo, hi = ci["ci95"]
+        verdict = "[green]gain[/]" if lo > 0 else "[red]loss[/]" if hi < 0 else "[yellow]CI includes 0[/]"
+        return (f"  {label:<22} {b:.4f} → {r:.4f}  Δ {ci['estimate'] * 100:+.2f} pts  "
+                f"95% CI [{lo * 100:+.2f}, {hi * 100:+.2f}]  {verdict}")
+
+    console.print(f"test (n={test['n']}), held out:")
+    console.print(line("top1", "top1", test["delta_top1_bootstrap"]))
+    if "delta_top1_no_article_bootstrap" in test:
+        console.print(line("top1, articles ignored", "top1_no_article", test["delta_top1_no_article_bootstrap"]))
+        top, noart = test["delta_top1_bootstrap"], test["delta_top1_no_article_bootstrap"]
+        if top["ci95"][0] > 0 and noart["ci95"][0] <= 0:
+            console.print("[yellow]  the top1 gain is answer format (fewer leading articles), not shown to be recall[/]")
+    if test["reduced"]["top1"] <= test["baseline"]["top1"]:
+        console.print("[yellow]warning:[/] the validation choice does not improve the test split")

@@ -1,0 +1,88 @@
+"""The search grid: candidates (layer, matrix, ρ) and the parsing of ``--layers``, ``--matrices``, ``--rhos``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from ..architectures import Family, expand_matrix
+from ..recipe import RecipeError
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    layer: int
+    matrix: str
+    rho: float
+
+    @property
+    def key(self) -> str:
+        return f"L{self.layer}.{self.matrix}.rho{self.rho:g}"
+
+    @property
+    def site(self) -> tuple[int, str]:
+        return (self.layer, self.matrix)
+
+    def as_intervention(self) -> dict:
+        return {"layer": self.layer, "matrix": self.matrix, "rho": self.rho}
+
+
+def set_key(cands: Sequence[Candidate]) -> str:
+    return "+".join(c.key for c in cands)
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """``"20-29"``, ``"24,26,28"``, ``"-4"`` style negatives, or None (the last third of the model)."""
+    if spec is None or spec == "":
+        return list(range(n_layers - max(1, n_layers // 3), n_layers))
+    layers: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (None, None)
+                if lo is None:
+                    raise ValueError
+                a, b = int(lo), int(hi)
+                if a > b:
+                    raise RecipeError([f"--layers: range {part!r} is empty (write low-high, e.g. {b}-{a})"])
+                layers += list(range(a, b + 1))
+            else:
+                v = int(part)
+                layers.append(v + n_layers if v < 0 else v)
+        except ValueError:
+            raise RecipeError([f"--layers: cannot read {part!r} (use e.g. 20-29 or 24,26,28)"]) from None
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise RecipeError([f"--layers: model has {n_layers} layers (0..{n_layers - 1}), got {bad}"])
+    return sorted(set(layers))
+
+
+def parse_rhos(spec: str | Iterable[float]) -> list[float]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        try:
+            v = float(item)
+        except ValueError:
+            raise RecipeError([f"--rhos: {item!r} is not a number"]) from None
+        if not 0 < v <= 1:
+            raise RecipeError([f"--rhos: ρ is the fraction of the max rank kept, in (0, 1]; got {v}"])
+        out.append(v)
+    if not out:
+        raise RecipeError(["--rhos: no values"])
+    return sorted(set(out))
+
+
+def parse_matrices(spec: str | Iterable[str], family: Family) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        item = item.strip()
+        if item:
+            for alias in expand_matrix(family, item):  # raises ArchitectureError (exit 2)
+                if alias not in out:
+                    out.append(alias)
+    return out

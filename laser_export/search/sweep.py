@@ -1,0 +1,350 @@
+"""The sweep: score every candidate of the grid on the validation split, pick the best, compose.
+
+What makes it fast (vs the paper's loop of model copies, one SVD per ρ and batch-size-1 scoring):
+
+* **no copies** — each candidate is swapped into the one loaded model with
+  :func:`laser_export.intervene.replace_weight` and undone bit-exactly afterwards;
+* **one SVD per matrix** — :class:`laser_export.intervene.SVDCache` serves every ρ (and the data-free
+  SNR ranking) from the same decomposition;
+* **prefix cache** — the inputs of every block from the lowest swept layer on are recorded in one full,
+  batched pass over the validation set (:class:`laser_export.prefix.PrefixCache`, which is also the
+  baseline); a candidate at layer ℓ then only runs blocks ℓ..L−1, the final norm and — lazily, on the
+  positions the scorer reads — the LM head. Candidates are scored layer by layer, candidate-major;
+* **batched scoring** — the exact batches of :func:`laser_export.evaluate.score_examples`;
+* **many workers** (optional) — a :class:`laser_export.search.ray_pool.RayPool` scores groups of
+  candidates (one group per layer) on Ray actors, each holding the model and its own prefix cache.
+
+Selection uses the validation split only: the best candidate by top-1 accuracy, ties broken by the
+higher mean answer log-prob. Composition stacks the individually-helpful candidates greedily (best
+first, one ρ per matrix), keeping each only if validation top-1 strictly improves, up to ``compose``
+interventions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Sequence
+
+from .. import evaluate
+from ..architectures import Family, module_name
+from ..intervene import SVDCache, replace_weight
+from ..lowrank import as_matrix, factorised_saves_bytes, rank_for
+from ..prefix import PrefixCache
+from ..recipe import RecipeError
+from .compose import compose_greedy, selection_key
+from .grid import Candidate, set_key
+from .results import ResultsLog
+from .snr import snr, spearman
+
+KEPT_METRICS = ("top1", "top1_no_article", "top5", "top10", "logprob", "logloss", "accuracy", "n")
+
+
+@dataclass
+class SearchResult:
+    baseline: dict
+    candidates: list[dict]  # {candidate fields, rank, metrics, delta_top1, delta_logloss}
+    best: Candidate | None
+    chosen: list[Candidate]
+    chosen_metrics: dict
+    compose_trace: list[dict]
+    snr: list[dict]
+    snr_report: dict
+    timings: dict = field(default_factory=dict)
+    n_scored: int = 0  # scoring calls actually made (not resumed)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["best"] = self.best.as_intervention() if self.best else None
+        d["chosen"] = [c.as_intervention() for c in self.chosen]
+        return d
+
+
+def metrics_of(result) -> dict:
+    return {k: float(v) for k, v in result.metrics.items() if k in KEPT_METRICS}
+
+
+class Swapper:
+    """Applies candidates to the model (one SVD per matrix) and undoes them in reverse order."""
+
+    def __init__(self, model, family: Family, svd: SVDCache, storage: str):
+        self.model, self.family, self.svd, self.storage = model, family, svd, storage
+
+    def name(self, layer: int, alias: str) -> str:
+        return module_name(self.model, self.family, layer, alias)
+
+    def decomposition(self, layer: int, alias: str):
+        name = self.name(layer, alias)
+        w = as_matrix(self.model.get_submodule(name))
+        return self.svd.get(name, w, min(w.shape))
+
+    def shape(self, layer: int, alias: str) -> tuple[int, int]:
+        w = as_matrix(self.model.get_submodule(self.name(layer, alias)))
+        return int(w.shape[0]), int(w.shape[1])
+
+    def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
+        undos = []
+        try:
+            for c in cands:
+                name = self.name(c.layer, c.matrix)
+                shape = self.shape(c.layer, c.matrix)
+                k = rank_for(c.rho, shape)
+                if k >= min(shape):
+                    continue  # full rank: the model itself
+                svd = self.decomposition(c.layer, c.matrix)
+                factorised = self.storage == "factorised" and factorised_saves_bytes(k, shape)
+                undos.append(replace_weight(self.model, name, svd, k, factorised))
+        except BaseException:
+            for u in reversed(undos):
+                u()
+            raise
+
+        def undo():
+            for u in reversed(undos):
+                u()
+
+        return undo
+
+
+class LocalScorer:
+    """Scores candidate sets on one in-process model: swap, replay from the prefix cache, undo.
+
+    The unit of work of both the single-process sweep and each Ray actor.
+    """
+
+    def __init__(self, model, tokenizer, family: Family, examples: Sequence, *, batch_size: int = 32,
+                 storage: str = "dense", svd: SVDCache | None = None, use_prefix_cache: bool = True,
+                 cache_start: int | None = None):
+        self.model, self.tokenizer, self.family, self.examples = model, tokenizer, family, examples
+        self.batch_size, self.use_prefix_cache = batch_size, use_prefix_cache
+        self.swap = Swapper(model, family, svd if svd is not None else SVDCache(), storage)
+        self.cache: PrefixCache | None = None
+        self.cache_start = cache_start
+        self.baseline_metrics: dict | None = None
+        self.timings = {"capture_s": 0.0, "score_s": 0.0}
+        self.n_scored = 0
+
+    def _score(self, forward_fn=None):
+        self.n_scored += 1
+        t = time.perf_counter()
+        r = evaluate.score_examples(self.model, self.tokenizer, self.examples, batch_size=self.batch_size,
+                                    progress=False, forward_fn=forward_fn)
+        self.timings["score_s"] += time.perf_counter() - t
+        return r
+
+    def _ensure_cache(self, start: int) -> PrefixCache | None:
+        if not self.use_prefix_cache:
+            return None
+        if self.cache_start is not None:
+            start = min(start, self.cache_start)
+        if self.cache is None or self.cache.start > start:
+            self.cache = PrefixCache(self.model, self.family, start, lazy_capture=True)
+            t = time.perf_counter()
+            r = self._score(self.cache.capture)
+            self.timings["capture_s"] += time.perf_counter() - t
+            self.baseline_metrics = self.baseline_metrics or metrics_of(r)
+        return self.cache
+
+    def baseline(self) -> dict:
+        if self.baseline_metrics is None:
+            if self.use_prefix_cache:
+                self._ensure_cache(self.cache_start if self.cache_start is not None else 0)
+            else:
+                self.baseline_metrics = metrics_of(self._score())
+        return self.baseline_metrics
+
+    def score_set(self, cands: Sequence[Candidate]) -> dict:
+        start = min(c.layer for c in cands)
+        pc = self._ensure_cache(start)
+        undo = self.swap.apply(cands)
+        try:
+            r = self._score(pc.replay(start) if pc else None)
+        finally:
+            undo()
+        return metrics_of(r)
+
+    def score_candidates(self, cands: Sequence[Candidate], baseline: dict) -> Iterator[tuple[Candidate, dict]]:
+        for c in cands:
+            shape = self.swap.shape(c.layer, c.matrix)
+            yield c, (dict(baseline) if rank_for(c.rho, shape) >= min(shape) else self.score_set([c]))
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..pipeline import console
+
+    return Progress(
+        TextColumn("[bold]search[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        disable=not enabled,
+    )
+
+
+def run_search(
+    model,
+    tokenizer,
+    family: Family,
+    examples: Sequence,
+    *,
+    layers: Sequence[int],
+    matrices: Sequence[str],
+    rhos: Sequence[float],
+    batch_size: int = 32,
+    results: ResultsLog | None = None,
+    compose: int = 1,
+    compose_tries: int = 6,
+    prune_snr: float | None = None,
+    rank_by_snr: bool = False,
+    storage: str = "dense",
+    svd: SVDCache | None = None,
+    progress: bool = True,
+    use_prefix_cache: bool = True,
+    pool=None,
+) -> SearchResult:
+    """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
+
+    ``pool``: an object with ``baseline()``, ``score_candidates(cands, baseline)`` (yielding
+    ``(candidate, metrics)`` as they finish) and ``score_set(cands)`` — e.g. a
+    :class:`~laser_export.search.ray_pool.RayPool` — scores instead of this process; ``model`` is then
+    only read (SVDs for the SNR ranking, shapes). Model weights are unchanged when this returns
+    (every swap is undone, also on errors).
+    """
+    if not layers or not matrices or not rhos:
+        raise RecipeError(["search: the grid is empty (no layers, matrices or ρ)"])
+    results = results or ResultsLog(None, "ephemeral")
+    svd = SVDCache() if svd is None else svd
+    local = LocalScorer(model, tokenizer, family, examples, batch_size=batch_size, storage=storage, svd=svd,
+                        use_prefix_cache=use_prefix_cache, cache_start=min(layers))
+    scorer = pool if pool is not None else local
+    swap = local.swap
+    timings = {"svd_s": 0.0, "capture_s": 0.0, "score_s": 0.0}
+    n_before = pool.n_scored if pool is not None else 0
+
+    # data-free SNR per matrix (the SVDs are needed for the sweep anyway)
+    snr_rows = []
+    t0 = time.perf_counter()
+    for layer in layers:
+        for alias in matrices:
+            dec = swap.decomposition(layer, alias)
+            snr_rows.append({"layer": layer, "matrix": alias, **snr(dec.S, dec.shape)})
+    timings["svd_s"] = time.perf_counter() - t0
+    sites = [(r["layer"], r["matrix"]) for r in sorted(snr_rows, key=lambda r: -r["snr"])]
+    if prune_snr is not None:
+        if not 0 < prune_snr <= 1:
+            raise RecipeError([f"--prune-snr: a fraction in (0, 1], got {prune_snr}"])
+        keep = set(sites[: max(1, math.ceil(prune_snr * len(sites)))])
+    else:
+        keep = set(sites)
+    # latest layers first: the cheapest to score and the paper's usual winners, so a cut-short sweep
+    # (resumable) has the most useful part done
+    site_order = sites if rank_by_snr else [(l, a) for l in sorted(layers, reverse=True) for a in matrices]
+    site_order = [s for s in site_order if s in keep]
+
+    base_row = results.get("baseline")
+    if base_row is None:
+        base_row = results.add("baseline", "baseline", scorer.baseline())
+    baseline = base_row["metrics"]
+
+    grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
+    todo = [c for c in grid if results.get(c.key) is None]
+    with _progress(progress) as bar:
+        task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
+        for c, metrics in scorer.score_candidates(todo, baseline):
+            k = rank_for(c.rho, swap.shape(c.layer, c.matrix))
+            results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=k)
+            bar.update(task, description=c.key)
+            bar.advance(task)
+
+    single: dict[Candidate, dict] = {c: results.get(c.key)["metrics"] for c in grid}
+    rows = [
+        {
+            **c.as_intervention(),
+            "rank": rank_for(c.rho, swap.shape(c.layer, c.matrix)),
+            "metrics": m,
+            "delta_top1": m["top1"] - baseline["top1"],
+            **({"delta_logloss": m["logloss"] - baseline["logloss"]} if "logloss" in m and "logloss" in baseline else {}),
+        }
+        for c, m in single.items()
+    ]
+    best = max(grid, key=lambda c: selection_key(single[c])) if grid else None
+
+    # composition: helpful candidates, best ρ per site, best first
+    per_site: dict[tuple[int, str], Candidate] = {}
+    for c in sorted(grid, key=lambda c: selection_key(single[c]), reverse=True):
+        if single[c]["top1"] > baseline["top1"] and c.site not in per_site:
+            per_site[c.site] = c
+    ranked = list(per_site.values())
+
+    def evaluate_set(cands: list[Candidate]) -> dict:
+        ident = "set:" + set_key(cands)
+        row = results.get(ident)
+        if row is None:
+            row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
+        return row["metrics"]
+
+    if ranked:
+        chosen, chosen_metrics, trace = compose_greedy(ranked, evaluate_set, single, compose, compose_tries)
+    else:  # nothing beats the baseline on validation: report the best anyway, flagged by delta <= 0
+        chosen, chosen_metrics, trace = ([best], single[best], []) if best else ([], {}, [])
+
+    # how well did the data-free SNR predict the sweep?
+    gains = {}
+    for c in grid:
+        gains[c.site] = max(gains.get(c.site, -math.inf), single[c]["top1"] - baseline["top1"])
+    snr_of = {(r["layer"], r["matrix"]): r["snr"] for r in snr_rows}
+    swept = [s for s in snr_of if s in gains]
+    report = {
+        "spearman_snr_vs_gain": spearman([snr_of[s] for s in swept], [gains[s] for s in swept]),
+        "n_matrices": len(swept),
+        "pruned_to": len(keep) if prune_snr is not None else None,
+    }
+    if best is not None:
+        pos = sites.index(best.site) + 1
+        report.update(
+            winner=best.key,
+            winner_snr_rank=pos,
+            winner_snr_rank_of=len(sites),
+            winner_in_top_quarter_by_snr=pos <= max(1, math.ceil(len(sites) / 4)),
+        )
+    for k in ("capture_s", "score_s"):
+        timings[k] = (pool.timings if pool is not None else local.timings).get(k, 0.0)
+    return SearchResult(
+        baseline=baseline,
+        candidates=rows,
+        best=best,
+        chosen=chosen,
+        chosen_metrics=chosen_metrics,
+        compose_trace=trace,
+        snr=snr_rows,
+        snr_report=report,
+        timings=timings,
+        n_scored=(pool.n_scored - n_before) if pool is not None else local.n_scored,
+    )
+
+
+def evaluate_recipe(
+    model, tokenizer, family: Family, examples, chosen: Sequence[Candidate], *, batch_size: int = 32,
+    storage: str = "dense", svd: SVDCache | None = None, progress: bool = True, use_prefix_cache: bool = True,
+):
+    """(baseline ScoreResult, reduced ScoreResult) on ``examples`` — one full pass plus one replay."""
+    swap = Swapper(model, family, svd if svd is not None else SVDCache(), storage)
+    start = min(c.layer for c in chosen)
+    pc = PrefixCache(model, family, start, lazy_capture=True) if use_prefix_cache else None
+    kw = dict(batch_size=batch_size, progress=progress)
+    base = evaluate.score_examples(model, tokenizer, examples, description="test: baseline",
+                                   forward_fn=pc.capture if pc else None, **kw)
+    undo = swap.apply(chosen)
+    try:
+        red = evaluate.score_examples(model, tokenizer, examples, description="test: reduced",
+                                      forward_fn=pc.replay(start) if pc else None, **kw)
+    finally:
+        undo()
+    return base, red
