@@ -4,6 +4,7 @@
     laser-export check RECIPE [RECIPE ...]      validate recipes without loading weights
     laser-export verify RECIPE [--limit N]      measure baseline and reduced, compare with the claims
     laser-export push FOLDER --repo-id ORG/NAME push an existing export (retry after a failed push)
+    laser-export apply RECIPE --out DIR         reduce + export a verified recipe, shard by shard (no scoring)
     laser-export search --model SRC --benchmark NAME --out recipe.yaml
 
 Exit codes: 0 success; 1 a claim, parity check or push failed; 2 bad input (recipe, source, data).
@@ -83,6 +84,24 @@ def cmd_push(args) -> int:
     return push_existing(args)
 
 
+def cmd_apply(args) -> int:
+    from .export.safetensors import ExportError
+    from .stream import ApplyOptions, StreamError, apply_recipe
+
+    opts = ApplyOptions(out=Path(args.out) if args.out else None, overwrite=args.overwrite,
+                        report=Path(args.report) if args.report else None, in_memory=args.in_memory,
+                        progress=not args.no_progress)
+    try:
+        manifest = apply_recipe(args.recipe, opts)
+    except (StreamError, ExportError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return EXIT_BAD_INPUT
+    how = "streamed" if manifest.get("streamed") else "in memory"
+    console.print(f"[green]exported[/] {opts.out or Path('out') / manifest['recipe']} ({how}, "
+                  f"{manifest['totals']['n_matrices']} matrices, {manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
+    return EXIT_OK
+
+
 def cmd_search(args) -> int:
     from .search import main as search_main
 
@@ -101,8 +120,22 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     run.add_argument("--repo-id", help="Hub repo (overrides export.hub.repo_id)")
     run.add_argument("--private", action="store_true", help="create the Hub repo private")
     run.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    run.add_argument("--stream", action="store_true",
+                     help="with --skip-verify: reduce shard by shard from a safetensors source (model never whole "
+                     "in memory; same output)")
     _add_common(run)
     _add_verify_opts(run)
+
+    apply_ = argparse.ArgumentParser(
+        prog="laser-export apply",
+        description="Reduce and export an already-verified recipe without scoring: shard by shard from a safetensors "
+        "source (bounded memory, models larger than RAM), in memory otherwise (GGUF source, ONNX, device_map).")
+    apply_.add_argument("recipe", help="recipe YAML")
+    apply_.add_argument("--out", help="export folder (default: out/<recipe name>)")
+    apply_.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    apply_.add_argument("--report", help="verify report JSON of this recipe (claims passed), carried to the card")
+    apply_.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming")
+    _add_common(apply_)
 
     check = argparse.ArgumentParser(prog="laser-export check", description="Validate recipes without loading weights.")
     check.add_argument("recipes", nargs="+")
@@ -149,13 +182,13 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--name", help="recipe name (default: template's, else from --out)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_common(search)
-    return {"run": run, "check": check, "verify": verify, "push": push, "search": search}
+    return {"run": run, "check": check, "verify": verify, "push": push, "search": search, "apply": apply_}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parsers = build_parser()
-    commands = {"check": cmd_check, "verify": cmd_verify, "push": cmd_push, "search": cmd_search}
+    commands = {"check": cmd_check, "verify": cmd_verify, "push": cmd_push, "search": cmd_search, "apply": cmd_apply}
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return EXIT_OK if argv else EXIT_BAD_INPUT

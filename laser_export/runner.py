@@ -46,6 +46,8 @@ def run_recipe(args) -> int:
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, {recipe.storage}")
 
     verifying = recipe.claims is not None and not args.skip_verify
+    if getattr(args, "stream", False):
+        return _run_streamed(p, out, args, verifying, repo_id, hub)
     selected = _select(p, args) if verifying else None
     loaded = load_model(p)
     report = None
@@ -73,6 +75,30 @@ def run_recipe(args) -> int:
     saved = manifest["totals"]["bytes_saved"]
     console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
 
+    if args.push:
+        return _push(out, repo_id, private=args.private or bool(hub and hub.private), endpoint=args.endpoint)
+    return EXIT_OK
+
+
+def _run_streamed(p: Plan, out: Path, args, verifying: bool, repo_id, hub) -> int:
+    """``run --stream``: shard-by-shard reduction and export (see laser_export.stream)."""
+    from .stream import StreamExportOptions, export_streamed, streamable
+
+    if verifying:
+        console.print("[red]error:[/] --stream does not load the model, so it cannot verify claims: add --skip-verify "
+                      "(or run `laser-export verify` then `laser-export apply`)")
+        return EXIT_BAD_INPUT
+    reason = streamable(p)
+    if reason is not None:
+        console.print(f"[red]error:[/] --stream: {reason}")
+        return EXIT_BAD_INPUT
+    manifest = export_streamed(p, StreamExportOptions(
+        out, overwrite=args.overwrite, skip_verify=bool(args.skip_verify), repo_id=args.repo_id,
+        private=bool(args.private), progress=not args.no_progress))
+    if p.recipe.claims is not None:
+        console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
+    console.print(f"[green]exported[/] {out} (streamed, {len(manifest['matrices'])} matrices, "
+                  f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
     if args.push:
         return _push(out, repo_id, private=args.private or bool(hub and hub.private), endpoint=args.endpoint)
     return EXIT_OK
