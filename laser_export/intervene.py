@@ -145,39 +145,54 @@ class Undo:
         self.restore()
 
 
-def _set_weight(module: nn.Module, new: torch.Tensor) -> None:
-    """Write ``new`` (in the module's layout) as the module's weight, also where accelerate has
-    offloaded it (the weight then lives in the hook's ``weights_map``, the parameter is on 'meta')."""
+def _offload_slot(module: nn.Module, key: str = "weight") -> tuple[dict, str] | None:
+    """Where accelerate keeps an offloaded module's ``key`` tensor: (dict, full key), else None.
+
+    An offloaded module (``AlignDevicesHook(offload=True)``) has its parameters on 'meta' and reads
+    them from ``hook.weights_map`` (a ``PrefixedDataset``) at every forward: over a plain dict for
+    CPU offload, over an ``OffloadedWeightsLoader`` for disk offload, whose ``state_dict`` entries
+    take precedence over the files on disk."""
     hook = getattr(module, "_hf_hook", None)
-    wmap = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
-    if wmap is not None:
-        _set_offloaded(wmap, "weight", new)
-        return
-    module.weight.data = new
+    if hook is None or not getattr(hook, "offload", False) or getattr(hook, "weights_map", None) is None:
+        return None
+    wmap = hook.weights_map
+    dataset, full = getattr(wmap, "dataset", wmap), getattr(wmap, "prefix", "") + key
+    target = getattr(dataset, "state_dict", dataset)
+    if not isinstance(target, dict):
+        raise TypeError(f"cannot write offloaded weight {full!r} into {type(dataset).__name__}")
+    return target, full
 
 
 def _get_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight tensor as stored (for an offloaded module, the offloaded copy)."""
-    hook = getattr(module, "_hf_hook", None)
-    wmap = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
-    if wmap is not None and module.weight.device.type == "meta":
-        return wmap["weight"]
+    if module.weight.device.type == "meta" and _offload_slot(module) is not None:
+        return module._hf_hook.weights_map["weight"]
     return module.weight.data
 
 
-def _set_offloaded(wmap, key: str, value: torch.Tensor) -> None:
-    # accelerate's PrefixedDataset maps key -> dataset[prefix + key]; the dataset is a dict for CPU
-    # offload or an OffloadedWeightsLoader (state_dict in memory + index of files on disk)
-    dataset, full = getattr(wmap, "dataset", wmap), getattr(wmap, "prefix", "") + key
-    target = getattr(dataset, "state_dict", dataset)
-    if isinstance(target, dict):
-        target[full] = value
-        index = getattr(dataset, "index", None)
-        if isinstance(index, dict) and full in index and target is not dataset:
-            # a disk-offloaded weight: the in-memory state_dict entry takes precedence once set
-            dataset.all_keys = list(dict.fromkeys([*getattr(dataset, "all_keys", []), full]))
-        return
-    raise TypeError(f"cannot write offloaded weight {full!r} into {type(dataset).__name__}")
+def _set_weight(module: nn.Module, new: torch.Tensor) -> Callable[[], None]:
+    """Make ``new`` (in the module's layout) the module's weight, also where accelerate has offloaded
+    it; returns the function that puts the previous weight back exactly."""
+    slot = _offload_slot(module) if module.weight.device.type == "meta" else None
+    if slot is not None:
+        store, key = slot
+        had, old = key in store, store.get(key)
+        store[key] = new
+
+        def restore():
+            if had:
+                store[key] = old
+            else:
+                store.pop(key, None)  # back to the copy on disk
+
+        return restore
+    original = module.weight.data
+    module.weight.data = new
+
+    def restore():
+        module.weight.data = original
+
+    return restore
 
 
 def matrix_of(module: nn.Module) -> torch.Tensor:
@@ -194,7 +209,7 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
     if factorised:
         left, right = svd.factors(k)
         bias = module.bias.detach() if module.bias is not None else None
-        if bias is not None and bias.device.type == "meta":
+        if bias is not None and bias.device.type == "meta":  # offloaded by accelerate
             bias = module._hf_hook.weights_map["bias"]
         device = module.weight.device if module.weight.device.type != "meta" else original.device
         new_mod = LowRankLinear.from_factors(left.to(device), right.to(device),
@@ -210,12 +225,8 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
         model.set_submodule(name, new_mod)
         return Undo(lambda: model.set_submodule(name, module))
     new = from_matrix(module, svd.reconstruct(k, dtype=dtype).to(original.device))
-    _set_weight(module, new)
-
-    def restore():
-        _set_weight(module, original)
-
-    return Undo(restore)
+    del original
+    return Undo(_set_weight(module, new))
 
 
 def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, itemsize: int, err: float, norm: float):
