@@ -62,7 +62,7 @@ def verify_loaded(
     check_scorable(p)
     examples, info = selected or select_examples(p, limit)
     start = min(t.layer for t in p.targets)
-    cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
+    cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True, replay_layers=[start]) if prefix_cache else None
     t0 = time.perf_counter()
     base = score_examples(loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
                           progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture)
