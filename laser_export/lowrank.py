@@ -151,8 +151,14 @@ def _top_eigh(G: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         except ImportError:  # pragma: no cover - scipy is a dependency; full eigh still exact
             sl = None
         if sl is not None:
-            vals, vecs = sl.eigh(G.numpy(), lower=True, subset_by_index=[s - r, s - 1], driver="evr",
-                                 check_finite=False, overwrite_a=True)
+            from threadpoolctl import threadpool_limits
+
+            # scipy's OpenBLAS, one thread: the tridiagonal reduction is memory-bound and MRRR sequential, so
+            # more threads buy little, and on a busy machine OpenBLAS threads spinning against torch's OpenMP
+            # pool made this step 7-9x slower (measured: 2048² top-200, 5 s on 1 thread vs 36-47 s on 2)
+            with threadpool_limits(limits=1, user_api="blas"):
+                vals, vecs = sl.eigh(G.numpy(), lower=True, subset_by_index=[s - r, s - 1], driver="evr",
+                                     check_finite=False, overwrite_a=True)
             return torch.from_numpy(vals.copy()).flip(0), torch.from_numpy(vecs.copy()).flip(1)
     vals, vecs = torch.linalg.eigh(G, UPLO="L")
     return vals[s - r :].flip(0), vecs[:, s - r :].flip(1)

@@ -83,3 +83,22 @@ def test_verify_with_a_device_map_matches_the_plain_run(tmp_path):
         reports.append(json.loads((tmp_path / f"rep{i}.json").read_text()))
     plain, disp = reports
     assert disp["metrics"] == plain["metrics"] and disp["interventions"] == plain["interventions"]
+
+
+def test_prefix_cache_keeps_hidden_states_only_at_replay_layers():
+    from laser_export.prefix import PrefixCacheError
+    from tinymodels import tiny_model
+
+    model, fam = tiny_model("llama"), family_for("llama")
+    x = tiny_inputs(batch=2, seq=5)
+    mask, pos = torch.ones_like(x), torch.arange(x.shape[1])[None].expand_as(x)
+    full = PrefixCache(model, fam, 1, lazy_capture=True)
+    lean = PrefixCache(model, fam, 1, lazy_capture=True, replay_layers=[1])
+    with torch.no_grad():
+        full.capture(model, x, mask, pos)
+        lean.capture(model, x, mask, pos)
+        assert lean.nbytes() < full.nbytes()
+        torch.testing.assert_close(lean.replay(1)(model, x, mask, pos).materialize(),
+                                   full.replay(1)(model, x, mask, pos).materialize(), rtol=0, atol=0)
+    with pytest.raises(PrefixCacheError, match="not cached"):
+        lean.replay(2)
