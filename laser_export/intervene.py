@@ -21,11 +21,10 @@ from .lowrank import (
     SVD_DTYPES,
     LowRankLinear,
     TruncatedSVD,
-    as_matrix,
-    is_conv1d,
     compute_svd,
     factorised_saves_bytes,
     from_matrix,
+    is_conv1d,
     rank_for,
 )
 from .recipe import Intervention, RecipeError, Reduction

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .intervene import SVDCache, Target, _matrix_entry, truncation_error
+from .intervene import SVDCache, _matrix_entry, truncation_error
 from .lowrank import LowRankLinear, factorised_saves_bytes
 from .recipe import RecipeError
 
