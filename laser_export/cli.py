@@ -5,6 +5,7 @@
     laser-export check RECIPE [RECIPE ...]          validate recipes without loading weights
     laser-export verify RECIPE [--limit N]          measure baseline and reduced, compare with the claims
     laser-export push FOLDER --repo-id ORG/NAME     push an existing export (retry after a failed push)
+    laser-export apply RECIPE [--out DIR]           reduce + export a verified recipe, shard by shard (no scoring)
     laser-export search --model SRC --benchmark NAME --out recipe.yaml
 
 `laser-export COMMAND --help` lists a command's options. `--debug` (any command) shows the traceback
@@ -25,7 +26,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-COMMANDS = ("run", "check", "verify", "push", "search")
+COMMANDS = ("run", "check", "verify", "push", "apply", "search")
 
 
 # ---------------------------------------------------------------------------------------- error classes
@@ -40,6 +41,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
         ("laser_export.architectures", ["ArchitectureError"]),
         ("laser_export.benchmarks.base", ["BenchmarkError"]),
         ("laser_export.export.safetensors", ["OutputError"]),
+        ("laser_export.stream", ["StreamError"]),
     ):
         mod = sys.modules.get(module)
         found += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
@@ -53,6 +55,7 @@ def _failures() -> tuple[type[BaseException], ...]:
         ("laser_export.runner", "ClaimsFailed"),
         ("laser_export.export.onnx", "OnnxExportError"),
         ("laser_export.export.gguf", "GgufExportError"),
+        ("laser_export.export.safetensors", "ExportError"),
         ("laser_export.export.hub", "PushError"),
     ):
         mod = sys.modules.get(module)
@@ -198,8 +201,24 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     run.add_argument("--skip-verify", action="store_true",
                      help="export without verifying the claims (the model card says NOT verified)")
     run.add_argument("--push", action="store_true", help="push the export to the Hub after writing it")
+    run.add_argument("--stream", action="store_true",
+                     help="with --skip-verify (or a recipe without claims): reduce shard by shard from a safetensors "
+                          "source, the model never whole in memory; same files as the in-memory export")
     _add_hub_opts(run, required_repo=False)
     _add_verify_opts(run)
+
+    apply_ = _Parser(prog="laser-export apply",
+                     description="Reduce and export an already-verified recipe without scoring: shard by shard from "
+                     "a safetensors source (bounded memory, models larger than RAM), in memory otherwise (GGUF "
+                     "source, ONNX/GGUF formats, device_map).")
+    apply_.add_argument("recipe", type=Path, help="recipe YAML")
+    apply_.add_argument("--out", type=Path, metavar="DIR", help="export folder (default: out/<recipe name>)")
+    apply_.add_argument("--overwrite", action="store_true",
+                        help="replace DIR when it holds a laser-export export (same rules as run)")
+    apply_.add_argument("--report", type=Path, metavar="PATH",
+                        help="the passing verify report of this recipe, carried into the export and the card")
+    apply_.add_argument("--in-memory", action="store_true", help="load the whole model instead of streaming")
+    _add_progress(apply_)
 
     check = _Parser(prog="laser-export check", description="Validate recipes without loading weights.")
     check.add_argument("recipes", nargs="+", type=Path, metavar="RECIPE", help="recipe YAML files")
@@ -250,7 +269,7 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--ray-workers", type=_positive_int, help="number of Ray actors (default: one per GPU, else 2)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_progress(search)
-    return {"run": run, "check": check, "verify": verify, "push": push, "search": search}
+    return {"run": run, "check": check, "verify": verify, "push": push, "search": search, "apply": apply_}
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -297,6 +316,7 @@ def cmd_run(args) -> int:
         limit=args.limit, report=args.report, push=args.push, repo_id=args.repo_id, private=args.private,
         endpoint=args.endpoint, hub_timeout=args.hub_timeout, progress=not args.no_progress,
         prefix_cache=not args.no_prefix_cache, baseline_cache=not args.no_cache, dry_run=args.dry_run,
+        stream=args.stream,
     )
     result = run(opts)
     if opts.dry_run:
@@ -324,6 +344,14 @@ def cmd_push(args) -> int:
     return EXIT_OK
 
 
+def cmd_apply(args) -> int:
+    from .runner import ApplyOptions, apply
+
+    apply(ApplyOptions(recipe=args.recipe, out=args.out, overwrite=args.overwrite, report=args.report,
+                       in_memory=args.in_memory, progress=not args.no_progress))
+    return EXIT_OK
+
+
 def cmd_search(args) -> int:
     from dataclasses import fields
 
@@ -334,7 +362,8 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
-HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cmd_push, "search": cmd_search}
+HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cmd_push, "apply": cmd_apply,
+            "search": cmd_search}
 
 
 def _quiet_progress() -> None:

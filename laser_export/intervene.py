@@ -8,8 +8,10 @@ candidates without copying the model.
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,10 +21,10 @@ from .lowrank import (
     SVD_DTYPES,
     LowRankLinear,
     TruncatedSVD,
-    as_matrix,
     compute_svd,
     factorised_saves_bytes,
     from_matrix,
+    is_conv1d,
     rank_for,
 )
 from .recipe import Intervention, RecipeError, Reduction
@@ -75,18 +77,27 @@ def plan_targets(interventions: Iterable[Intervention], config, family: Family) 
 
 @dataclass
 class SVDCache:
-    """Each matrix's SVD computed once (keyed by module name) and reused for every rank."""
+    """Each matrix's SVD computed once (keyed by module name) and reused for every rank it holds.
+
+    ``max_bytes`` bounds what is kept between calls (least recently used entries are dropped first;
+    the entry just computed is always returned). ``max_bytes=0`` keeps nothing beyond the matrix
+    being reduced, which is what ``run`` uses; ``None`` (default) keeps everything. An exact SVD
+    keeps only the components the requested rank needs (``rank`` argument of :meth:`get`); a later
+    request for a higher rank recomputes it.
+    """
 
     reduction: Reduction = field(default_factory=Reduction)
-    _store: dict[str, TruncatedSVD] = field(default_factory=dict)
+    max_bytes: int | None = None
+    _store: "OrderedDict[str, TruncatedSVD]" = field(default_factory=OrderedDict)
 
     def get(self, name: str, matrix: torch.Tensor, rank: int) -> TruncatedSVD:
         svd = self._store.get(name)
-        if svd is not None and (svd.exact or svd.S.numel() >= rank):
+        if svd is not None and svd.components >= rank:
+            self._store.move_to_end(name)
             return svd
         r = self.reduction
-        svd = compute_svd(  # on the CPU: exact and deterministic whatever device holds the model
-            matrix.detach().cpu(),
+        svd = compute_svd(  # exact: float64 and deterministic, on the device that holds the weight
+            matrix.detach(),
             method=r.method,
             dtype=SVD_DTYPES[r.svd_dtype],
             rank=rank,
@@ -94,8 +105,27 @@ class SVDCache:
             n_iter=r.power_iterations,
             seed=r.seed,
         )
-        self._store[name] = svd
+        self._store.pop(name, None)
+        if self.max_bytes is None or self.max_bytes > 0:
+            self._store[name] = svd
+            self._evict(keep=name)
         return svd
+
+    def _evict(self, keep: str) -> None:
+        if self.max_bytes is None:
+            return
+        while self.nbytes() > self.max_bytes and len(self._store) > 1:
+            oldest = next(iter(self._store))
+            if oldest == keep:
+                self._store.move_to_end(oldest)
+                continue
+            del self._store[oldest]
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self._store.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._store
 
     def __len__(self) -> int:
         return len(self._store)
@@ -114,23 +144,88 @@ class Undo:
         self.restore()
 
 
-def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, factorised: bool) -> Undo:
-    """Put the rank-k version of module ``name`` in place; return an Undo that restores it bit-exactly."""
-    module = model.get_submodule(name)
-    dtype = module.weight.dtype
-    if factorised:
-        left, right = svd.factors(k)
-        bias = module.bias.detach() if module.bias is not None else None
-        model.set_submodule(name, LowRankLinear.from_factors(left, right, bias, dtype).to(module.weight.device))
-        return Undo(lambda: model.set_submodule(name, module))
+def _offload_slot(module: nn.Module, key: str = "weight") -> tuple[dict, str] | None:
+    """Where accelerate keeps an offloaded module's ``key`` tensor: (dict, full key), else None.
+
+    An offloaded module (``AlignDevicesHook(offload=True)``) has its parameters on 'meta' and reads
+    them from ``hook.weights_map`` (a ``PrefixedDataset``) at every forward: over a plain dict for
+    CPU offload, over an ``OffloadedWeightsLoader`` for disk offload, whose ``state_dict`` entries
+    take precedence over the files on disk."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False) or getattr(hook, "weights_map", None) is None:
+        return None
+    wmap = hook.weights_map
+    dataset, full = getattr(wmap, "dataset", wmap), getattr(wmap, "prefix", "") + key
+    target = getattr(dataset, "state_dict", dataset)
+    if not isinstance(target, dict):
+        raise TypeError(f"cannot write offloaded weight {full!r} into {type(dataset).__name__}")
+    return target, full
+
+
+def _get_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight tensor as stored (for an offloaded module, the offloaded copy)."""
+    if module.weight.device.type == "meta" and _offload_slot(module) is not None:
+        return module._hf_hook.weights_map["weight"]
+    return module.weight.data
+
+
+def _set_weight(module: nn.Module, new: torch.Tensor) -> Callable[[], None]:
+    """Make ``new`` (in the module's layout) the module's weight, also where accelerate has offloaded
+    it; returns the function that puts the previous weight back exactly."""
+    slot = _offload_slot(module) if module.weight.device.type == "meta" else None
+    if slot is not None:
+        store, key = slot
+        had, old = key in store, store.get(key)
+        store[key] = new
+
+        def restore():
+            if had:
+                store[key] = old
+            else:
+                store.pop(key, None)  # back to the copy on disk
+
+        return restore
     original = module.weight.data
-    new = from_matrix(module, svd.reconstruct(k)).to(dtype=dtype, device=original.device)
     module.weight.data = new
 
     def restore():
         module.weight.data = original
 
-    return Undo(restore)
+    return restore
+
+
+def matrix_of(module: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix of a Linear/Conv1D module, also when accelerate has offloaded it."""
+    w = _get_weight(module)
+    return w.t() if is_conv1d(module) else w
+
+
+def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, factorised: bool) -> Undo:
+    """Put the rank-k version of module ``name`` in place; return an Undo that restores it bit-exactly."""
+    module = model.get_submodule(name)
+    original = _get_weight(module)
+    dtype = original.dtype
+    if factorised:
+        left, right = svd.factors(k)
+        bias = module.bias.detach() if module.bias is not None else None
+        if bias is not None and bias.device.type == "meta":  # offloaded by accelerate
+            bias = module._hf_hook.weights_map["bias"]
+        device = module.weight.device if module.weight.device.type != "meta" else original.device
+        new_mod = LowRankLinear.from_factors(left.to(device), right.to(device),
+                                             None if bias is None else bias.to(device), dtype)
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None:  # keep accelerate's device placement (execution device, io alignment)
+            from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+            exec_dev = getattr(hook, "execution_device", None)
+            if exec_dev is not None:
+                new_mod.to(exec_dev)
+            add_hook_to_module(new_mod, AlignDevicesHook(execution_device=exec_dev, io_same_device=hook.io_same_device))
+        model.set_submodule(name, new_mod)
+        return Undo(lambda: model.set_submodule(name, module))
+    new = from_matrix(module, svd.reconstruct(k, dtype=dtype).to(original.device))
+    del original
+    return Undo(_set_weight(module, new))
 
 
 def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, itemsize: int, err: float, norm: float):
@@ -155,6 +250,113 @@ def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, i
     }
 
 
+def frobenius_norm(matrix: torch.Tensor, chunk_rows: int = 1024) -> float:
+    """||W||_F accumulated in float64, ``chunk_rows`` rows at a time (no full float64 copy)."""
+    total = 0.0
+    for i in range(0, matrix.shape[0], chunk_rows):
+        total += float(matrix[i : i + chunk_rows].to(torch.float64).pow(2).sum())
+    return math.sqrt(total)
+
+
+def truncation_error(matrix: torch.Tensor, svd: TruncatedSVD, k: int, chunk_rows: int = 1024) -> tuple[float, float]:
+    """(||W − W_k||_F, ||W||_F) in float64. Exact SVD: from the dropped singular values (Eckart–Young,
+    no matrix product); randomized: accumulated ``chunk_rows`` rows at a time."""
+    if svd.exact and svd.total is not None:
+        return svd.optimal_error(k), math.sqrt(svd.total)
+    err = 0.0
+    left, right = (svd.U[:, :k] * svd.S[:k]).double(), svd.Vh[:k].double()
+    for i in range(0, matrix.shape[0], chunk_rows):
+        rows = matrix[i : i + chunk_rows].to(torch.float64)
+        err += float((rows - left[i : i + chunk_rows].to(rows.device) @ right.to(rows.device)).pow(2).sum())
+    return math.sqrt(err), frobenius_norm(matrix, chunk_rows)
+
+
+class Applied(Undo):
+    """What :func:`apply` returns: call it to undo every change (reverse order, bit-exact);
+    ``entries`` holds one manifest entry per matrix."""
+
+    def __init__(self, undos: list[Undo], entries: list[dict]):
+        self.undos, self.entries = undos, entries
+        super().__init__(self._restore)
+
+    def _restore(self) -> None:
+        while self.undos:
+            self.undos.pop()()
+
+
+def resolve(model: nn.Module, family: Family, targets: Sequence[Target]) -> list[tuple[Target, str, tuple[int, int], int]]:
+    """(target, module name, (out, in) shape, rank) per target; RecipeError naming the fields when a
+    rank exceeds the matrix's maximum. Nothing is changed."""
+    plan, problems = [], []
+    for t in targets:
+        name = module_name(model, family, t.layer, t.alias)
+        mat = matrix_of(model.get_submodule(name))
+        shape = (int(mat.shape[0]), int(mat.shape[1]))
+        k = t.rank_for(shape)
+        if k > min(shape):
+            problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
+        plan.append((t, name, shape, k))
+    if problems:
+        raise RecipeError(problems)
+    return plan
+
+
+def apply(
+    model: nn.Module,
+    targets: Sequence[Target],
+    *,
+    family: Family,
+    storage: str = "dense",
+    cache: SVDCache | None = None,
+    undoable: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Applied:
+    """Reduce every target of ``model`` in place — THE reduction used by run, verify and search.
+
+    ``targets``: :class:`Target` (layer, matrix alias, rho or rank). ``storage``: ``dense`` writes
+    W_k back into the weight; ``factorised`` swaps in a :class:`LowRankLinear` where the two factors
+    are smaller than the dense matrix (else dense, and its entry says so). ``cache``: an
+    :class:`SVDCache` (its ``reduction`` picks the SVD method); default: a fresh one holding only the
+    current matrix. ``undoable=False`` releases each original weight as soon as it is replaced
+    (bounded memory for a one-way run); the returned object then cannot undo.
+    Works with accelerate-dispatched models (offloaded weights are read from and written to the
+    offload map). Ranks are checked before anything changes; an error half-way undoes what was done.
+
+    Returns :class:`Applied`: ``applied()`` restores the model bit-exactly, ``applied.entries`` is
+    the per-matrix manifest (rank, shape, Frobenius error from the dropped singular values, bytes).
+    """
+    cache = SVDCache(max_bytes=0) if cache is None else cache
+    plan = resolve(model, family, targets)
+    undos: list[Undo] = []
+    entries: list[dict] = []
+    try:
+        for t, name, shape, k in plan:
+            if progress:
+                progress(f"SVD {name} {shape[0]}×{shape[1]} → rank {k}")
+            module = model.get_submodule(name)
+            matrix = matrix_of(module)
+            itemsize = matrix.element_size()
+            if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
+                entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix)))
+                continue
+            svd = cache.get(name, matrix, k)
+            err, norm = truncation_error(matrix, svd, k)
+            del matrix
+            factorised = storage == "factorised" and factorised_saves_bytes(k, shape)
+            undo = replace_weight(model, name, svd, k, factorised)
+            del svd
+            if undoable:
+                undos.append(undo)
+            entries.append(
+                _matrix_entry(t, name, shape, k, t.rho, "factorised" if factorised else "dense", itemsize, err, norm)
+            )
+    except BaseException:
+        for u in reversed(undos):
+            u()
+        raise
+    return Applied(undos, entries)
+
+
 def reduce_model(
     model: nn.Module,
     family: Family,
@@ -164,43 +366,5 @@ def reduce_model(
     cache: SVDCache | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Apply every target in place. Returns one manifest entry per matrix.
-
-    With ``storage="factorised"``, a matrix whose two factors would not be smaller than the dense
-    matrix (k·(m+n) ≥ m·n) is written back dense instead, and its entry says so.
-    """
-    cache = SVDCache() if cache is None else cache
-    # resolve every name and rank first, so a bad rank fails before anything changes
-    plan = []
-    problems = []
-    for t in targets:
-        name = module_name(model, family, t.layer, t.alias)
-        mat = as_matrix(model.get_submodule(name))
-        shape = (int(mat.shape[0]), int(mat.shape[1]))
-        k = t.rank_for(shape)
-        if k > min(shape):
-            problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
-        plan.append((t, name, shape, k))
-    if problems:
-        raise RecipeError(problems)
-
-    entries = []
-    for t, name, shape, k in plan:
-        if progress:
-            progress(f"SVD {name} {shape[0]}×{shape[1]} → rank {k}")
-        module = model.get_submodule(name)
-        original = as_matrix(module).detach().clone()
-        itemsize, norm = original.element_size(), float(original.double().norm())
-        if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
-            entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, norm))
-            continue
-        svd = cache.get(name, original, k)
-        factorised = storage == "factorised" and factorised_saves_bytes(k, shape)
-        replace_weight(model, name, svd, k, factorised)
-        new = model.get_submodule(name)
-        stored = new.dense_matrix() if factorised else as_matrix(new)
-        err = float((original.double() - stored.detach().double()).norm())
-        entries.append(
-            _matrix_entry(t, name, shape, k, t.rho, "factorised" if factorised else "dense", itemsize, err, norm)
-        )
-    return entries
+    """Apply every target in place, for good (no undo kept). Returns one manifest entry per matrix."""
+    return apply(model, targets, family=family, storage=storage, cache=cache, undoable=False, progress=progress).entries

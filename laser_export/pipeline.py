@@ -13,7 +13,7 @@ from rich.console import Console
 
 from . import __version__
 from .architectures import Family, family_for
-from .intervene import SVDCache, Target, plan_targets, reduce_model
+from .intervene import SVDCache, Target, apply, plan_targets
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
@@ -29,6 +29,7 @@ class Plan:
     family: Family
     targets: list[Target]
     config_from_hints: bool = False
+    loaded_dtype: str | None = None  # the dtype the weights were loaded in (model.dtype "auto" resolved)
 
 
 @dataclass
@@ -175,7 +176,9 @@ def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
     with status(f"loading {p.source.describe()}", progress):
         tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
-        model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device)
+        model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
+                                    device_map=m.device_map, offload_folder=m.offload_folder)
+    p.loaded_dtype = str(model.dtype).removeprefix("torch.")
     densify_targets(p, model)
     check_finite_targets(p, model)
     return Loaded(model, tokenizer)
@@ -241,7 +244,8 @@ def check_finite_targets(p: Plan, model) -> None:
 def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    cache = SVDCache(p.recipe.reduction) if cache is None else cache
+    # one matrix's SVD at a time: nothing is kept between matrices, originals are released as replaced
+    cache = SVDCache(p.recipe.reduction, max_bytes=0) if cache is None else cache
     with Progress(
         TextColumn("[bold]reduce[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=console, disable=not progress, transient=False,
@@ -253,7 +257,8 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
 
         entries = []
         for t in p.targets:
-            entries += reduce_model(loaded.model, p.family, [t], storage=p.recipe.storage, cache=cache, progress=step)
+            entries += apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
+                             undoable=False, progress=step).entries
             bar.advance(task)
     loaded.entries = entries
     return loaded
@@ -283,7 +288,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "model_type": p.config.model_type,
             "base_model": m.base_model,
             "license": m.license,
-            "dtype": m.dtype,
+            "dtype": p.loaded_dtype or m.dtype,
             **_source_format(p),
         },
         "storage": p.recipe.storage,

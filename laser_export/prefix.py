@@ -107,7 +107,8 @@ class _LazyLogits:
 class PrefixCache:
     """Record block inputs from block ``start`` on during one full pass; replay from any layer ≥ start."""
 
-    def __init__(self, model: nn.Module, family: Family, start: int, lazy_capture: bool = False):
+    def __init__(self, model: nn.Module, family: Family, start: int, lazy_capture: bool = False,
+                 replay_layers: "list[int] | None" = None):
         if family.task != "causal-lm":
             raise PrefixCacheError(f"prefix cache supports causal LMs; {family.name} is {family.task}")
         self.model, self.family = model, family
@@ -117,6 +118,12 @@ class PrefixCache:
             raise PrefixCacheError(f"start layer {start} out of range 0..{n - 1}")
         self.start = start
         self.lazy_capture = lazy_capture
+        # hidden states are kept only where a replay may start (verify: the lowest reduced layer);
+        # the other blocks' inputs are kept without them (mask, rotary embeddings: shared tensors)
+        self.replay_layers = set(range(start, n)) if replay_layers is None else set(replay_layers)
+        bad = [i for i in self.replay_layers if not start <= i < n]
+        if bad:
+            raise PrefixCacheError(f"replay layers {bad} outside {start}..{n - 1}")
         base = getattr(model, "base_model", model)
         self.norm = base.get_submodule(family.final_norm) if family.final_norm else None
         self.head = model.get_output_embeddings()
@@ -135,8 +142,15 @@ class PrefixCache:
         handles = []
 
         def make_hook(i):
+            keep = i in self.replay_layers
+
             def hook(module, args, kwargs):
-                batch.inputs[i] = (tuple(args), dict(kwargs))
+                if keep:
+                    batch.inputs[i] = (tuple(args), dict(kwargs))
+                elif args:
+                    batch.inputs[i] = ((None, *args[1:]), dict(kwargs))
+                else:
+                    batch.inputs[i] = ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
 
             return hook
 
@@ -163,8 +177,8 @@ class PrefixCache:
     # -- replay --------------------------------------------------------------------------------
     def replay(self, layer: int):
         """A ``forward_fn`` that reruns blocks ``layer..L-1`` on the recorded batches, in order."""
-        if not self.start <= layer < len(self.blocks):
-            raise PrefixCacheError(f"layer {layer} is not cached (cache starts at {self.start})")
+        if not self.start <= layer < len(self.blocks) or layer not in self.replay_layers:
+            raise PrefixCacheError(f"layer {layer} is not cached (replay layers: {sorted(self.replay_layers)})")
         if not self.batches:
             raise PrefixCacheError("nothing captured yet: score once with forward_fn=cache.capture")
         self._cursor = 0
@@ -204,4 +218,12 @@ class PrefixCache:
         for b in self.batches:
             for args, _ in b.inputs.values():
                 total += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+            # kwargs tensors (masks, rotary embeddings) are shared between blocks: count them once per batch
+            seen = {}
+            for _, kw in b.inputs.values():
+                for v in kw.values():
+                    for t in (v if isinstance(v, (tuple, list)) else (v,)):
+                        if isinstance(t, torch.Tensor):
+                            seen[id(t)] = t.numel() * t.element_size()
+            total += sum(seen.values())
         return total

@@ -79,11 +79,21 @@ class ModelSpec(_Strict):
         "or package:PKG/FILE for a file inside an installed Python package"
     )
     revision: str | None = Field(None, description="Hub revision (commit sha, tag or branch)")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype the weights are loaded (and exported) in; auto: the checkpoint's own "
+        "(no whole-model copy; a GGUF file is de-quantized to float32)",
+    )
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
     trust_remote_code: Bool = False
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="accelerate device map for models bigger than one device: 'auto', 'balanced', "
+        "'sequential' or {module: device} with devices like 0, 'cpu', 'disk'; replaces `device`",
+    )
+    offload_folder: str | None = Field(None, description="folder for weights a device_map sends to 'disk'")
     model_type: str | None = Field(
         None, description="expected config.model_type; lets `check` validate without the weights"
     )

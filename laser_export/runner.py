@@ -63,6 +63,17 @@ class RunOptions:
     prefix_cache: bool = True
     baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
     dry_run: bool = False
+    stream: bool = False  # reduce shard by shard, no verify (laser_export.stream)
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    recipe: Path
+    out: Path | None = None  # default out/<name>
+    overwrite: bool = False
+    report: Path | None = None  # the passing verify report of this recipe, carried into the export
+    in_memory: bool = False  # load the whole model instead of streaming
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +243,9 @@ def run(opts: RunOptions) -> RunResult:
         console.print(line)
     check_output(out, overwrite=opts.overwrite, protect=_protected(p))
     verifying = recipe.claims is not None and not opts.skip_verify
+    if opts.stream and verifying:
+        raise RecipeError(["--stream: the model is never loaded whole, so the claims cannot be verified: add "
+                           "--skip-verify, or run `laser-export verify` then `laser-export apply`"], opts.recipe)
     report_path = None
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
@@ -251,6 +265,8 @@ def run(opts: RunOptions) -> RunResult:
         if opts.push:
             writes.append(f"Hub repo {repo_id} (one commit)")
         return RunResult(out=out, report_path=report_path, planned=_plan_lines(p, writes))
+    if opts.stream:
+        return _run_streamed(p, out, opts, repo_id, hub)
 
     loaded = load_model(p, progress=opts.progress)
     report = None
@@ -277,6 +293,67 @@ def run(opts: RunOptions) -> RunResult:
         result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
                                       endpoint=opts.endpoint, hub_timeout=opts.hub_timeout))
     return result
+
+
+def _run_streamed(p: Plan, out: Path, opts: RunOptions, repo_id: str | None, hub) -> RunResult:
+    """``run --stream``: shard-by-shard reduction and export (see :mod:`laser_export.stream`)."""
+    from .stream import StreamExportOptions, export_streamed, streamable
+
+    reason = streamable(p)
+    if reason is not None:
+        raise RecipeError([f"--stream: {reason}"], opts.recipe)
+    manifest = export_streamed(p, StreamExportOptions(
+        out, overwrite=opts.overwrite, skip_verify=True, repo_id=opts.repo_id, private=opts.private,
+        progress=opts.progress, protect=_protected(p)))
+    if p.recipe.claims is not None:
+        console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
+    console.print(f"[green]exported[/] {out} (streamed, {len(manifest['matrices'])} matrices, "
+                  f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
+    result = RunResult(out=out, manifest=manifest)
+    if opts.push:
+        result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
+                                      endpoint=opts.endpoint, hub_timeout=opts.hub_timeout))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- apply
+
+
+def apply(opts: ApplyOptions) -> RunResult:
+    """Reduce and export an already-verified recipe without scoring anything (``laser-export apply``).
+
+    Streams shard by shard when the source is a safetensors checkpoint and the formats allow it
+    (:func:`laser_export.stream.streamable`); otherwise (GGUF source, ONNX/GGUF format, device_map, or
+    ``opts.in_memory``) loads the model and writes the same export as :func:`run`. ``opts.report``: the
+    passing verify report of this recipe, carried into the export and the card."""
+    from .export.safetensors import check_output, clean_debris
+    from .stream import StreamExportOptions, export_streamed, load_report, streamable
+
+    recipe, text = load_recipe(opts.recipe)
+    p = plan(recipe, text)
+    out = Path(opts.out) if opts.out else Path("out") / recipe.name
+    report = load_report(opts.report, recipe) if opts.report else None
+    for line in clean_debris(out):
+        console.print(line)
+    check_output(out, overwrite=opts.overwrite, protect=_protected(p))
+    reason = "--in-memory" if opts.in_memory else streamable(p)
+    if reason is None:
+        console.print(f"[bold]{recipe.name}[/]: streaming {len(p.targets)} matrices shard by shard into {out}")
+        manifest = export_streamed(p, StreamExportOptions(out, overwrite=opts.overwrite, report=report,
+                                                          skip_verify=report is None, progress=opts.progress,
+                                                          protect=_protected(p)))
+    else:
+        console.print(f"[bold]{recipe.name}[/]: in memory ({reason})")
+        loaded = reduce_loaded(p, load_model(p, progress=opts.progress), progress=opts.progress)
+        manifest = build_manifest(p, loaded.entries)
+        manifest["streamed"] = False
+        run_opts = RunOptions(recipe=opts.recipe, out=out, overwrite=opts.overwrite, skip_verify=report is None,
+                              progress=opts.progress)
+        _export(p, loaded, out, run_opts, manifest, report, protect=_protected(p))
+    how = "streamed" if manifest.get("streamed") else "in memory"
+    console.print(f"[green]exported[/] {out} ({how}, {len(manifest['matrices'])} matrices, "
+                  f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
+    return RunResult(out=out, report=report, manifest=manifest)
 
 
 def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report: dict | None,

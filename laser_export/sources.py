@@ -26,7 +26,7 @@ import torch
 from . import hf as _hf  # noqa: F401  (registers the 'laser' quantizer for factorised sources)
 from .architectures import Family, family_for
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class SourceError(ValueError):
@@ -144,16 +144,27 @@ class ResolvedSource:
         return tok
 
     def load_model(
-        self, family: Family, dtype: str = "float32", trust_remote_code: bool = False, device: str = "auto"
+        self, family: Family, dtype: str = "auto", trust_remote_code: bool = False, device: str = "auto",
+        device_map: str | dict | None = None, offload_folder: str | None = None,
     ):
+        """Load the weights. ``dtype="auto"``: the checkpoint's own dtype (no whole-model copy).
+        ``device_map`` (e.g. ``"auto"`` or ``{"model.layers.0": "cpu", ...}``): dispatch through accelerate,
+        with ``offload_folder`` for weights that go to ``"disk"``; ``device`` is then not used."""
         import transformers
 
         auto = getattr(transformers, family.auto_class)
-        model = self._wrap("weights", auto.from_pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        kw = {}
+        if device_map is not None:
+            kw["device_map"] = device_map
+            if offload_folder is not None:
+                kw["offload_folder"] = offload_folder
+        model = self._wrap("weights", auto.from_pretrained, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kw)
         quantizer = getattr(model, "hf_quantizer", None)
         if self.gguf_file and quantizer is not None:
             # GGUF weights arrive de-quantized; drop the GGUF marker so the model saves as plain weights
             quantizer.remove_quantization_config(model)
+        if device_map is not None:
+            return model.eval()  # placed by accelerate
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():

@@ -111,7 +111,8 @@ def verify_loaded(
     examples, info = selected or select_examples(p, limit)
     start = min(t.layer for t in p.targets)
     prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
-    cache = PrefixCache(loaded.model, p.family, start, lazy_capture=True) if prefix_cache else None
+    cache = (PrefixCache(loaded.model, p.family, start, lazy_capture=True, replay_layers=[start])
+             if prefix_cache else None)
     ppl_ids, ppl_opts = _perplexity_input(p, loaded)
     from .benchmarks import BENCHMARKS
 

@@ -205,3 +205,36 @@ def test_gpt2_fused_qkv_hint_and_unknown_architecture():
         expand_matrix(family_for("gpt2"), "q")
     with pytest.raises(ArchitectureError, match="unknown architecture 'mamba'"):
         family_for("mamba")
+
+
+def test_apply_undo_cache_budget_and_error_from_singular_values():
+    import math
+
+    import torch
+
+    from laser_export.intervene import Target, apply
+    from laser_export.lowrank import as_matrix
+
+    model = tiny_model("llama")
+    fam = family_for("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = [Target(0, 0, "fc_in", 0.25), Target(1, 1, "fc_out", 0.5)]
+    cache = SVDCache(Reduction(), max_bytes=0)
+    applied = apply(model, targets, family=fam, storage="factorised", cache=cache)
+    assert len(cache) == 0  # max_bytes=0: nothing kept between matrices
+    for e, t in zip(applied.entries, targets):
+        name = e["name"]
+        w = before[name + ".weight"].double()
+        s = torch.linalg.svdvals(w)
+        k = e["rank"]
+        assert e["frobenius_error"] == pytest.approx(math.sqrt(float((s[k:] ** 2).sum())), rel=1e-6)
+        assert e["relative_error"] == pytest.approx(e["frobenius_error"] / float(w.norm()), rel=1e-6)
+    applied()
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    # a byte-budget LRU keeps the most recent decompositions only
+    lru = SVDCache(Reduction(), max_bytes=1)
+    names = [f"model.layers.{i}.mlp.gate_proj" for i in range(2)]
+    for n in names:
+        lru.get(n, as_matrix(model.get_submodule(n)), 4)
+    assert names[1] in lru and names[0] not in lru and len(lru) == 1
