@@ -225,12 +225,12 @@ def check_finite_targets(p: Plan, model) -> None:
     import torch
 
     from .architectures import module_name
-    from .lowrank import as_matrix
+    from .intervene import matrix_of
 
     problems = []
     for t in p.targets:
         name = module_name(model, p.family, t.layer, t.alias)
-        w = as_matrix(model.get_submodule(name))
+        w = matrix_of(model.get_submodule(name))  # also an accelerate-offloaded weight
         bad = int((~torch.isfinite(w)).sum())
         if bad:
             problems.append(

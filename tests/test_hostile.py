@@ -523,7 +523,7 @@ CASES: list[Case] = [
          setup=lambda c: (c.tmp / ".out.tmp-999999999-abc").mkdir(), argv=run_args("--dry-run")),
     # ---- injected failure at each export step (an existing export at OUT, --overwrite): it survives
     Case("fail-reduce", 1, "unexpected RuntimeError: injected (rerun with --debug for the traceback)",
-         setup=_inject("laser_export.pipeline.reduce_model", lambda: RuntimeError("injected")),
+         setup=_inject("laser_export.pipeline.apply", lambda: RuntimeError("injected")),
          argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
     Case("fail-write-checkpoint-disk-full", X, "cannot write the export: No space left on device",
          setup=_inject("laser_export.export.safetensors.write_checkpoint", lambda: OSError(errno.ENOSPC, "No space left on device")),
@@ -549,7 +549,7 @@ CASES: list[Case] = [
     Case("fail-final-rename", 1, "unexpected OSError", setup=_fail_second_replace,
          argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
     Case("fail-debug-shows-traceback", 1, "Traceback (most recent call last)",
-         setup=_inject("laser_export.pipeline.reduce_model", lambda: RuntimeError("injected"), after_copy=False),
+         setup=_inject("laser_export.pipeline.apply", lambda: RuntimeError("injected"), after_copy=False),
          argv=run_args("--debug"), traceback=True),
     # ---- CLI / Hub
     Case("push-without-repo", X, "--push needs a repo", argv=run_args("--push")),

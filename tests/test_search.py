@@ -350,7 +350,7 @@ def test_template_goes_through_plan_with_revision_trust_remote_code_and_device(b
         seen["tokenizer"] = (self.revision, trust_remote_code)
         return tok
 
-    def load_model(self, family, dtype="float32", trust_remote_code=False, device="auto"):
+    def load_model(self, family, dtype="float32", trust_remote_code=False, device="auto", **kwargs):
         seen["model"] = (self.revision, dtype, trust_remote_code, device)
         return model
 
