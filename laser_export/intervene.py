@@ -200,8 +200,13 @@ def matrix_of(module: nn.Module) -> torch.Tensor:
     return w.t() if is_conv1d(module) else w
 
 
-def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, factorised: bool) -> Undo:
-    """Put the rank-k version of module ``name`` in place; return an Undo that restores it bit-exactly."""
+def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, factorised: bool,
+                   in_place: bool = False) -> Undo:
+    """Put the rank-k version of module ``name`` in place; return an Undo that restores it bit-exactly.
+
+    ``in_place=True`` (dense, no undo needed): W_k is written into the weight's own storage, so a
+    weight loaded from a memory-mapped checkpoint does not leave its mapped pages resident next to a
+    new copy (peak memory stays flat whatever the number of reduced matrices); the Undo then does nothing."""
     module = model.get_submodule(name)
     original = _get_weight(module)
     dtype = original.dtype
@@ -224,6 +229,10 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
         model.set_submodule(name, new_mod)
         return Undo(lambda: model.set_submodule(name, module))
     new = from_matrix(module, svd.reconstruct(k, dtype=dtype).to(original.device))
+    if in_place and module.weight.device.type != "meta" and module.weight.data.shape == new.shape:
+        with torch.no_grad():
+            module.weight.data.copy_(new)
+        return Undo(lambda: None)
     del original
     return Undo(_set_weight(module, new))
 
@@ -343,7 +352,7 @@ def apply(
             err, norm = truncation_error(matrix, svd, k)
             del matrix
             factorised = storage == "factorised" and factorised_saves_bytes(k, shape)
-            undo = replace_weight(model, name, svd, k, factorised)
+            undo = replace_weight(model, name, svd, k, factorised, in_place=not undoable)
             del svd
             if undoable:
                 undos.append(undo)
