@@ -373,7 +373,7 @@ def test_template_goes_through_plan_with_revision_trust_remote_code_and_device(b
                      "--rhos", "0.1,0.5", "--compose", "1", "--out", str(out), "--no-progress"]) == 0
     assert seen["config"] == ("someorg/somemodel", "0123abc", True)
     assert seen["tokenizer"] == ("0123abc", True)
-    assert seen["model"] == ("0123abc", "float32", True, "cpu")
+    assert seen["model"] == ("0123abc", "auto", True, "cpu")  # model.dtype default: the checkpoint's own
     recipe, text = load_recipe(out)
     assert recipe.name == "somemodel-jsonl"  # never the template's name
     assert "stale" not in text and "+99" not in text  # the template's comments and description are dropped
