@@ -491,3 +491,19 @@ def test_real_gemma3_270m_gguf_plans_loads_and_replays():
         replay = pc.replay(16)(loaded.model, enc["input_ids"], enc["attention_mask"], pos).materialize()
     assert (replay - full).abs().max() <= 1e-3 * full.abs().max()
     assert tok.decode(full[0, -1].argmax()).strip() != ""
+
+
+def test_search_refuses_a_family_it_would_score_wrongly(bench, tmp_path, capsys, monkeypatch):
+    """A masked LM (RoBERTa) is scored by the masked scorer; the sweep's causal scorer would give wrong
+    numbers, so search exits 2 before any weights load and writes nothing."""
+    from laser_export import cli
+    from laser_export.sources import ResolvedSource
+
+    folder = tmp_path / "tiny-roberta"
+    save_tiny("roberta", folder)
+    monkeypatch.setattr(ResolvedSource, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    out = tmp_path / "o" / "found.yaml"
+    assert cli.main(_search_argv(folder, bench, out)) == 2
+    err = capsys.readouterr().err
+    assert "search sweeps with the causal first-token scorer; roberta" in err and "'masked'" in err
+    assert not out.parent.exists()

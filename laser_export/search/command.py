@@ -104,6 +104,20 @@ class _Prepared:
     stem: Path
 
 
+def _check_scorer(p) -> None:
+    """The sweep scores with the causal first-token scorer and its prefix cache: a family, benchmark or
+    metric that another scorer serves (masked LMs, generation metrics) is refused here, before any weights
+    load, rather than scored wrongly."""
+    from ..benchmarks import BENCHMARKS
+    from ..evaluate import scorer_for
+
+    scorer = scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
+    if scorer != "causal":
+        raise RecipeError([f"benchmark: search sweeps with the causal first-token scorer; {p.family.name} on "
+                           f"{p.recipe.benchmark.name} ({p.recipe.benchmark.metric}) is scored by {scorer!r}, "
+                           "which search does not support yet (verify does)"])
+
+
 def prepare(opts: SearchOptions) -> _Prepared:
     """Plan (no weights), grid, benchmark split and the run key: every input problem fails here."""
     import yaml
@@ -117,6 +131,7 @@ def prepare(opts: SearchOptions) -> _Prepared:
         template = yaml.safe_load(t_text)
     data = _plan_recipe(opts, template)
     p = plan(parse_recipe(data, opts.template), yaml.safe_dump(data, sort_keys=False))
+    _check_scorer(p)
     bench = p.recipe.benchmark.model_dump(exclude={"split"}, exclude_none=True)
     n_layers = num_layers(p.config)
     layers = parse_layers(opts.layers, n_layers)
