@@ -371,6 +371,9 @@ def _quiet_progress() -> None:
     import os
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    # bars that transformers draws with plain tqdm (GGUF de-quantization): tqdm reads TQDM_* defaults when
+    # it is first imported, which this command has not done yet (the CLI imports it lazily)
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         from huggingface_hub.utils import disable_progress_bars
 

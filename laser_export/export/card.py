@@ -431,13 +431,17 @@ def _limits(ctx: CardContext) -> list[str]:
     if ctx.verified:
         out += [f"- {n}" for n in format_gain_assessment(
             {k: v.model_dump() for k, v in ctx.report.delta.items()})[1]]
-    else:
+    elif ctx.recipe.claims is not None:
         out.append("- **Nothing on this card was measured by laser-export**: the claimed accuracies are unverified.")
+    else:
+        out.append("- **Nothing on this card was measured by laser-export**, and the recipe claims no accuracy.")
     if ctx.limit is not None:
         out.append(f"- The measurement used only {ctx.limit} examples (`--limit`); it is a smoke test, not the full split.")
+    if ctx.recipe.benchmark is None:
+        return out + [""]
     other = "Other tasks were" if _perplexity(ctx) is not None else "General language-modelling quality (perplexity) and other tasks were"
-    out += [f"- One benchmark, one held-out split, first-token scoring. {other} not measured here and may be worse.",
-            "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.", ""]
+    out += [f"- One benchmark ({ctx.recipe.benchmark.name}), one held-out split. {other} not measured here and may "
+            "be worse.", "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.", ""]
     return out
 
 
