@@ -267,6 +267,9 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                         help="score candidates on Ray actors (one per GPU, else 2 CPU workers); without ADDRESS "
                         "a local Ray (or RAY_ADDRESS); needs pip install 'laser-export[ray]'")
     search.add_argument("--ray-workers", type=_positive_int, help="number of Ray actors (default: one per GPU, else 2)")
+    search.add_argument("--svd-cache-gb", type=_non_negative_float, default=2.0, metavar="GB",
+                        help="memory budget of the SVD cache; least recently used matrices are dropped first "
+                        "and recomputed when needed again (default 2)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_progress(search)
     return {"run": run, "check": check, "verify": verify, "push": push, "search": search, "apply": apply_}

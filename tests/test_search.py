@@ -507,3 +507,23 @@ def test_search_refuses_a_family_it_would_score_wrongly(bench, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "search sweeps with the causal first-token scorer; roberta" in err and "'masked'" in err
     assert not out.parent.exists()
+
+
+def test_search_svd_cache_has_a_byte_budget(bench, tmp_path, monkeypatch):
+    """search keeps its SVDs in an LRU with the --svd-cache-gb budget (issue 11: memory bounded)."""
+    from laser_export import cli, intervene
+
+    seen = []
+    real = intervene.SVDCache
+
+    def spy(*a, **k):
+        cache = real(*a, **k)
+        seen.append(cache)
+        return cache
+
+    monkeypatch.setattr(intervene, "SVDCache", spy)  # search imports it from there when it runs
+    folder = tmp_path / "tiny"
+    save_tiny("llama", folder)
+    out = tmp_path / "found.yaml"
+    assert cli.main(_search_argv(folder, bench, out) + ["--svd-cache-gb", "0.5", "--skip-test"]) == 0
+    assert seen and seen[0].max_bytes == 2**29

@@ -254,7 +254,7 @@ def search(opts: SearchOptions) -> SearchOutcome:
         f"validation examples; {len(pr.log.rows)} results already in {pr.log.path}{ignored}"
     )
     loaded = load_model(p)
-    svd = SVDCache(p.recipe.reduction)
+    svd = SVDCache(p.recipe.reduction, max_bytes=int(opts.svd_cache_gb * 2**30))  # an LRU: memory bounded
     result = _sweep(opts, pr, loaded.model, loaded.tokenizer, svd)
     _print_validation(result)
     test = {} if opts.skip_test else _test(pr, loaded.model, loaded.tokenizer, result.chosen, svd, opts.progress)

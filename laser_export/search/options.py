@@ -35,6 +35,7 @@ class SearchOptions:
     plot_metric: str = "both"  # top1 | logloss | both
     ray: str | None = None  # None: in process; "": a local Ray; else a Ray cluster address
     ray_workers: int | None = None
+    svd_cache_gb: float = 2.0  # byte budget of the SVD cache (least recently used matrices dropped first)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -57,5 +58,6 @@ class SearchOptions:
         check(0 <= self.tolerance <= 1, f"--tolerance: between 0 and 1, got {self.tolerance}")
         check(self.plot_metric in PLOT_METRICS, f"--plot-metric: one of {', '.join(PLOT_METRICS)}, got {self.plot_metric!r}")
         check(self.ray_workers is None or self.ray_workers >= 1, f"--ray-workers: at least 1, got {self.ray_workers}")
+        check(self.svd_cache_gb >= 0, f"--svd-cache-gb: at least 0, got {self.svd_cache_gb}")
         if problems:
             raise RecipeError(problems)
