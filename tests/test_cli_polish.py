@@ -133,3 +133,18 @@ def test_onnx_run_with_no_progress_prints_only_our_lines(tiny, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     lines = (res.stdout + res.stderr).strip().splitlines()
     assert [ln.split()[0] for ln in lines] == ["p:", "ONNX", "exported"], lines
+
+
+def test_help_into_a_closed_pipe_is_not_a_traceback():
+    """`laser-export --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the writer starts: every write fails with EPIPE
+    try:
+        res = subprocess.run([sys.executable, "-m", "laser_export", "--help"], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+    assert res.returncode == 0
