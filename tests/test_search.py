@@ -527,3 +527,29 @@ def test_search_svd_cache_has_a_byte_budget(bench, tmp_path, monkeypatch):
     out = tmp_path / "found.yaml"
     assert cli.main(_search_argv(folder, bench, out) + ["--svd-cache-gb", "0.5", "--skip-test"]) == 0
     assert seen and seen[0].max_bytes == 2**29
+
+
+def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path, capsys):
+    """Choice tasks (FEVER, TruthfulQA, ...) produce top-1 only: no logprob/logloss key anywhere in search."""
+    from laser_export import cli
+
+    g = torch.Generator().manual_seed(1)
+    lines = []
+    for i in range(24):
+        words = " ".join(f"w{int(t)}" for t in torch.randint(0, 100, (4,), generator=g))
+        lines.append(json.dumps({"prompt": words + " true or false?", "choices": [" true", " false"],
+                                 "label": int(torch.randint(0, 2, (1,), generator=g))}))
+    data = tmp_path / "choice.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    folder = tmp_path / "tiny"
+    save_tiny("llama", folder)
+    out = tmp_path / "found.yaml"
+    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(data),
+                   "--layers", "1", "--matrices", "fc_in", "--rhos", "0.1,0.5", "--batch-size", "4",
+                   "--validation-fraction", "0.5", "--plot-metric", "both", "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "logprob" not in printed.err and "validation baseline top1" in printed.err
+    sweep = json.loads((tmp_path / "found.sweep.json").read_text())
+    assert all("logprob" not in r["metrics"] for r in sweep["candidates"])
+    assert load_recipe(out)[0].benchmark.name == "jsonl"

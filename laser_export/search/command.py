@@ -194,9 +194,10 @@ def _print_validation(result) -> None:
     console.print(f"validation baseline top1 {result.baseline['top1']:.4f} (n={int(result.baseline['n'])})")
     for r in top:
         m = r["metrics"]
-        ll = f" logloss {m['logloss']:.3f}" if "logloss" in m else ""
+        # choice tasks (FEVER, TruthfulQA, ...) score top-1 only: no answer log-prob / log-loss
+        extra = "".join(f" {k} {m[k]:.3f}" for k in ("logprob", "logloss") if k in m)
         console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={r['rho']:<5g} k={r['rank']:<4} top1 {m['top1']:.4f} "
-                      f"({r['delta_top1'] * 100:+.2f} pts) logprob {m['logprob']:.3f}{ll}")
+                      f"({r['delta_top1'] * 100:+.2f} pts){extra}")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 
 
