@@ -430,11 +430,10 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     """Stream-reduce ``p`` into ``options.out`` (atomic) with the same files as the in-memory export:
     shards + index, config, generation config, tokenizer, recipe.yaml, manifest.json, README.md
     (and verify_report.json when a report is given). Returns the manifest."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .export.card import render_card
     from .export.safetensors import MANIFEST, RECIPE, atomic_folder, checkpoint_tensor_bytes
-    from .pipeline import build_manifest, console
+    from .pipeline import build_manifest
+    from .progress import bar as progress_bar
     from .sources import DTYPES
 
     recipe = p.recipe
@@ -442,9 +441,8 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     if reason is not None:
         raise StreamError(f"cannot stream this recipe: {reason}")
     n_tensors = len(list_tensors(checkpoint_folder(p.source)))
-    with atomic_folder(options.out, overwrite=options.overwrite, protect=options.protect) as tmp, Progress(
-        TextColumn("[bold]stream[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, disable=not options.progress,
+    with atomic_folder(options.out, overwrite=options.overwrite, protect=options.protect) as tmp, progress_bar(
+        "stream", enabled=options.progress, unit="tensors", eta=False,
     ) as bar:
         task = bar.add_task("", total=n_tensors)
 

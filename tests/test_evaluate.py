@@ -120,6 +120,31 @@ def test_batched_equals_batch_size_one(arch, request, tokenizer):
         assert r1.metrics[k] == r16.metrics[k]
 
 
+def test_progress_is_counted_in_examples_not_rows(model, tokenizer, monkeypatch):
+    """Issue 12: the scorer's bar totals the examples (a choice or multi-answer example is several rows)
+    and names its unit; it advances when an example's last row is scored, so it ends at exactly n."""
+    from laser_export import progress
+
+    seen = []
+    real = progress.bar
+
+    def spy(*a, **k):
+        bar = real(*a, **k)
+        add, adv = bar.add_task, bar.advance
+        bar.add_task = lambda *a2, **k2: seen.append(("total", k2["total"])) or add(*a2, **k2)
+        bar.advance = lambda task, n=1: seen.append(("advance", n)) or adv(task, n)
+        seen.append(("unit", k.get("unit")))
+        return bar
+
+    monkeypatch.setattr(progress, "bar", spy)
+    examples = mixed_examples()
+    n_rows = sum(len(e.choices) if e.is_choice else len(e.answers) for e in examples)
+    assert n_rows > len(examples)
+    score_examples(model, tokenizer, examples, batch_size=3, progress=False)
+    assert ("unit", "examples") in seen and ("total", len(examples)) in seen
+    assert sum(n for what, n in seen if what == "advance") == len(examples)
+
+
 def test_matches_unbatched_reference_computation(model, tokenizer):
     """Logprob / top-k against a direct, unpadded forward pass on BOS + prompt + ' ' + answer."""
     ex = Example("g1", "the capital of France is", ("Paris", "the city of Paris"))

@@ -32,6 +32,7 @@ from ..architectures import Family, module_name
 from ..intervene import SVDCache, Target, matrix_of
 from ..lowrank import rank_for
 from ..prefix import PrefixCache
+from ..progress import bar as progress_bar
 from ..recipe import RecipeError
 from .compose import compose_greedy, selection_key
 from .grid import Candidate, set_key
@@ -161,24 +162,6 @@ class LocalScorer:
             yield c, (dict(baseline) if rank_for(c.rho, shape) >= min(shape) else self.score_set([c]))
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from ..pipeline import console
-
-    return Progress(
-        TextColumn("[bold]search[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        disable=not enabled,
-    )
-
-
 def run_search(
     model,
     tokenizer,
@@ -246,7 +229,7 @@ def run_search(
 
     grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
     todo = [c for c in grid if results.get(c.key) is None]
-    with _progress(progress) as bar:
+    with progress_bar("search", enabled=progress, unit="candidates") as bar:
         task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
         for c, metrics in scorer.score_candidates(todo, baseline):
             k = rank_for(c.rho, swap.shape(c.layer, c.matrix))
