@@ -33,9 +33,9 @@ def default_dir() -> Path:
 
 def scorer_version() -> str:
     """laser-export's version and a hash of the scoring code: a change to the scorer invalidates entries."""
-    from . import evaluate
+    from . import evaluate, metrics
 
-    code = Path(evaluate.__file__).read_bytes()
+    code = Path(evaluate.__file__).read_bytes() + Path(metrics.__file__).read_bytes()
     return f"{__version__}+{hashlib.sha256(code).hexdigest()[:16]}"
 
 

@@ -19,16 +19,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from . import metrics as _metrics
 from .benchmarks.base import Example
 
 ARTICLE_WORDS = ("a", "an", "the", "A", "An", "The")
 _LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
 TOPK = (1, 5, 10)
 
-# Metrics averaged into ScoreResult.metrics (when present in at least one example).
-_MEAN_METRICS = (
-    "top1", "top5", "top10", "top1_no_article", "logprob", "logloss", "accuracy", "exact_match", "contains", "f1",
-)
+# Metrics averaged into ScoreResult.metrics (when present in at least one example): the metrics table.
+_MEAN_METRICS = _metrics.ALL
 
 
 @dataclass
@@ -519,8 +518,8 @@ def score_masked_generate(
 
 
 #: Scorers that generate text (their metrics: exact_match, contains, f1); the others score at one position.
-GENERATION_SCORERS = ("generate", "masked_generate")
-GENERATION_METRICS = ("exact_match", "contains", "f1")
+GENERATION_SCORERS = _metrics.GENERATION_SCORERS
+GENERATION_METRICS = _metrics.GENERATION
 
 
 def scorer_for(family, spec, metric: str | None = None) -> str:
@@ -534,8 +533,9 @@ def scorer_for(family, spec, metric: str | None = None) -> str:
             f"{family.name} has only {', '.join(family.scorers)}"
         )
     if metric is not None:
-        wants_generation = metric in GENERATION_METRICS
-        fit = [s for s in pair if (s in GENERATION_SCORERS) == wants_generation]
+        known = _metrics.METRICS.get(metric)
+        wants_generation = known is not None and "generation" in known.kinds
+        fit = [s for s in pair if s in known.scorers] if known else [s for s in pair if s not in GENERATION_SCORERS]
         if not fit:
             kind = "a generation" if wants_generation else "a single-position"
             raise ValueError(

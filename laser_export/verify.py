@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
+from . import metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
+from .metrics import format_value
 from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
 if TYPE_CHECKING:
     from .baseline_cache import BaselineCache
 
-#: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "contains", "f1", "logprob", "logloss")
+#: metrics reported next to the claimed one, when the benchmark has them (the metrics table, in its order)
+REPORTED = metrics_table.ALL
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
@@ -236,10 +238,6 @@ def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:
     return perplexity(loaded.model, ids, context=opts.context, stride=opts.stride, progress=progress)
 
 
-def _fmt(v: float, metric: str) -> str:
-    return f"{v:.4f}" if metric in ("logprob", "logloss") else f"{100 * v:.2f}%"
-
-
 def print_report(report: dict) -> None:
     b = report["benchmark"]
     title = (
@@ -251,7 +249,7 @@ def print_report(report: dict) -> None:
         t.add_column(col)
     for m, d in report["delta"].items():
         lo, hi = d["ci95"]
-        t.add_row(m, _fmt(report["metrics"]["baseline"][m], m), _fmt(report["metrics"]["reduced"][m], m),
+        t.add_row(m, format_value(m, report["metrics"]["baseline"][m]), format_value(m, report["metrics"]["reduced"][m]),
                   f"{d['estimate']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     console.print(t)
     ppl = report.get("perplexity")

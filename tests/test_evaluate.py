@@ -324,3 +324,21 @@ def test_score_result_hits_float_and_missing():
     assert r.hits("logprob").dtype == np.float64 and r.hits("logprob").tolist() == [-1.5, -0.5]
     with pytest.raises(KeyError):
         r.hits("top1")
+
+
+def test_metric_lists_derive_from_the_one_table():
+    """Issue 9: one metrics table; the scorers' means, the benchmarks' metric lists, verify's report,
+    search's kept metrics and the card's labels all come from it."""
+    from laser_export import metrics, verify
+    from laser_export.benchmarks import CHOICE_METRICS, FIRST_TOKEN_METRICS, GENERATION_METRICS
+    from laser_export.export.card import METRIC_LABELS
+    from laser_export.search import KEPT_METRICS
+
+    table = metrics.METRICS
+    assert set(FIRST_TOKEN_METRICS) | set(CHOICE_METRICS) | set(GENERATION_METRICS) == set(table)
+    assert set(verify.REPORTED) == set(ev._MEAN_METRICS) == set(table)
+    assert all("generation" in table[m].kinds for m in GENERATION_METRICS)
+    assert set(KEPT_METRICS) - {"n"} == {m for m in table if "generation" not in table[m].kinds}
+    assert set(METRIC_LABELS) <= set(table)
+    assert not table["logloss"].higher_is_better and table["top1"].higher_is_better
+    assert metrics.format_value("top1", 0.5) == "50.00%" and metrics.format_value("logloss", 1.25) == "1.2500"

@@ -31,6 +31,7 @@ from .. import evaluate, intervene
 from ..architectures import Family, module_name
 from ..intervene import SVDCache, Target, matrix_of
 from ..lowrank import rank_for
+from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
 from ..progress import bar as progress_bar
 from ..recipe import RecipeError
@@ -39,7 +40,8 @@ from .grid import Candidate, set_key
 from .results import ResultsLog
 from .snr import snr, spearman
 
-KEPT_METRICS = ("top1", "top1_no_article", "top5", "top10", "logprob", "logloss", "accuracy", "n")
+#: what a sweep keeps of each score (the metrics table's single-position metrics, and ``n``)
+KEPT_METRICS = SEARCH_KEPT
 
 
 @dataclass
