@@ -76,6 +76,18 @@ def write_json(path: str | Path, data: Any, *, indent: int | None = 2, sort_keys
     return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + ("\n" if newline else ""))
 
 
+def check_parent_writable(path: Path, shown: str) -> None:
+    """The nearest existing folder above ``path`` is a folder this process may write in, else
+    :class:`OutputError` starting with ``shown`` (the option and the path as the user gave it)."""
+    parent = Path(path).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{shown}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{shown}: cannot write in {parent} (permission denied or read-only)")
+
+
 # -- folders -------------------------------------------------------------------------------------------
 
 _DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")

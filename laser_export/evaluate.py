@@ -162,6 +162,20 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[tor
     return ids, mask
 
 
+def _masked_batches(model, rows: Sequence[Sequence[int]], read, *, pad_id: int, batch_size: int, forward_fn,
+                    progress: bool, description: str) -> None:
+    """Every row (one per example) through a masked LM in right-padded length batches;
+    ``read(batch indices, ids, logits)`` takes what it needs from each batch's [batch, seq, vocab] logits.
+    ``forward_fn(model, input_ids, attention_mask)`` replaces the model call."""
+    device = _model_device(model)
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    with scoring(model, progress=progress, description=description, total=len(rows)) as advance:
+        for batch in _length_batches(rows, batch_size):
+            ids, mask = _pad([rows[r] for r in batch], pad_id, left=False)
+            read(batch, ids, call(model, ids.to(device), mask.to(device)))
+            advance(len(batch))
+
+
 def _candidates(ex: Example) -> Sequence[str]:
     """An example's answers (generative) or choices, checked: one at least, a label among the choices."""
     candidates = ex.choices if ex.is_choice else ex.answers
@@ -373,15 +387,13 @@ def score_masked(
         stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
 
     at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
-    device = _model_device(model)
-    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
-    with scoring(model, progress=progress, description=description, total=len(rows)) as advance:
-        for batch in _length_batches(rows, batch_size):
-            ids, mask = _pad([rows[r] for r in batch], pad_id, left=False)
-            logits = call(model, ids.to(device), mask.to(device))
-            for b, r in enumerate(batch):
-                at_mask[r] = torch.log_softmax(logits[b, at[r]].float().cpu(), dim=-1)
-            advance(len(batch))
+
+    def read(batch, ids, logits):
+        for b, r in enumerate(batch):
+            at_mask[r] = torch.log_softmax(logits[b, at[r]].float().cpu(), dim=-1)
+
+    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
+                    progress=progress, description=description)
 
     per_example: list[dict] = []
     for i, ex in enumerate(examples):
@@ -503,16 +515,14 @@ def score_masked_generate(
         text = ex.prompt + "".join(f" {mask_token}" for _ in range(n_masks))
         rows.append(_encode(tokenizer, text, True))
     filled: dict[int, list[int]] = {}
-    device = _model_device(model)
-    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
-    with scoring(model, progress=progress, description=description, total=len(rows)) as advance:
-        for batch in _length_batches(rows, batch_size):
-            ids, mask = _pad([rows[r] for r in batch], pad_id, left=False)
-            logits = call(model, ids.to(device), mask.to(device))
-            for b, r in enumerate(batch):
-                where = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
-                filled[r] = logits[b, where].argmax(-1).tolist()
-            advance(len(batch))
+
+    def read(batch, ids, logits):
+        for b, r in enumerate(batch):
+            where = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
+            filled[r] = logits[b, where].argmax(-1).tolist()
+
+    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
+                    progress=progress, description=description)
     per_example = _generation_rows(tokenizer, examples, filled)
     return ScoreResult(per_example=per_example, metrics=_means(per_example))
 

@@ -13,7 +13,6 @@ leftovers of killed runs → benchmark data → weights (non-finite check) → v
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,17 +108,11 @@ def _protected(p: Plan) -> list[Path]:
 
 def check_report_path(path: Path, flag: str) -> Path:
     """The report can be written at ``path`` (not a folder, parent creatable and writable)."""
-    from .export.safetensors import OutputError
+    from .atomic import OutputError, check_parent_writable
 
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a folder; give a file path such as {path / 'report.json'}")
-    parent = path.expanduser().resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied or read-only)")
+    check_parent_writable(path.expanduser().resolve(), f"{flag} {path}")
     return path
 
 

@@ -9,7 +9,6 @@ any step removes the temporary folder and leaves an existing export untouched.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +18,7 @@ from torch import nn
 from ..atomic import (  # noqa: F401 - re-exported: the folder-level atomic writes used to live here
     OutputError,
     atomic_folder,
+    check_parent_writable,
     clean_debris,
     find_debris,
     write_json,
@@ -106,13 +106,7 @@ def check_output(
                 )
             if not overwrite:
                 raise OutputError(f"{shown}: already holds an export; pass --overwrite to replace it")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{shown}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{shown}: cannot write in {parent} (permission denied or read-only)")
+    check_parent_writable(out, shown)
     return out
 
 
