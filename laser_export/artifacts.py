@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .atomic import write_text
+
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
@@ -166,7 +168,7 @@ def write_schemas(folder: Path = SCHEMA_DIR) -> list[Path]:
     paths = []
     for name, model in SCHEMAS.items():
         path = folder / f"{name}.schema.json"
-        path.write_text(schema_text(model))
+        write_text(path, schema_text(model))
         paths.append(path)
     return paths
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_text
 from .evaluate import ScoreResult
 
 ENV_VAR = "LASER_EXPORT_BASELINE_CACHE"
@@ -33,9 +33,9 @@ def default_dir() -> Path:
 
 def scorer_version() -> str:
     """laser-export's version and a hash of the scoring code: a change to the scorer invalidates entries."""
-    from . import evaluate
+    from . import evaluate, metrics
 
-    code = Path(evaluate.__file__).read_bytes()
+    code = Path(evaluate.__file__).read_bytes() + Path(metrics.__file__).read_bytes()
     return f"{__version__}+{hashlib.sha256(code).hexdigest()[:16]}"
 
 
@@ -89,15 +89,7 @@ class BaselineCache:
         self.root.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"identity": identity, "metrics": result.metrics, "per_example": result.per_example},
                           default=_plain)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.path(key))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path(key)
+        return write_text(self.path(key), text)
 
 
 def _plain(value):

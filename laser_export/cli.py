@@ -370,28 +370,6 @@ HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cm
             "search": cmd_search}
 
 
-def _quiet_progress() -> None:
-    """--no-progress: also silence transformers' and huggingface_hub's own tqdm bars."""
-    import os
-
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    # bars that transformers draws with plain tqdm (GGUF de-quantization): tqdm reads TQDM_* defaults when
-    # it is first imported, which this command has not done yet (the CLI imports it lazily)
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -420,7 +398,9 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed
         return int(stop.code or 0)
     if getattr(args, "no_progress", False):
-        _quiet_progress()
+        from .progress import quiet_third_party_bars
+
+        quiet_third_party_bars()
     from ._warnings import quiet_third_party
 
     quiet_third_party()

@@ -12,22 +12,22 @@ decoded text containing the prompt.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from . import metrics as _metrics
 from .benchmarks.base import Example
 
 ARTICLE_WORDS = ("a", "an", "the", "A", "An", "The")
 _LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
 TOPK = (1, 5, 10)
 
-# Metrics averaged into ScoreResult.metrics (when present in at least one example).
-_MEAN_METRICS = (
-    "top1", "top5", "top10", "top1_no_article", "logprob", "logloss", "accuracy", "exact_match", "contains", "f1",
-)
+# Metrics averaged into ScoreResult.metrics (when present in at least one example): the metrics table.
+_MEAN_METRICS = _metrics.ALL
 
 
 @dataclass
@@ -119,17 +119,105 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _progress(enabled: bool, description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+@contextmanager
+def scoring(model, *, progress: bool, description: str, total: int, unit: str = "examples"):
+    """The frame of every scoring loop: ``model`` in eval mode (its training flag restored after),
+    inference mode, and the progress bar (:func:`laser_export.progress.bar`) of ``total`` ``unit``.
+    Yields ``advance(n=1)``."""
+    from .progress import bar
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=not enabled,
-    )
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with bar("", enabled=progress, unit=unit, elapsed=False, transient=True) as pbar, torch.inference_mode():
+            task = pbar.add_task(description, total=total)
+            yield lambda n=1: pbar.advance(task, n)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _length_batches(seqs: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of ``seqs`` in batches of ``batch_size``, longest first (less padding per batch)."""
+    order = sorted(range(len(seqs)), key=lambda r: -len(seqs[r]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of ``seqs`` padded with ``pad_id`` to the longest: on the left (causal LMs,
+    so the last prompt token is at the end of every row) or on the right (masked LMs)."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, q in enumerate(seqs):
+        where = slice(width - len(q), width) if left else slice(0, len(q))
+        ids[b, where] = torch.tensor(q, dtype=torch.long)
+        mask[b, where] = 1
+    return ids, mask
+
+
+def _masked_batches(model, rows: Sequence[Sequence[int]], read, *, pad_id: int, batch_size: int, forward_fn,
+                    progress: bool, description: str) -> None:
+    """Every row (one per example) through a masked LM in right-padded length batches;
+    ``read(batch indices, ids, logits)`` takes what it needs from each batch's [batch, seq, vocab] logits.
+    ``forward_fn(model, input_ids, attention_mask)`` replaces the model call."""
+    device = _model_device(model)
+    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
+    with scoring(model, progress=progress, description=description, total=len(rows)) as advance:
+        for batch in _length_batches(rows, batch_size):
+            ids, mask = _pad([rows[r] for r in batch], pad_id, left=False)
+            read(batch, ids, call(model, ids.to(device), mask.to(device)))
+            advance(len(batch))
+
+
+def _candidates(ex: Example) -> Sequence[str]:
+    """An example's answers (generative) or choices, checked: one at least, a label among the choices."""
+    candidates = ex.choices if ex.is_choice else ex.answers
+    if not candidates:
+        raise ValueError(f"example {ex.id!r} has no answers/choices")
+    if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
+        raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+    return candidates
+
+
+def _first_token_hits(row: dict, top: list[int], masked_argmax: int, firsts: Sequence[int],
+                      stripped: Sequence[int]) -> None:
+    """The next-token metrics of a generative example: top-k hits of an accepted answer's first token,
+    top-1 with articles excluded (``masked_argmax``) against the article-stripped answers."""
+    for k in TOPK:
+        row[f"top{k}"] = any(t in top[:k] for t in firsts)
+    row["top1_no_article"] = any(t == masked_argmax for t in stripped)
+
+
+def _top_and_masked_argmax(logits: torch.Tensor, articles: torch.Tensor) -> tuple[list[int], int]:
+    """(top-10 ids, argmax with the article tokens excluded) of one next-token distribution."""
+    top = torch.topk(logits, k=min(max(TOPK), logits.numel())).indices.tolist()
+    masked = logits.clone()
+    if len(articles):
+        masked[articles] = float("-inf")
+    return top, int(masked.argmax())
+
+
+def _generation_rows(tokenizer, examples: Sequence[Example], generated: dict[int, list[int]]) -> list[dict]:
+    """exact_match / contains / f1 of each example's generated token ids (see :func:`score_generate`)."""
+    per_example = []
+    for i, ex in enumerate(examples):
+        text = tokenizer.decode(generated[i], skip_special_tokens=True)
+        gen, answers = _normalise(text), [_normalise(a) for a in ex.answers]
+        per_example.append({
+            "id": ex.id,
+            "generation": text,
+            "exact_match": any(gen == a for a in answers),
+            "contains": any(a in gen for a in answers),
+            "f1": max(token_f1(text, a) for a in ex.answers),
+        })
+    return per_example
 
 
 def score_examples(
@@ -148,8 +236,7 @@ def score_examples(
     :func:`_forward_logits`), e.g. by a prefix cache; it must return something indexable like
     ``logits[b, start:stop]`` ([batch, seq, vocab] logits).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
@@ -162,11 +249,7 @@ def score_examples(
         prompt = _prompt_ids(tokenizer, ex.prompt)
         if not prompt:
             raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
-        candidates = ex.choices if ex.is_choice else ex.answers
-        if not candidates:
-            raise ValueError(f"example {ex.id!r} has no answers/choices")
-        if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
-            raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+        candidates = _candidates(ex)
         for j, cand in enumerate(candidates):
             cont = _continuation_ids(tokenizer, cand)
             if not cont:
@@ -180,45 +263,36 @@ def score_examples(
     cand_logprob: dict[tuple[int, int], float] = {}
     cand_ntok: dict[tuple[int, int], int] = {}
     next_token: dict[int, tuple[list[int], int]] = {}  # ex -> (top-10 ids, argmax without articles)
+    # progress is counted in examples: an example is done when the last of its rows (one per answer or
+    # choice, possibly in different batches) is scored
+    rows_left = [0] * len(examples)
+    for r in rows:
+        rows_left[r.ex] += 1
 
-    order = sorted(range(len(rows)), key=lambda r: -rows[r].length)  # less padding per batch
+    seqs = [r.prompt + r.cont[:-1] for r in rows]  # the last continuation token is never an input
     device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    model.eval()
     article_idx = torch.tensor(articles, dtype=torch.long)
-    try:
-        with _progress(progress, description) as bar, torch.inference_mode():
-            task = bar.add_task(description, total=len(rows))
-            for start in range(0, len(order), batch_size):
-                batch = [rows[r] for r in order[start : start + batch_size]]
-                width = max(r.length for r in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for b, r in enumerate(batch):
-                    seq = r.prompt + r.cont[:-1]
-                    ids[b, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                    mask[b, width - len(seq) :] = 1
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = (forward_fn or _forward_logits)(model, ids.to(device), mask.to(device), position_ids.to(device))
-                for b, r in enumerate(batch):
-                    first = width - r.length + len(r.prompt) - 1  # last prompt position
-                    row_logits = logits[b, first : first + len(r.cont)].float().cpu()
-                    logp = torch.log_softmax(row_logits, dim=-1)
-                    cont = torch.tensor(r.cont, dtype=torch.long)
-                    key = (r.ex, r.cand)
-                    cand_logprob[key] = float(logp.gather(1, cont[:, None]).sum())
-                    cand_ntok[key] = len(r.cont)
-                    if r.cand == 0 and not examples[r.ex].is_choice:
-                        nxt = row_logits[0]
-                        top = torch.topk(nxt, k=min(max(TOPK), nxt.numel())).indices.tolist()
-                        masked = nxt.clone()
-                        if len(article_idx):
-                            masked[article_idx] = float("-inf")
-                        next_token[r.ex] = (top, int(masked.argmax()))
-                bar.advance(task, len(batch))
-    finally:
-        if was_training:
-            model.train()
+    with scoring(model, progress=progress, description=description, total=len(examples)) as advance:
+        for batch_idx in _length_batches(seqs, batch_size):
+            batch = [rows[r] for r in batch_idx]
+            ids, mask = _pad([seqs[r] for r in batch_idx], pad_id, left=True)
+            width = ids.shape[1]
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = (forward_fn or _forward_logits)(model, ids.to(device), mask.to(device), position_ids.to(device))
+            done = 0
+            for b, r in enumerate(batch):
+                first = width - r.length + len(r.prompt) - 1  # last prompt position
+                row_logits = logits[b, first : first + len(r.cont)].float().cpu()
+                logp = torch.log_softmax(row_logits, dim=-1)
+                cont = torch.tensor(r.cont, dtype=torch.long)
+                key = (r.ex, r.cand)
+                cand_logprob[key] = float(logp.gather(1, cont[:, None]).sum())
+                cand_ntok[key] = len(r.cont)
+                if r.cand == 0 and not examples[r.ex].is_choice:
+                    next_token[r.ex] = _top_and_masked_argmax(row_logits[0], article_idx)
+                rows_left[r.ex] -= 1
+                done += rows_left[r.ex] == 0
+            advance(done)
 
     per_example: list[dict] = []
     for i, ex in enumerate(examples):
@@ -235,10 +309,7 @@ def score_examples(
             )
         else:
             top, masked_argmax = next_token[i]
-            firsts = answer_first[i]
-            for k in TOPK:
-                row[f"top{k}"] = any(t in top[:k] for t in firsts)
-            row["top1_no_article"] = any(t == masked_argmax for t in stripped_first[i])
+            _first_token_hits(row, top, masked_argmax, answer_first[i], stripped_first[i])
             best = max(range(len(ex.answers)), key=lambda j: cand_logprob[(i, j)])
             row["logprob"] = cand_logprob[(i, best)]
             row["n_answer_tokens"] = cand_ntok[(i, best)]
@@ -277,8 +348,7 @@ def score_masked(
 
     ``forward_fn(model, input_ids, attention_mask)`` replaces the model call; returns [batch, seq, vocab].
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     mask_id, mask_token = tokenizer.mask_token_id, tokenizer.mask_token
     if mask_id is None or mask_token is None:
         raise ValueError("masked-LM scoring needs a tokenizer with a mask token")
@@ -287,7 +357,8 @@ def score_masked(
         raise ValueError("masked-LM scoring needs a tokenizer with a pad token")
     articles = torch.tensor(article_token_ids(tokenizer), dtype=torch.long)
 
-    rows: list[tuple[list[int], int]] = []  # (ids, mask position)
+    rows: list[list[int]] = []  # ids per example
+    at: list[int] = []  # mask position per example
     targets: list[list[int]] = []  # per example: first token of each answer / choice
     stripped: list[list[int]] = []
     limit = getattr(tokenizer, "model_max_length", None)
@@ -299,12 +370,9 @@ def score_masked(
         where = [i for i, t in enumerate(ids) if t == mask_id]
         if len(where) != 1:
             raise ValueError(f"example {ex.id!r}: masked prompt has {len(where)} mask tokens, expected exactly 1")
-        rows.append((ids, where[0]))
-        candidates = ex.choices if ex.is_choice else ex.answers
-        if not candidates:
-            raise ValueError(f"example {ex.id!r} has no answers/choices")
-        if ex.is_choice and not (ex.label is not None and 0 <= ex.label < len(ex.choices)):
-            raise ValueError(f"example {ex.id!r}: label {ex.label!r} is not an index into its choices")
+        rows.append(ids)
+        at.append(where[0])
+        candidates = _candidates(ex)
         firsts = []
         for cand in candidates:
             cont = _continuation_ids(tokenizer, cand)
@@ -319,30 +387,13 @@ def score_masked(
         stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
 
     at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-    device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
-    try:
-        with _progress(progress, description) as bar, torch.inference_mode():
-            task = bar.add_task(description, total=len(rows))
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(rows[r][0]) for r in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for b, r in enumerate(batch):
-                    seq = rows[r][0]
-                    ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                    mask[b, : len(seq)] = 1
-                logits = call(model, ids.to(device), mask.to(device))
-                for b, r in enumerate(batch):
-                    at_mask[r] = torch.log_softmax(logits[b, rows[r][1]].float().cpu(), dim=-1)
-                bar.advance(task, len(batch))
-    finally:
-        if was_training:
-            model.train()
+
+    def read(batch, ids, logits):
+        for b, r in enumerate(batch):
+            at_mask[r] = torch.log_softmax(logits[b, at[r]].float().cpu(), dim=-1)
+
+    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
+                    progress=progress, description=description)
 
     per_example: list[dict] = []
     for i, ex in enumerate(examples):
@@ -354,13 +405,8 @@ def score_masked(
             row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
                        top1=pred == ex.label, logprob=lps[ex.label], logloss=-lps[ex.label])
         else:
-            top = torch.topk(logp, k=min(max(TOPK), logp.numel())).indices.tolist()
-            for k in TOPK:
-                row[f"top{k}"] = any(t in top[:k] for t in targets[i])
-            masked = logp.clone()
-            if len(articles):
-                masked[articles] = float("-inf")
-            row["top1_no_article"] = any(t == int(masked.argmax()) for t in stripped[i])
+            top, masked_argmax = _top_and_masked_argmax(logp, articles)
+            _first_token_hits(row, top, masked_argmax, targets[i], stripped[i])
             row["logprob"] = max(float(logp[t]) for t in targets[i])
             row["n_answer_tokens"] = 1
             row["logloss"] = -row["logprob"]
@@ -410,8 +456,7 @@ def score_generate(
     interface and must be None (generation runs the whole model)."""
     if forward_fn is not None:
         raise ValueError("the generate scorer runs the whole model; forward_fn is not supported")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
@@ -424,47 +469,23 @@ def score_generate(
             raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
         prompts.append(ids)
     generated: dict[int, list[int]] = {}
-    order = sorted(range(len(prompts)), key=lambda r: -len(prompts[r]))
     device = _model_device(model)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with _progress(progress, description) as bar, torch.inference_mode():
-            task = bar.add_task(description, total=len(prompts))
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(prompts[r]) for r in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for b, r in enumerate(batch):
-                    ids[b, width - len(prompts[r]) :] = torch.tensor(prompts[r], dtype=torch.long)
-                    mask[b, width - len(prompts[r]) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    min_new_tokens=1, do_sample=False, num_beams=1, pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                for b, r in enumerate(batch):
-                    new = out[b, width:].tolist()
-                    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
-                        new = new[: new.index(tokenizer.eos_token_id)]
-                    generated[r] = new
-                bar.advance(task, len(batch))
-    finally:
-        if was_training:
-            model.train()
-    per_example = []
-    for i, ex in enumerate(examples):
-        text = tokenizer.decode(generated[i], skip_special_tokens=True)
-        gen = _normalise(text)
-        answers = [_normalise(a) for a in ex.answers]
-        per_example.append({
-            "id": ex.id,
-            "generation": text,
-            "exact_match": any(gen == a for a in answers),
-            "contains": any(a in gen for a in answers),
-            "f1": max(token_f1(text, a) for a in ex.answers),
-        })
+    with scoring(model, progress=progress, description=description, total=len(prompts)) as advance:
+        for batch in _length_batches(prompts, batch_size):
+            ids, mask = _pad([prompts[r] for r in batch], pad_id, left=True)
+            width = ids.shape[1]
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                min_new_tokens=1, do_sample=False, num_beams=1, pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for b, r in enumerate(batch):
+                new = out[b, width:].tolist()
+                if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                generated[r] = new
+            advance(len(batch))
+    per_example = _generation_rows(tokenizer, examples, generated)
     return ScoreResult(per_example=per_example, metrics=_means(per_example))
 
 
@@ -483,8 +504,7 @@ def score_masked_generate(
     ``n_masks`` mask tokens (space-separated), one forward pass, the argmax token at every mask
     decoded as the answer text; then the metrics of :func:`score_generate` (exact_match, contains, f1).
     Right padding, so batched results equal batch size 1."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_batch_size(batch_size)
     mask_id, mask_token, pad_id = tokenizer.mask_token_id, tokenizer.mask_token, tokenizer.pad_token_id
     if mask_id is None or pad_id is None:
         raise ValueError("masked-LM generation needs a tokenizer with mask and pad tokens")
@@ -495,47 +515,21 @@ def score_masked_generate(
         text = ex.prompt + "".join(f" {mask_token}" for _ in range(n_masks))
         rows.append(_encode(tokenizer, text, True))
     filled: dict[int, list[int]] = {}
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-    device = _model_device(model)
-    call = forward_fn or (lambda m, i, a: m(input_ids=i, attention_mask=a).logits)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with _progress(progress, description) as bar, torch.inference_mode():
-            task = bar.add_task(description, total=len(rows))
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(rows[r]) for r in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for b, r in enumerate(batch):
-                    ids[b, : len(rows[r])] = torch.tensor(rows[r], dtype=torch.long)
-                    mask[b, : len(rows[r])] = 1
-                logits = call(model, ids.to(device), mask.to(device))
-                for b, r in enumerate(batch):
-                    at = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
-                    filled[r] = logits[b, at].argmax(-1).tolist()
-                bar.advance(task, len(batch))
-    finally:
-        if was_training:
-            model.train()
-    per_example = []
-    for i, ex in enumerate(examples):
-        text = tokenizer.decode(filled[i], skip_special_tokens=True)
-        gen, answers = _normalise(text), [_normalise(a) for a in ex.answers]
-        per_example.append({
-            "id": ex.id,
-            "generation": text,
-            "exact_match": any(gen == a for a in answers),
-            "contains": any(a in gen for a in answers),
-            "f1": max(token_f1(text, a) for a in ex.answers),
-        })
+
+    def read(batch, ids, logits):
+        for b, r in enumerate(batch):
+            where = (ids[b] == mask_id).nonzero().flatten().to(logits.device)
+            filled[r] = logits[b, where].argmax(-1).tolist()
+
+    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
+                    progress=progress, description=description)
+    per_example = _generation_rows(tokenizer, examples, filled)
     return ScoreResult(per_example=per_example, metrics=_means(per_example))
 
 
 #: Scorers that generate text (their metrics: exact_match, contains, f1); the others score at one position.
-GENERATION_SCORERS = ("generate", "masked_generate")
-GENERATION_METRICS = ("exact_match", "contains", "f1")
+GENERATION_SCORERS = _metrics.GENERATION_SCORERS
+GENERATION_METRICS = _metrics.GENERATION
 
 
 def scorer_for(family, spec, metric: str | None = None) -> str:
@@ -549,8 +543,9 @@ def scorer_for(family, spec, metric: str | None = None) -> str:
             f"{family.name} has only {', '.join(family.scorers)}"
         )
     if metric is not None:
-        wants_generation = metric in GENERATION_METRICS
-        fit = [s for s in pair if (s in GENERATION_SCORERS) == wants_generation]
+        known = _metrics.METRICS.get(metric)
+        wants_generation = known is not None and "generation" in known.kinds
+        fit = [s for s in pair if s in known.scorers] if known else [s for s in pair if s not in GENERATION_SCORERS]
         if not fit:
             kind = "a generation" if wants_generation else "a single-position"
             raise ValueError(

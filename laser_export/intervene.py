@@ -318,6 +318,7 @@ def apply(
     storage: str = "dense",
     cache: SVDCache | None = None,
     undoable: bool = True,
+    full_svd: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> Applied:
     """Reduce every target of ``model`` in place — THE reduction used by run, verify and search.
@@ -326,7 +327,10 @@ def apply(
     W_k back into the weight; ``factorised`` swaps in a :class:`LowRankLinear` where the two factors
     are smaller than the dense matrix (else dense, and its entry says so). ``cache``: an
     :class:`SVDCache` (its ``reduction`` picks the SVD method); default: a fresh one holding only the
-    current matrix. ``undoable=False`` releases each original weight as soon as it is replaced
+    current matrix. ``full_svd=True`` decomposes every component of each matrix (not only the top
+    k), so a kept ``cache`` serves any later rank of the same matrix from this one decomposition —
+    what the search does across its ρ grid (:class:`SVDCache` otherwise recomputes for a higher
+    rank). ``undoable=False`` releases each original weight as soon as it is replaced
     (bounded memory for a one-way run); the returned object then cannot undo.
     Works with accelerate-dispatched models (offloaded weights are read from and written to the
     offload map). Ranks are checked before anything changes; an error half-way undoes what was done.
@@ -348,7 +352,7 @@ def apply(
             if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
                 entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix)))
                 continue
-            svd = cache.get(name, matrix, k)
+            svd = cache.get(name, matrix, min(shape) if full_svd else k)
             err, norm = truncation_error(matrix, svd, k)
             del matrix
             factorised = storage == "factorised" and factorised_saves_bytes(k, shape)

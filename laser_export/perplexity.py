@@ -66,35 +66,28 @@ def perplexity(model, ids: list[int], *, context: int = 1024, stride: int = 512,
         raise ValueError(f"perplexity: need 0 < stride <= context, got stride {stride}, context {context}")
     if len(ids) < 2:
         raise ValueError("perplexity: the text has fewer than 2 tokens")
-    from .evaluate import _model_device, _progress
+    from .evaluate import _model_device, scoring
 
     device = _model_device(model)
     seq = torch.tensor(ids, dtype=torch.long)
     nll, counted, prev_end = 0.0, 0, 0
     starts = list(range(0, len(ids), stride))
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        with _progress(progress, "perplexity") as bar, torch.inference_mode():
-            task = bar.add_task("perplexity", total=len(starts))
-            for begin in starts:
-                end = min(begin + context, len(ids))
-                window = seq[begin:end]
-                # tokens at positions max(prev_end, begin + 1)..end-1 are predicted in this window
-                first = max(prev_end, begin + 1)
-                if first < end:
-                    logits = model(input_ids=window[None].to(device), use_cache=False).logits[0].float().cpu()
-                    logp = torch.log_softmax(logits[first - begin - 1 : end - begin - 1], dim=-1)
-                    target = window[first - begin : end - begin]
-                    nll -= float(logp.gather(1, target[:, None]).sum())
-                    counted += end - first
-                prev_end = end
-                bar.advance(task)
-                if end == len(ids):
-                    break
-    finally:
-        if was_training:
-            model.train()
+    with scoring(model, progress=progress, description="perplexity", total=len(starts), unit="windows") as advance:
+        for begin in starts:
+            end = min(begin + context, len(ids))
+            window = seq[begin:end]
+            # tokens at positions max(prev_end, begin + 1)..end-1 are predicted in this window
+            first = max(prev_end, begin + 1)
+            if first < end:
+                logits = model(input_ids=window[None].to(device), use_cache=False).logits[0].float().cpu()
+                logp = torch.log_softmax(logits[first - begin - 1 : end - begin - 1], dim=-1)
+                target = window[first - begin : end - begin]
+                nll -= float(logp.gather(1, target[:, None]).sum())
+                counted += end - first
+            prev_end = end
+            advance()
+            if end == len(ids):
+                break
     mean = nll / counted
     return {"perplexity": math.exp(mean), "nll_per_token": mean, "n_tokens": counted}
 

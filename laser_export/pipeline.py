@@ -9,16 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from rich.console import Console
-
 from . import __version__
 from .architectures import Family, family_for
 from .intervene import SVDCache, Target, apply, plan_targets
+from .progress import bar, console, status  # noqa: F401 - console and status are used from here too
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
-
-console = Console(stderr=True, highlight=False, soft_wrap=True)
-
 
 @dataclass
 class Plan:
@@ -165,13 +161,6 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
         raise RecipeError(problems)
 
 
-def status(text: str, progress: bool = True):
-    """A rich spinner while a step runs; nothing with ``progress=False`` (--no-progress)."""
-    from contextlib import nullcontext
-
-    return console.status(text) if progress else nullcontext()
-
-
 def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
     with status(f"loading {p.source.describe()}", progress):
@@ -242,24 +231,19 @@ def check_finite_targets(p: Plan, model) -> None:
 
 
 def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     # one matrix's SVD at a time: nothing is kept between matrices, originals are released as replaced
     cache = SVDCache(p.recipe.reduction, max_bytes=0) if cache is None else cache
-    with Progress(
-        TextColumn("[bold]reduce[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, disable=not progress, transient=False,
-    ) as bar:
-        task = bar.add_task("", total=len(p.targets))
+    with bar("reduce", enabled=progress, unit="matrices", eta=False) as pbar:
+        task = pbar.add_task("", total=len(p.targets))
 
         def step(msg: str) -> None:
-            bar.update(task, description=msg)
+            pbar.update(task, description=msg)
 
         entries = []
         for t in p.targets:
             entries += apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
                              undoable=False, progress=step).entries
-            bar.advance(task)
+            pbar.advance(task)
     loaded.entries = entries
     return loaded
 

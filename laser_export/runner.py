@@ -13,9 +13,6 @@ leftovers of killed runs → benchmark data → weights (non-finite check) → v
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,17 +108,11 @@ def _protected(p: Plan) -> list[Path]:
 
 def check_report_path(path: Path, flag: str) -> Path:
     """The report can be written at ``path`` (not a folder, parent creatable and writable)."""
-    from .export.safetensors import OutputError
+    from .atomic import OutputError, check_parent_writable
 
     if path.is_dir():
         raise OutputError(f"{flag} {path}: is a folder; give a file path such as {path / 'report.json'}")
-    parent = path.expanduser().resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied or read-only)")
+    check_parent_writable(path.expanduser().resolve(), f"{flag} {path}")
     return path
 
 
@@ -132,20 +123,15 @@ def _report_path(recipe_name: str, report: Path | None) -> tuple[Path, str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temporary sibling + rename): a kill never leaves half a report."""
+    """Write JSON atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report;
+    an unwritable path is an OutputError."""
     from .export.safetensors import OutputError
+
+    from .atomic import write_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(data, indent=2) + "\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_json(path, data)
     except OSError as err:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None
 
@@ -359,9 +345,9 @@ def apply(opts: ApplyOptions) -> RunResult:
 def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report: dict | None,
             protect: list[Path]) -> None:
     """Write every export format into a temporary folder, then rename it to ``out``."""
-    from .export.safetensors import atomic_folder, write_checkpoint
-
+    from .atomic import atomic_folder, write_text
     from .export.dtype import cast_for_export
+    from .export.safetensors import write_checkpoint
 
     recipe, text = p.recipe, p.yaml_text
     cast_for_export(loaded.model, recipe.export.dtype, manifest)  # after verify: numbers are the loaded dtype's
@@ -399,7 +385,7 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
             recipe_dict, text, manifest, report,
             skip_verify=bool(opts.skip_verify and recipe.claims is not None), folder=out,
         )
-        (tmp / "README.md").write_text(str(card))
+        write_text(tmp / "README.md", str(card))
 
 
 def _under_onnx_folder(info: dict) -> None:

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from .atomic import write_json, write_text
 from .intervene import SVDCache, _matrix_entry, truncation_error
 from .lowrank import LowRankLinear, factorised_saves_bytes
 from .recipe import RecipeError
@@ -207,8 +208,7 @@ def write_shards(folder: Path, tensors: list[OutTensor], max_shard_size: int,
         w.close()
     if n > 1:
         total = sum(t.nbytes for t in tensors)
-        (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                               indent=2, sort_keys=True) + "\n")
+        write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
     return names
 
 
@@ -371,7 +371,7 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
         write_remote_code(out_folder, model)
     gen = folder / "generation_config.json"
     if gen.is_file():
-        (out_folder / gen.name).write_text(gen.read_text())
+        write_text(out_folder / gen.name, gen.read_text())
 
     ordered = []
     for t in p.targets:
@@ -430,11 +430,11 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     """Stream-reduce ``p`` into ``options.out`` (atomic) with the same files as the in-memory export:
     shards + index, config, generation config, tokenizer, recipe.yaml, manifest.json, README.md
     (and verify_report.json when a report is given). Returns the manifest."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .export.card import render_card
-    from .export.safetensors import MANIFEST, RECIPE, atomic_folder, checkpoint_tensor_bytes
-    from .pipeline import build_manifest, console
+    from .atomic import atomic_folder
+    from .export.safetensors import MANIFEST, RECIPE, checkpoint_tensor_bytes
+    from .pipeline import build_manifest
+    from .progress import bar as progress_bar
     from .sources import DTYPES
 
     recipe = p.recipe
@@ -442,9 +442,8 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     if reason is not None:
         raise StreamError(f"cannot stream this recipe: {reason}")
     n_tensors = len(list_tensors(checkpoint_folder(p.source)))
-    with atomic_folder(options.out, overwrite=options.overwrite, protect=options.protect) as tmp, Progress(
-        TextColumn("[bold]stream[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=console, disable=not options.progress,
+    with atomic_folder(options.out, overwrite=options.overwrite, protect=options.protect) as tmp, progress_bar(
+        "stream", enabled=options.progress, unit="tensors", eta=False,
     ) as bar:
         task = bar.add_task("", total=n_tensors)
 
@@ -462,16 +461,16 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
         if auto_map:
             manifest["auto_map"] = auto_map
         manifest["checkpoint"] = {"tensor_bytes": checkpoint_tensor_bytes(tmp), "files": sorted(files)}
-        (tmp / RECIPE).write_text(p.yaml_text)
+        write_text(tmp / RECIPE, p.yaml_text)
         if options.report is not None:
-            (tmp / "verify_report.json").write_text(json.dumps(options.report, indent=2) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            write_json(tmp / "verify_report.json", options.report)
+        write_json(tmp / MANIFEST, manifest)
         recipe_dict = recipe.model_dump(mode="json")
         if options.repo_id:
             recipe_dict["export"]["hub"] = {"repo_id": options.repo_id, "private": bool(options.private)}
         card = render_card(recipe_dict, p.yaml_text, manifest, options.report,
                            skip_verify=bool(options.skip_verify and recipe.claims is not None))
-        (tmp / "README.md").write_text(str(card))
+        write_text(tmp / "README.md", str(card))
     return manifest
 
 

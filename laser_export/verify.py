@@ -13,15 +13,17 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
+from . import metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
+from .metrics import format_value
 from .pipeline import Loaded, Plan, console, reduce_loaded
 from .prefix import PrefixCache
 
 if TYPE_CHECKING:
     from .baseline_cache import BaselineCache
 
-#: metrics reported next to the claimed one, when the benchmark has them
-REPORTED = ("top1", "top1_no_article", "top5", "top10", "accuracy", "exact_match", "contains", "f1", "logprob", "logloss")
+#: metrics reported next to the claimed one, when the benchmark has them (the metrics table, in its order)
+REPORTED = metrics_table.ALL
 
 
 def select_examples(p: Plan, limit: int | None = None) -> tuple[list, dict]:
@@ -76,24 +78,61 @@ def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict
     }
 
 
-def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache,
-                    extra: dict):
-    """(baseline ScoreResult, cache info for the report, prefix cache still usable for the reduced pass)."""
+class PairedPasses:
+    """The two scoring passes of a verify, shared by ``verify`` and the search's test-split check.
+
+    :meth:`baseline` scores the unreduced model on ``examples``; with the causal scorer and
+    ``prefix_cache`` it also records the inputs of block ``start`` (the lowest reduced layer).
+    The caller then reduces the model, and :meth:`reduced` scores it on the same examples, replaying
+    only blocks ``start..L-1`` from the recording (equal to a full forward within 1e-5, see
+    tests/test_search.py) — or running full forwards when nothing was recorded (no prefix cache, or
+    a baseline that came from elsewhere: :meth:`forget_prefix`)."""
+
+    def __init__(self, scorer: str, model, tokenizer, family, examples, *, start: int, batch_size: int,
+                 progress: bool = True, prefix_cache: bool = True, extra: dict | None = None):
+        self.scorer, self.model, self.tokenizer, self.examples = scorer, model, tokenizer, examples
+        self.start, self.batch_size, self.progress, self.extra = start, batch_size, progress, extra or {}
+        # the prefix cache replays causal-LM blocks
+        self.cache = (PrefixCache(model, family, start, lazy_capture=True, replay_layers=[start])
+                      if prefix_cache and scorer == "causal" else None)
+
+    def _score(self, description: str, forward_fn):
+        return score(self.scorer, self.model, self.tokenizer, self.examples, batch_size=self.batch_size,
+                     progress=self.progress, description=description, forward_fn=forward_fn, **self.extra)
+
+    def baseline(self, description: str = "baseline"):
+        return self._score(description, None if self.cache is None else self.cache.capture)
+
+    def forget_prefix(self) -> None:
+        """The baseline was not scored here: the reduced pass runs full forwards."""
+        self.cache = None
+
+    @property
+    def replays(self) -> bool:
+        return self.cache is not None
+
+    def reduced(self, description: str = "reduced"):
+        try:
+            return self._score(description, None if self.cache is None else self.cache.replay(self.start))
+        finally:
+            self.cache = None  # the recording is large; one replay is all a verify needs
+
+
+def _score_baseline(p: Plan, loaded: Loaded, passes: PairedPasses, info, *, baseline_cache, extra: dict):
+    """(baseline ScoreResult, cache info for the report); a baseline read from the cache leaves
+    ``passes`` without a recording (the reduced model is then scored with full forwards)."""
     if baseline_cache is None:
-        base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=p.recipe.benchmark.batch_size,
-                     progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture,
-                     **extra)
-        return base, None, cache
+        return passes.baseline(), None
     identity = _baseline_identity(p, loaded, info, extra)
     key = baseline_cache.key(identity)
     base = baseline_cache.load(key)
     if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
         console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
-        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}, None
-    base, _, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
-                                     baseline_cache=None, extra=extra)
+        passes.forget_prefix()
+        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}
+    base = passes.baseline()
     path = baseline_cache.store(key, identity, base)
-    return base, {"hit": False, "key": key, "path": str(path) if path else None}, cache
+    return base, {"hit": False, "key": key, "path": str(path) if path else None}
 
 
 def verify_loaded(
@@ -109,27 +148,23 @@ def verify_loaded(
     recipe, bench = p.recipe, p.recipe.benchmark
     scorer = check_scorable(p)
     examples, info = selected or select_examples(p, limit)
-    start = min(t.layer for t in p.targets)
-    prefix_cache = prefix_cache and scorer == "causal"  # the prefix cache replays causal-LM blocks
-    cache = (PrefixCache(loaded.model, p.family, start, lazy_capture=True, replay_layers=[start])
-             if prefix_cache else None)
     ppl_ids, ppl_opts = _perplexity_input(p, loaded)
     from .benchmarks import BENCHMARKS
 
     extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if scorer == "generate" else {}
+    passes = PairedPasses(scorer, loaded.model, loaded.tokenizer, p.family, examples,
+                          start=min(t.layer for t in p.targets), batch_size=bench.batch_size, progress=progress,
+                          prefix_cache=prefix_cache, extra=extra)
     t0 = time.perf_counter()
-    base, cache_info, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
-                                              baseline_cache=baseline_cache, extra=extra)
-    replayed = cache is not None
+    base, cache_info = _score_baseline(p, loaded, passes, info, baseline_cache=baseline_cache, extra=extra)
+    replayed = passes.replays
     ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
     ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
-    red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
+    red = passes.reduced()
     t3 = time.perf_counter()
-    del cache
     if bench.metric not in base.metrics:
         raise BenchmarkError(
             f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; "
@@ -203,10 +238,6 @@ def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:
     return perplexity(loaded.model, ids, context=opts.context, stride=opts.stride, progress=progress)
 
 
-def _fmt(v: float, metric: str) -> str:
-    return f"{v:.4f}" if metric in ("logprob", "logloss") else f"{100 * v:.2f}%"
-
-
 def print_report(report: dict) -> None:
     b = report["benchmark"]
     title = (
@@ -218,7 +249,7 @@ def print_report(report: dict) -> None:
         t.add_column(col)
     for m, d in report["delta"].items():
         lo, hi = d["ci95"]
-        t.add_row(m, _fmt(report["metrics"]["baseline"][m], m), _fmt(report["metrics"]["reduced"][m], m),
+        t.add_row(m, format_value(m, report["metrics"]["baseline"][m]), format_value(m, report["metrics"]["reduced"][m]),
                   f"{d['estimate']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
     console.print(t)
     ppl = report.get("perplexity")

@@ -120,6 +120,31 @@ def test_batched_equals_batch_size_one(arch, request, tokenizer):
         assert r1.metrics[k] == r16.metrics[k]
 
 
+def test_progress_is_counted_in_examples_not_rows(model, tokenizer, monkeypatch):
+    """Issue 12: the scorer's bar totals the examples (a choice or multi-answer example is several rows)
+    and names its unit; it advances when an example's last row is scored, so it ends at exactly n."""
+    from laser_export import progress
+
+    seen = []
+    real = progress.bar
+
+    def spy(*a, **k):
+        bar = real(*a, **k)
+        add, adv = bar.add_task, bar.advance
+        bar.add_task = lambda *a2, **k2: seen.append(("total", k2["total"])) or add(*a2, **k2)
+        bar.advance = lambda task, n=1: seen.append(("advance", n)) or adv(task, n)
+        seen.append(("unit", k.get("unit")))
+        return bar
+
+    monkeypatch.setattr(progress, "bar", spy)
+    examples = mixed_examples()
+    n_rows = sum(len(e.choices) if e.is_choice else len(e.answers) for e in examples)
+    assert n_rows > len(examples)
+    score_examples(model, tokenizer, examples, batch_size=3, progress=False)
+    assert ("unit", "examples") in seen and ("total", len(examples)) in seen
+    assert sum(n for what, n in seen if what == "advance") == len(examples)
+
+
 def test_matches_unbatched_reference_computation(model, tokenizer):
     """Logprob / top-k against a direct, unpadded forward pass on BOS + prompt + ' ' + answer."""
     ex = Example("g1", "the capital of France is", ("Paris", "the city of Paris"))
@@ -299,3 +324,21 @@ def test_score_result_hits_float_and_missing():
     assert r.hits("logprob").dtype == np.float64 and r.hits("logprob").tolist() == [-1.5, -0.5]
     with pytest.raises(KeyError):
         r.hits("top1")
+
+
+def test_metric_lists_derive_from_the_one_table():
+    """Issue 9: one metrics table; the scorers' means, the benchmarks' metric lists, verify's report,
+    search's kept metrics and the card's labels all come from it."""
+    from laser_export import metrics, verify
+    from laser_export.benchmarks import CHOICE_METRICS, FIRST_TOKEN_METRICS, GENERATION_METRICS
+    from laser_export.export.card import METRIC_LABELS
+    from laser_export.search import KEPT_METRICS
+
+    table = metrics.METRICS
+    assert set(FIRST_TOKEN_METRICS) | set(CHOICE_METRICS) | set(GENERATION_METRICS) == set(table)
+    assert set(verify.REPORTED) == set(ev._MEAN_METRICS) == set(table)
+    assert all("generation" in table[m].kinds for m in GENERATION_METRICS)
+    assert set(KEPT_METRICS) - {"n"} == {m for m in table if "generation" not in table[m].kinds}
+    assert set(METRIC_LABELS) <= set(table)
+    assert not table["logloss"].higher_is_better and table["top1"].higher_is_better
+    assert metrics.format_value("top1", 0.5) == "50.00%" and metrics.format_value("logloss", 1.25) == "1.2500"

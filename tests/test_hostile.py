@@ -245,7 +245,7 @@ def _old_export_intact(c: Ctx):
 def _fail_second_replace(c: Ctx):
     """os.replace fails when the new export is renamed into place (after the old one moved aside)."""
     c.copy_export()
-    import laser_export.export.safetensors as st
+    import laser_export.atomic as st  # where atomic_folder lives (moved from export/safetensors.py)
 
     real, calls = os.replace, []
 
@@ -540,7 +540,7 @@ CASES: list[Case] = [
          setup=_inject("laser_export.export.card.render_card", lambda: ValueError("injected card")),
          argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
     Case("fail-manifest-write", X, "cannot write",
-         setup=lambda c: (c.copy_export(), c.mp.setattr(__import__("laser_export.runner", fromlist=["x"]).os, "fdopen",
+         setup=lambda c: (c.copy_export(), c.mp.setattr(__import__("laser_export.atomic", fromlist=["x"]).os, "fdopen",
                                                         _raiser(lambda: OSError(errno.ENOSPC, "No space left on device")))),
          argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
     Case("fail-interrupt", 130, "interrupted",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
 
+from .. import metrics as _metrics
 from . import bigbench, counterfact, jsonl, paper
 from .base import (
     BenchmarkError,
@@ -25,10 +26,10 @@ from .base import (
 )
 
 
-#: Metrics of each kind of example (the scorers in :mod:`laser_export.evaluate` compute them).
-FIRST_TOKEN_METRICS = ("top1", "top5", "top10", "top1_no_article", "logprob", "logloss")
-CHOICE_METRICS = ("accuracy", "top1")
-GENERATION_METRICS = ("exact_match", "contains", "f1")
+#: Metrics of each kind of example (from the table in :mod:`laser_export.metrics`).
+FIRST_TOKEN_METRICS = _metrics.FIRST_TOKEN
+CHOICE_METRICS = _metrics.CHOICE
+GENERATION_METRICS = _metrics.GENERATION
 
 
 @dataclass(frozen=True)

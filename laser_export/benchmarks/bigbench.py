@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_bytes
 from .base import BenchmarkError, Example, cache_dir
 
 ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
@@ -69,11 +69,7 @@ def _cache_is_fresh(cache: Path, archive: Path) -> bool:
 def _write_atomic(dest: Path, data: bytes) -> bool:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+        write_bytes(dest, data)
         return True
     except OSError:
         return False

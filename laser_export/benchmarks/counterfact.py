@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from ..atomic import open_atomic
 from .base import BenchmarkError, Example, cache_dir
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -43,25 +43,18 @@ def cache_path(url: str) -> Path:
 def download(url: str, *, timeout: float = 60.0) -> Path:
     """Download ``url`` into the cache directory (once per URL) and return the local file."""
     dest = cache_path(url)
-    name = dest.name
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        with open_atomic(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise BenchmarkError(
             f"counterfact: could not download {url} into {dest}: {exc}. "
             f"Without network access, fetch the file elsewhere and pass its local path."
         ) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

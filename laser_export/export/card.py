@@ -19,6 +19,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..architectures import Family, family_for
 from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
+from ..metrics import LABELS
 from ..recipe import Recipe
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
@@ -34,15 +35,7 @@ BIBTEX = """@inproceedings{sharma2024truth,
   year      = {2024}
 }"""
 
-METRIC_LABELS = {
-    "top1": "top-1 accuracy",
-    "top1_no_article": "top-1 accuracy, leading articles excluded",
-    "top5": "top-5 accuracy",
-    "top10": "top-10 accuracy",
-    "accuracy": "accuracy",
-    "logprob": "answer log-prob (higher is better)",
-    "logloss": "log-loss (lower is better)",
-}
+METRIC_LABELS = LABELS  # the metrics table's wording (laser_export.metrics)
 # A gain on article-excluded top-1 smaller than this fraction of the top-1 gain counts as "much smaller".
 FORMAT_GAIN_RATIO = 0.5
 # LASER edits the base weights without training; of the Hub's relations (adapter, merge, quantized, finetune)

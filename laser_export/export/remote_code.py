@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from ..architectures import family_for
+from ..atomic import write_json, write_text
 
 MODELING_FILE = "modeling_laser.py"
 
@@ -39,10 +40,10 @@ def write_remote_code(folder: Path, model: nn.Module) -> dict[str, str]:
     folder = Path(folder)
     model_class = type(model).__name__
     auto_class = family_for(model.config.model_type).auto_class
-    (folder / MODELING_FILE).write_text(modeling_source(model_class))
+    write_text(folder / MODELING_FILE, modeling_source(model_class))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     auto_map = {auto_class: f"{Path(MODELING_FILE).stem}.Laser{model_class}"}
     config["auto_map"] = {**config.get("auto_map", {}), **auto_map}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config_path, config, sort_keys=True)
     return auto_map

@@ -1,4 +1,5 @@
-"""Atomic safetensors export: write into a temporary sibling folder, check it, then rename.
+"""Atomic safetensors export: write into a temporary sibling folder, check it, then rename
+(:func:`laser_export.atomic.atomic_folder`, re-exported here).
 
 The folder holds the transformers checkpoint (sharded above ``max_shard_size``), the tokenizer,
 ``recipe.yaml`` (the recipe as run) and ``manifest.json`` (what changed, per matrix). A failure at
@@ -7,19 +8,22 @@ any step removes the temporary folder and leaves an existing export untouched.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import re
-import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from torch import nn
 
+from ..atomic import (  # noqa: F401 - re-exported: the folder-level atomic writes used to live here
+    OutputError,
+    atomic_folder,
+    check_parent_writable,
+    clean_debris,
+    find_debris,
+    write_json,
+    write_text,
+)
 from ..hf import mark_factorised
 
 MANIFEST = "manifest.json"
@@ -50,16 +54,6 @@ def checkpoint_tensors(folder: str | Path) -> dict[str, dict]:
 
 def checkpoint_tensor_bytes(folder: str | Path) -> int:
     return sum(t["bytes"] for t in checkpoint_tensors(folder).values())
-
-
-class OutputError(ValueError):
-    """The ``--out`` folder cannot be used (would replace something that is not ours, not writable, ...).
-
-    Raised before any weights load (:func:`check_output`) and again at the final rename."""
-
-
-_DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
 def is_export(folder: str | Path) -> bool:
@@ -112,118 +106,8 @@ def check_output(
                 )
             if not overwrite:
                 raise OutputError(f"{shown}: already holds an export; pass --overwrite to replace it")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{shown}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{shown}: cannot write in {parent} (permission denied or read-only)")
+    check_parent_writable(out, shown)
     return out
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def find_debris(out_dir: str | Path) -> list[tuple[Path, str]]:
-    """Leftovers of killed runs next to ``out_dir``: (path, 'tmp' | 'old') whose process is gone."""
-    out = Path(out_dir).expanduser().resolve()
-    if not out.parent.is_dir():
-        return []
-    found = []
-    for p in sorted(out.parent.iterdir()):
-        m = _DEBRIS.match(p.name)
-        if m and m["name"] == out.name and p.is_dir() and not _pid_alive(int(m["pid"])):
-            found.append((p, m["kind"]))
-    return found
-
-
-def clean_debris(out_dir: str | Path, *, dry_run: bool = False) -> list[str]:
-    """Clean what a killed run left next to ``out_dir``; return one message per thing done.
-
-    A ``.OUT.tmp-*`` folder (an export that was never completed) is removed. A ``.OUT.old-*/old``
-    folder is the previous export moved aside for a replace: when ``OUT`` is missing (the kill came
-    between the two renames) it is moved back, so the old export is complete again; otherwise the
-    new export is in place and the backup is removed. ``dry_run`` only reports.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    done = []
-    for path, kind in find_debris(out):
-        if kind == "old" and (path / "old").is_dir() and not out.exists():
-            done.append(f"{'would restore' if dry_run else 'restored'} the previous export {out} from {path.name} "
-                        "(a run was killed while replacing it)")
-            if not dry_run:
-                os.replace(path / "old", out)
-                shutil.rmtree(path, ignore_errors=True)
-            continue
-        what = "an incomplete export" if kind == "tmp" else "the backup of a replaced export"
-        done.append(f"{'would remove' if dry_run else 'removed'} {path} ({what} left by a killed run)")
-        if not dry_run:
-            shutil.rmtree(path, ignore_errors=True)
-    return done
-
-
-@contextmanager
-def atomic_folder(
-    out_dir: str | Path, overwrite: bool = False, protect: Iterable[str | Path] = ()
-) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out_dir``; on success rename it to ``out_dir``.
-
-    :func:`check_output` runs before and again right before the rename, so a folder that appeared
-    at ``out_dir`` during the run is never replaced (an empty folder is). An existing export (with
-    ``overwrite``) is first moved aside and removed only once the new one is in place. Any failure
-    removes the temporary folder; an existing export stays untouched. Disk full / read-only /
-    permission problems become :class:`OutputError`."""
-    out = check_output(out_dir, overwrite=overwrite, protect=protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    try:
-        yield tmp
-        _normal_permissions(tmp)
-        check_output(out_dir, overwrite=overwrite, protect=protect)
-        if out.is_dir() and any(out.iterdir()):
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.replace(out, backup / "old")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(backup / "old", out)
-                shutil.rmtree(backup, ignore_errors=True)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, out)  # a non-empty folder that appeared just now makes this fail (ENOTEMPTY)
-            except OSError as err:
-                if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                    raise OutputError(f"--out {out_dir}: appeared during the run; it was not replaced") from None
-                raise
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in _WRITE_ERRNOS:
-            raise OutputError(f"--out {out_dir}: cannot write the export: {err.strerror}; nothing was exported") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _normal_permissions(folder: Path) -> None:
-    """mkdtemp (and some writers) create owner-only files; give the export the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
@@ -291,6 +175,6 @@ def write_checkpoint(
         "tensor_bytes": checkpoint_tensor_bytes(folder),
         "files": sorted(p.name for p in folder.glob("*.safetensors")),
     }
-    (folder / RECIPE).write_text(recipe_yaml)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(folder / RECIPE, recipe_yaml)
+    write_json(folder / MANIFEST, manifest)
     return manifest

@@ -9,7 +9,6 @@ probe intervention per requested matrix at layer 0, so bad ``--matrices`` fail b
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .. import evaluate
 from ..architectures import num_layers
+from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
@@ -269,7 +269,7 @@ def search(opts: SearchOptions) -> SearchOutcome:
              "results_file": str(pr.log.path), **result.to_json(), "test": test}
     json_path = pr.stem.parent / f"{pr.stem.name}.sweep.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(sweep, indent=1))
+    write_json(json_path, sweep, indent=1, newline=False)
     png = plot_sweep(result, pr.stem.parent / f"{pr.stem.name}.sweep.png", metric=opts.plot_metric,
                      model=model_stem(source), benchmark=bench["name"])
     console.print(f"wrote {json_path} and {png}")

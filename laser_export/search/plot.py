@@ -93,8 +93,13 @@ def plot_sweep(result, path: str | Path, *, metric: str = "top1", model: str = "
                         ax.add_patch(Rectangle((j - 0.48, i - 0.48), 0.96, 0.96, fill=False, lw=2.2, ec="black"))
         if im is not None:
             fig.colorbar(im, ax=list(axes[row]), shrink=0.9, label=label)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    from ..atomic import open_atomic
+
+    try:
+        with open_atomic(path, "wb") as f:
+            fig.savefig(f, dpi=130, format=Path(path).suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from ..atomic import write_text
 from .grid import Candidate
 
 
@@ -142,6 +143,4 @@ def write_recipe(path: str | Path, data: dict, comments: Sequence[str]) -> None:
     parse_recipe(yaml.safe_load(text))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)

@@ -3,7 +3,7 @@
 What makes it fast (vs the paper's loop of model copies, one SVD per ρ and batch-size-1 scoring):
 
 * **no copies** — each candidate is swapped into the one loaded model with
-  :func:`laser_export.intervene.replace_weight` and undone bit-exactly afterwards;
+  :func:`laser_export.intervene.apply` (the reduction run and verify use) and undone bit-exactly afterwards;
 * **one SVD per matrix** — :class:`laser_export.intervene.SVDCache` serves every ρ (and the data-free
   SNR ranking) from the same decomposition;
 * **prefix cache** — the inputs of every block from the lowest swept layer on are recorded in one full,
@@ -27,18 +27,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from .. import evaluate
+from .. import evaluate, intervene
 from ..architectures import Family, module_name
-from ..intervene import SVDCache, replace_weight
-from ..lowrank import as_matrix, factorised_saves_bytes, rank_for
+from ..intervene import SVDCache, Target, matrix_of
+from ..lowrank import rank_for
+from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
+from ..progress import bar as progress_bar
 from ..recipe import RecipeError
 from .compose import compose_greedy, selection_key
 from .grid import Candidate, set_key
 from .results import ResultsLog
 from .snr import snr, spearman
 
-KEPT_METRICS = ("top1", "top1_no_article", "top5", "top10", "logprob", "logloss", "accuracy", "n")
+#: what a sweep keeps of each score (the metrics table's single-position metrics, and ``n``)
+KEPT_METRICS = SEARCH_KEPT
 
 
 @dataclass
@@ -66,7 +69,14 @@ def metrics_of(result) -> dict:
 
 
 class Swapper:
-    """Applies candidates to the model (one SVD per matrix) and undoes them in reverse order."""
+    """Applies candidates to the model through :func:`laser_export.intervene.apply` (the reduction of
+    run and verify) and undoes them bit-exactly.
+
+    One SVD per matrix: the decomposition is asked for every component (``full_svd=True``), so the
+    search's :class:`SVDCache` serves every ρ of a matrix, and its SNR, from the same one. The
+    per-matrix manifest entries :func:`~laser_export.intervene.apply` also builds cost next to nothing
+    here: for an exact SVD the Frobenius error comes from the dropped singular values (a randomized SVD,
+    which a template's ``reduction`` can ask for, pays one extra (m×k)(k×n) product per swap)."""
 
     def __init__(self, model, family: Family, svd: SVDCache, storage: str):
         self.model, self.family, self.svd, self.storage = model, family, svd, storage
@@ -76,35 +86,19 @@ class Swapper:
 
     def decomposition(self, layer: int, alias: str):
         name = self.name(layer, alias)
-        w = as_matrix(self.model.get_submodule(name))
+        w = matrix_of(self.model.get_submodule(name))
         return self.svd.get(name, w, min(w.shape))
 
     def shape(self, layer: int, alias: str) -> tuple[int, int]:
-        w = as_matrix(self.model.get_submodule(self.name(layer, alias)))
+        w = matrix_of(self.model.get_submodule(self.name(layer, alias)))
         return int(w.shape[0]), int(w.shape[1])
 
     def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
-        undos = []
-        try:
-            for c in cands:
-                name = self.name(c.layer, c.matrix)
-                shape = self.shape(c.layer, c.matrix)
-                k = rank_for(c.rho, shape)
-                if k >= min(shape):
-                    continue  # full rank: the model itself
-                svd = self.decomposition(c.layer, c.matrix)
-                factorised = self.storage == "factorised" and factorised_saves_bytes(k, shape)
-                undos.append(replace_weight(self.model, name, svd, k, factorised))
-        except BaseException:
-            for u in reversed(undos):
-                u()
-            raise
-
-        def undo():
-            for u in reversed(undos):
-                u()
-
-        return undo
+        """Reduce ``cands`` in the model; returns the undo. A full-rank candidate is the model itself
+        (left unchanged)."""
+        targets = [Target(i, c.layer, c.matrix, c.rho) for i, c in enumerate(cands)]
+        return intervene.apply(self.model, targets, family=self.family, storage=self.storage, cache=self.svd,
+                               full_svd=True)
 
 
 class LocalScorer:
@@ -168,24 +162,6 @@ class LocalScorer:
         for c in cands:
             shape = self.swap.shape(c.layer, c.matrix)
             yield c, (dict(baseline) if rank_for(c.rho, shape) >= min(shape) else self.score_set([c]))
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from ..pipeline import console
-
-    return Progress(
-        TextColumn("[bold]search[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        disable=not enabled,
-    )
 
 
 def run_search(
@@ -255,7 +231,7 @@ def run_search(
 
     grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
     todo = [c for c in grid if results.get(c.key) is None]
-    with _progress(progress) as bar:
+    with progress_bar("search", enabled=progress, unit="candidates") as bar:
         task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
         for c, metrics in scorer.score_candidates(todo, baseline):
             k = rank_for(c.rho, swap.shape(c.layer, c.matrix))
@@ -334,17 +310,22 @@ def evaluate_recipe(
     model, tokenizer, family: Family, examples, chosen: Sequence[Candidate], *, batch_size: int = 32,
     storage: str = "dense", svd: SVDCache | None = None, progress: bool = True, use_prefix_cache: bool = True,
 ):
-    """(baseline ScoreResult, reduced ScoreResult) on ``examples`` — one full pass plus one replay."""
+    """(baseline ScoreResult, reduced ScoreResult) on ``examples`` — verify's two passes
+    (:class:`laser_export.verify.PairedPasses`: one full pass recording the prefix, one replay).
+
+    What differs from ``verify``, on purpose: the chosen candidates are swapped in through the
+    sweep's :class:`Swapper` (the same :func:`~laser_export.intervene.apply`, but from the search's
+    SVD cache, full decompositions) and swapped out again afterwards, so the model is unchanged when
+    this returns; there are no claims, baseline cache or perplexity here."""
+    from ..verify import PairedPasses
+
     swap = Swapper(model, family, svd if svd is not None else SVDCache(), storage)
-    start = min(c.layer for c in chosen)
-    pc = PrefixCache(model, family, start, lazy_capture=True) if use_prefix_cache else None
-    kw = dict(batch_size=batch_size, progress=progress)
-    base = evaluate.score_examples(model, tokenizer, examples, description="test: baseline",
-                                   forward_fn=pc.capture if pc else None, **kw)
+    passes = PairedPasses("causal", model, tokenizer, family, examples, start=min(c.layer for c in chosen),
+                          batch_size=batch_size, progress=progress, prefix_cache=use_prefix_cache)
+    base = passes.baseline("test: baseline")
     undo = swap.apply(chosen)
     try:
-        red = evaluate.score_examples(model, tokenizer, examples, description="test: reduced",
-                                      forward_fn=pc.replay(start) if pc else None, **kw)
+        red = passes.reduced("test: reduced")
     finally:
         undo()
     return base, red

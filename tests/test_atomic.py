@@ -1,0 +1,60 @@
+"""laser_export.atomic: the one module every writer goes through."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from laser_export import atomic
+
+
+def test_write_text_bytes_json_replace_whole_files(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text("old")
+    assert atomic.write_json(p, {"b": 1, "a": [1, 2]}, sort_keys=True) == p
+    assert p.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=2, sort_keys=True) + "\n"
+    atomic.write_json(p, {"x": 1}, indent=1, newline=False)
+    assert p.read_text() == json.dumps({"x": 1}, indent=1)
+    atomic.write_text(tmp_path / "t.txt", "héllo\n")
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo\n"
+    atomic.write_bytes(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == atomic.FILE_MODE
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.json", "b.bin", "t.txt"]  # no temporary left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_debris(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text("old")
+    with pytest.raises(TypeError):
+        atomic.write_json(p, {"x": object()})  # not serialisable: fails before anything is written
+    with pytest.raises(RuntimeError):
+        with atomic.open_atomic(p, "wb") as f:
+            f.write(b"half")
+            raise RuntimeError("killed half-way")
+    assert p.read_text() == "old"
+    assert [x.name for x in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def test_a_read_only_folder_raises_and_leaves_nothing(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OSError):
+            atomic.write_text(ro / "x.txt", "x")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_atomic_folder_is_reexported_where_it_was():
+    from laser_export.export import safetensors
+
+    assert safetensors.atomic_folder is atomic.atomic_folder
+    assert safetensors.OutputError is atomic.OutputError
+    assert safetensors.clean_debris is atomic.clean_debris
