@@ -15,7 +15,7 @@ from rich.table import Table
 from .benchmarks import BenchmarkError, examples_sha256, load_split
 from .evaluate import paired_bootstrap, score, scorer_for
 from .pipeline import Loaded, Plan, console, reduce_loaded
-from .prefix import PrefixCache
+from .prefix import PrefixCache, PrefixCacheError
 
 if TYPE_CHECKING:
     from .baseline_cache import BaselineCache
@@ -78,22 +78,45 @@ def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict
 
 def _score_baseline(p: Plan, loaded: Loaded, scorer: str, examples, info, *, progress, cache, baseline_cache,
                     extra: dict):
-    """(baseline ScoreResult, cache info for the report, prefix cache still usable for the reduced pass)."""
+    """(baseline ScoreResult, cache info for the report, prefix cache usable for the reduced pass or None).
+
+    With a baseline cache, a hit needs the stored prefix too when the reduced pass would replay one
+    (``cache``): without it the baseline is scored again as the capture pass, and both are stored."""
     if baseline_cache is None:
         base = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=p.recipe.benchmark.batch_size,
                      progress=progress, description="baseline", forward_fn=None if cache is None else cache.capture,
                      **extra)
         return base, None, cache
+    from .baseline_cache import PrefixStatus, prefix_identity
+
     identity = _baseline_identity(p, loaded, info, extra)
     key = baseline_cache.key(identity)
-    base = baseline_cache.load(key)
-    if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
-        console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
-        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}, None
+    path = str(baseline_cache.path(key))
+    pid = None if cache is None else prefix_identity(cache)
+    base, why = baseline_cache.load(key), "no cached baseline"
+    if base is not None:
+        pre = (PrefixStatus("skipped", "no prefix cache (--no-prefix-cache or a non-causal scorer)") if cache is None
+               else baseline_cache.load_prefix(key, pid, cache))
+        if pre.status != "miss":
+            if pre.status == "hit":
+                console.print(f"baseline and prefix from cache {path} ({pre.bytes / 2**20:.1f} MiB prefix; "
+                              "--no-cache scores again)")
+            else:  # the reduced model is scored with full forwards
+                console.print(f"baseline from cache {path}; prefix {pre.reason}: full forwards (--no-cache scores again)")
+                cache = None
+            return base, {"hit": True, "key": key, "path": path, "prefix": pre.report()}, cache
+        why = pre.reason
+        console.print(f"baseline cache: {why}; scoring the baseline again to capture it")
     base, _, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
                                      baseline_cache=None, extra=extra)
-    path = baseline_cache.store(key, identity, base)
-    return base, {"hit": False, "key": key, "path": str(path) if path else None}, cache
+    stored = baseline_cache.store(key, identity, base)
+    pre = (PrefixStatus("skipped", "no prefix cache (--no-prefix-cache or a non-causal scorer)") if cache is None
+           else baseline_cache.store_prefix(key, pid, cache))
+    if pre.status == "skipped" and cache is not None:
+        console.print(f"prefix not cached: {pre.reason}")
+    if pre.status == "miss":
+        pre.reason = why
+    return base, {"hit": False, "key": key, "path": str(stored) if stored else None, "prefix": pre.report()}, cache
 
 
 def verify_loaded(
@@ -120,14 +143,23 @@ def verify_loaded(
     t0 = time.perf_counter()
     base, cache_info, cache = _score_baseline(p, loaded, scorer, examples, info, progress=progress, cache=cache,
                                               baseline_cache=baseline_cache, extra=extra)
-    replayed = cache is not None
     ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
     t1 = time.perf_counter()
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
     ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
-    red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size,
-                progress=progress, description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
+    try:
+        red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size, progress=progress,
+                    description="reduced", forward_fn=None if cache is None else cache.replay(start), **extra)
+    except PrefixCacheError as err:  # e.g. a cached prefix whose batches differ: never report its numbers
+        if cache_info is None or not cache_info.get("prefix") or cache_info["prefix"]["status"] != "hit":
+            raise
+        console.print(f"cached prefix not replayable ({err}); scoring the reduced model with full forwards")
+        cache_info["prefix"] = {**cache_info["prefix"], "status": "miss", "reason": f"replay refused: {err}"}
+        cache = None
+        red = score(scorer, loaded.model, loaded.tokenizer, examples, batch_size=bench.batch_size, progress=progress,
+                    description="reduced", **extra)
+    replayed = cache is not None
     t3 = time.perf_counter()
     del cache
     if bench.metric not in base.metrics:
