@@ -11,8 +11,8 @@ from laser_export.baseline_cache import BaselineCache, prefix_identity
 from laser_export.prefix import PrefixCache
 from tinymodels import tiny_inputs, tiny_model
 
-FAMILIES = ["llama", "gpt2", "gptj", "gemma3_text",
-            *(pytest.param(t, marks=pytest.mark.slow) for t in ("gemma3", "gpt_neox", "opt"))]
+FAMILIES = ["llama", "gpt2",
+            *(pytest.param(t, marks=pytest.mark.slow) for t in ("gptj", "gemma3_text", "gemma3", "gpt_neox", "opt"))]
 
 
 def _captured(model_type: str, start: int = 1, batches: int = 2):
