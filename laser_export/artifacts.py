@@ -130,10 +130,20 @@ class ClaimResult(_Artifact):
     why: str | None = None
 
 
+class PrefixCacheInfo(_Artifact):
+    status: Literal["hit", "miss", "skipped"] = Field(
+        description="hit: the reduced pass replayed a prefix read from the cache; miss: none usable, the baseline "
+        "pass captured it (``path``: where it was stored, if it was); skipped: not stored / not used (``reason``)")
+    reason: str | None = None
+    path: str | None = None
+    bytes: int | None = Field(default=None, description="size of the stored prefix file (or of the skipped prefix)")
+
+
 class BaselineCacheInfo(_Artifact):
     hit: bool = Field(description="the baseline came from the cache (not scored in this run)")
     key: str
     path: str | None = None
+    prefix: PrefixCacheInfo | None = None
 
 
 class VerifyReport(_Artifact):

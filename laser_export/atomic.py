@@ -76,6 +76,25 @@ def write_json(path: str | Path, data: Any, *, indent: int | None = 2, sort_keys
     return write_text(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + ("\n" if newline else ""))
 
 
+def write_via(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """For writers that take a path (``safetensors.torch.save_file``): ``write(tmp)`` to a temporary file in
+    the same folder, then fsync, and ``os.replace`` onto ``path``; on an error the temporary is removed and
+    ``path`` is untouched. Returns ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def check_parent_writable(path: Path, shown: str) -> None:
     """The nearest existing folder above ``path`` is a folder this process may write in, else
     :class:`OutputError` starting with ``shown`` (the option and the path as the user gave it)."""

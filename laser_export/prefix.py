@@ -18,6 +18,10 @@ batches (sorting, left padding, position ids) are exactly the scorer's own.
 
 Memory: everything for the whole scored set is kept (hidden states of each block ≥ ``start``); for
 SmolLM2 on 1200 examples that is ~55 MB per block in fp32. Use one cache per scored set.
+
+:meth:`PrefixCache.to_flat` / :meth:`PrefixCache.load_flat` turn the recorded batches into named tensors
+plus a JSON structure (tensors, None, bools, numbers, strings in tuples/lists/dicts; anything else is refused)
+and back, so the baseline cache can keep them in a safetensors file (no pickle).
 """
 
 from __future__ import annotations
@@ -32,6 +36,49 @@ from .architectures import Family, layer_modules
 
 class PrefixCacheError(RuntimeError):
     """Replay does not match the captured batches, or the model is not supported."""
+
+
+class PrefixFormatError(PrefixCacheError):
+    """Recorded inputs that cannot be flattened (a value of an unsupported type) or a malformed flat form."""
+
+
+_TENSOR, _CONTAINERS = "T", ("tuple", "list", "dict")
+
+
+def _encode(value, batch: int, tensors: dict, names: dict):
+    """JSON-able form of one recorded input; tensors go to ``tensors`` once per object (shared ones stay shared)."""
+    if isinstance(value, torch.Tensor):
+        name = names.get(id(value))
+        if name is None:
+            name = names[id(value)] = f"b{batch}.{len(names)}"
+            tensors[name] = value
+        return {_TENSOR: name, "device": str(value.device)}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, batch, tensors, names) for v in value]}
+    if isinstance(value, list):
+        return {"list": [_encode(v, batch, tensors, names) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": [[k, _encode(v, batch, tensors, names)] for k, v in value.items()]}
+    raise PrefixFormatError(f"a block input of type {type(value).__name__} cannot be stored")
+
+
+def _decode(form, tensors: dict):
+    if form is None or isinstance(form, (bool, int, float, str)):
+        return form
+    if isinstance(form, dict) and len(form) == 2 and _TENSOR in form:
+        t = tensors[form[_TENSOR]]  # KeyError: malformed
+        return t if str(t.device) == form["device"] else t.to(form["device"])
+    if isinstance(form, dict) and len(form) == 1:
+        (kind, items), = form.items()
+        if kind == "tuple":
+            return tuple(_decode(v, tensors) for v in items)
+        if kind == "list":
+            return [_decode(v, tensors) for v in items]
+        if kind == "dict":
+            return {str(k): _decode(v, tensors) for k, v in items}
+    raise PrefixFormatError(f"malformed stored block input {str(form)[:80]}")
 
 
 @dataclass
@@ -206,6 +253,58 @@ class PrefixCache:
                 a, kw = _with_hidden(a, kw, hidden)
                 hidden = _block_output(self.blocks[i](*a, **kw))
         return _LazyLogits(hidden, self.norm, self.head, self.softcap)
+
+    # -- flat form (persisted by the baseline cache) ------------------------------------------------
+    def to_flat(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(named tensors, JSON-able structure) of the recorded batches; :meth:`load_flat` inverts it.
+
+        Tensors are the recorded objects themselves (device and dtype as recorded; one entry per object
+        per batch, so tensors shared between blocks stay shared). Raises :class:`PrefixFormatError` when
+        an input is not a tensor, None, bool, number, string or a tuple/list/str-keyed dict of those."""
+        tensors: dict[str, torch.Tensor] = {}
+        batches = []
+        for b, batch in enumerate(self.batches):
+            names: dict[int, str] = {}
+            batches.append({
+                "input_ids": _encode(batch.input_ids, b, tensors, names),
+                "inputs": [[i, _encode(args, b, tensors, names), _encode(kwargs, b, tensors, names)]
+                           for i, (args, kwargs) in sorted(batch.inputs.items())],
+            })
+        return tensors, {"start": self.start, "replay_layers": sorted(self.replay_layers),
+                         "n_blocks": len(self.blocks), "batches": batches}
+
+    def load_flat(self, tensors: dict[str, torch.Tensor], structure: dict) -> None:
+        """Replace the recorded batches by a :meth:`to_flat` form, after checking it fits this cache:
+        same start, replay layers and block count, every block from ``start`` on in every batch, hidden
+        states at each replay layer with the batch's [batch, seq] shape. Raises :class:`PrefixFormatError`."""
+        try:
+            mine = {"start": self.start, "replay_layers": sorted(self.replay_layers), "n_blocks": len(self.blocks)}
+            theirs = {k: structure[k] for k in mine}
+            if theirs != mine:
+                raise PrefixFormatError(f"stored prefix is for {theirs}, this cache is {mine}")
+            batches = []
+            for form in structure["batches"]:
+                batch = _Batch(_decode(form["input_ids"], tensors))
+                if not isinstance(batch.input_ids, torch.Tensor) or batch.input_ids.dim() != 2:
+                    raise PrefixFormatError("stored input_ids are not a [batch, seq] tensor")
+                for i, args, kwargs in form["inputs"]:
+                    args, kwargs = _decode(args, tensors), _decode(kwargs, tensors)
+                    if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+                        raise PrefixFormatError(f"block {i}: stored inputs are not (args, kwargs)")
+                    batch.inputs[int(i)] = (args, kwargs)
+                if sorted(batch.inputs) != list(range(self.start, len(self.blocks))):
+                    raise PrefixFormatError(f"a stored batch lacks blocks {self.start}..{len(self.blocks) - 1}")
+                for i in self.replay_layers:
+                    hidden = _hidden_of(*batch.inputs[i])
+                    if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape[:2]) != tuple(batch.input_ids.shape):
+                        raise PrefixFormatError(f"block {i}: stored hidden states do not match the batch's input_ids")
+                batches.append(batch)
+        except PrefixCacheError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise PrefixFormatError(f"malformed stored prefix ({type(err).__name__}: {err})") from None
+        self.batches = batches
+        self._cursor = 0
 
     def __len__(self) -> int:
         return len(self.batches)

@@ -17,7 +17,7 @@ from . import metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
 from .pipeline import Loaded, Plan, console, reduce_loaded
-from .prefix import PrefixCache
+from .prefix import PrefixCache, PrefixCacheError
 
 if TYPE_CHECKING:
     from .baseline_cache import BaselineCache
@@ -86,7 +86,8 @@ class PairedPasses:
     The caller then reduces the model, and :meth:`reduced` scores it on the same examples, replaying
     only blocks ``start..L-1`` from the recording (equal to a full forward within 1e-5, see
     tests/test_search.py) — or running full forwards when nothing was recorded (no prefix cache, or
-    a baseline that came from elsewhere: :meth:`forget_prefix`)."""
+    a cached baseline whose prefix was not stored: :meth:`forget_prefix`; a stored prefix is loaded into
+    ``cache`` by the baseline cache)."""
 
     def __init__(self, scorer: str, model, tokenizer, family, examples, *, start: int, batch_size: int,
                  progress: bool = True, prefix_cache: bool = True, extra: dict | None = None):
@@ -119,20 +120,44 @@ class PairedPasses:
 
 
 def _score_baseline(p: Plan, loaded: Loaded, passes: PairedPasses, info, *, baseline_cache, extra: dict):
-    """(baseline ScoreResult, cache info for the report); a baseline read from the cache leaves
-    ``passes`` without a recording (the reduced model is then scored with full forwards)."""
+    """(baseline ScoreResult, cache info for the report).
+
+    With a baseline cache, a hit needs the stored prefix too when the reduced pass would replay one
+    (``passes.cache``): it is loaded into ``passes``; without it the baseline is scored again as the
+    capture pass, and both are stored. A hit whose prefix is skipped (over the budget, no prefix cache)
+    leaves ``passes`` without a recording: the reduced model is then scored with full forwards."""
     if baseline_cache is None:
         return passes.baseline(), None
+    from .baseline_cache import PrefixStatus, prefix_identity
+
+    no_prefix = "no prefix cache (--no-prefix-cache or a non-causal scorer)"
     identity = _baseline_identity(p, loaded, info, extra)
     key = baseline_cache.key(identity)
-    base = baseline_cache.load(key)
-    if base is not None:  # no capture pass ran: the reduced model is scored with full forwards
-        console.print(f"baseline: from cache {baseline_cache.path(key)} (--no-cache scores it again)")
-        passes.forget_prefix()
-        return base, {"hit": True, "key": key, "path": str(baseline_cache.path(key))}
+    path = str(baseline_cache.path(key))
+    pid = None if passes.cache is None else prefix_identity(passes.cache)
+    base, why = baseline_cache.load(key), "no cached baseline"
+    if base is not None:
+        pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
+               else baseline_cache.load_prefix(key, pid, passes.cache))
+        if pre.status != "miss":
+            if pre.status == "hit":
+                console.print(f"baseline and prefix from cache {path} ({pre.bytes / 2**20:.1f} MiB prefix; "
+                              "--no-cache scores again)")
+            else:  # the reduced model is scored with full forwards
+                console.print(f"baseline from cache {path}; prefix {pre.reason}: full forwards (--no-cache scores again)")
+                passes.forget_prefix()
+            return base, {"hit": True, "key": key, "path": path, "prefix": pre.report()}
+        why = pre.reason
+        console.print(f"baseline cache: {why}; scoring the baseline again to capture it")
     base = passes.baseline()
-    path = baseline_cache.store(key, identity, base)
-    return base, {"hit": False, "key": key, "path": str(path) if path else None}
+    stored = baseline_cache.store(key, identity, base)
+    pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
+           else baseline_cache.store_prefix(key, pid, passes.cache))
+    if pre.status == "skipped" and passes.cache is not None:
+        console.print(f"prefix not cached: {pre.reason}")
+    if pre.status == "miss":
+        pre.reason = why
+    return base, {"hit": False, "key": key, "path": str(stored) if stored else None, "prefix": pre.report()}
 
 
 def verify_loaded(
@@ -163,7 +188,15 @@ def verify_loaded(
     reduce_loaded(p, loaded, progress=progress)
     t2 = time.perf_counter()
     ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
-    red = passes.reduced()
+    try:
+        red = passes.reduced()
+    except PrefixCacheError as err:  # e.g. a cached prefix whose batches differ: never report its numbers
+        if cache_info is None or not cache_info.get("prefix") or cache_info["prefix"]["status"] != "hit":
+            raise
+        console.print(f"cached prefix not replayable ({err}); scoring the reduced model with full forwards")
+        cache_info["prefix"] = {**cache_info["prefix"], "status": "miss", "reason": f"replay refused: {err}"}
+        replayed = False
+        red = passes.reduced()  # the recording was dropped: full forwards
     t3 = time.perf_counter()
     if bench.metric not in base.metrics:
         raise BenchmarkError(

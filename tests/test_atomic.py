@@ -58,3 +58,21 @@ def test_atomic_folder_is_reexported_where_it_was():
     assert safetensors.atomic_folder is atomic.atomic_folder
     assert safetensors.OutputError is atomic.OutputError
     assert safetensors.clean_debris is atomic.clean_debris
+
+
+def test_write_via_a_path_writer_is_atomic_too(tmp_path):
+    """write_via serves writers that take a path (safetensors' save_file): whole file or the old one."""
+    p = tmp_path / "prefix.safetensors"
+    p.write_bytes(b"old")
+    atomic.write_via(p, lambda tmp: tmp.write_bytes(b"new whole file"))
+    assert p.read_bytes() == b"new whole file"
+    assert stat.S_IMODE(p.stat().st_mode) == atomic.FILE_MODE
+
+    def half(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic.write_via(p, half)
+    assert p.read_bytes() == b"new whole file"
+    assert [x.name for x in tmp_path.iterdir()] == ["prefix.safetensors"]
