@@ -157,6 +157,8 @@ class VerifyReport(_Artifact):
     interventions: list[MatrixEntry] = []
     passed: bool = False
     skip_verify: bool = False
+    # choice tasks: majority-class rate and prediction concentration per side (laser_export.answer_balance)
+    answer_balance: dict[str, dict[str, Any] | None] | None = None
     prefix_cache: bool | None = None
     baseline_cache: BaselineCacheInfo | None = None
     seconds: dict[str, float] = {}

@@ -245,10 +245,19 @@ def verify_loaded(
             "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
         },
         "skip_verify": False,
+        "answer_balance": _answer_balance(examples, base, red),
         "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
         "baseline_cache": cache_info,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
+
+
+def _answer_balance(examples, base, red) -> dict | None:
+    """Choice tasks: majority-class rate and prediction concentration of both models (None otherwise)."""
+    from .answer_balance import answer_balance
+
+    balance = {"baseline": answer_balance(examples, base.per_example), "reduced": answer_balance(examples, red.per_example)}
+    return balance if balance["baseline"] is not None else None
 
 
 def _perplexity_input(p: Plan, loaded: Loaded):
@@ -292,6 +301,12 @@ def print_report(report: dict) -> None:
             f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
             f"(×{ppl['ratio']:.4f})"
         )
+    from .answer_balance import collapse_warning
+
+    for side in ("baseline", "reduced"):
+        warning = collapse_warning((report.get("answer_balance") or {}).get(side), report["metrics"][side].get("top1"))
+        if warning:
+            console.print(f"[yellow]warning:[/] {side} model: {warning}")
     for c in report["claims"]:
         mark = "[green]✓ holds[/]" if c["passed"] else "[red]✗ FAILS[/]"
         why = f" ({c['why']})" if "why" in c else ""

@@ -552,4 +552,9 @@ def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path,
     assert "logprob" not in printed.err and "validation baseline top1" in printed.err
     sweep = json.loads((tmp_path / "found.sweep.json").read_text())
     assert all("logprob" not in r["metrics"] for r in sweep["candidates"])
+    # the test split's answer balance (majority-class rate from the labels) is recorded for both models
+    test_labels = [ex.label for ex in load_split("jsonl", path=data, seed=0, validation_fraction=0.5).test]
+    bal = sweep["test"]["answer_balance"]
+    assert bal["baseline"]["n"] == bal["reduced"]["n"] == len(test_labels) == sweep["test"]["n"]
+    assert bal["baseline"]["majority_rate"] == max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
     assert load_recipe(out)[0].benchmark.name == "jsonl"

@@ -58,6 +58,11 @@ def header_comments(*, source: str, benchmark: str, n_validation: int, n_candida
         else:
             verdict = "its CI includes 0"
         lines.append(f"# Leading articles ignored (top1_no_article): {b:.4f} -> {r:.4f} ({_ci(ci)}): {verdict}.")
+    from ..answer_balance import collapse_warning
+
+    warning = collapse_warning((test.get("answer_balance") or {}).get("reduced"), test["reduced"]["top1"])
+    if warning:
+        lines.append(f"# WARNING: {warning}.")
     lines.append(
         f"# tolerance {tolerance:g}: the scoring is deterministic on CPU; the slack only absorbs argmax near-ties "
         "that flip with thread count / batch layout."
