@@ -372,3 +372,31 @@ def test_schemas_next_to_the_artifacts_are_current():
     report["perplexity"] = {"baseline": 1.0}
     assert VerifyReport.model_validate(report).model_dump(exclude_none=True)["perplexity"] == {"baseline": 1.0}
     assert Manifest.model_validate(make_manifest()).matrices[0].bytes_saved == 3538944 - 42240
+
+
+def test_model_index_records_the_dataset_commit_resolved_online():
+    """A report whose examples came from the Hub through `datasets` records the resolved commit (benchmark.sources);
+    the card's model-index gives it as dataset.revision. Offline files (no sha) leave the revision unset."""
+    from laser_export.benchmarks import BENCHMARKS
+
+    spec = BENCHMARKS["truthfulqa"]
+    recipe = make_recipe()
+    recipe["benchmark"]["name"] = "truthfulqa"
+    report = make_report()
+    report["benchmark"]["name"] = "truthfulqa"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    report["benchmark"]["sources"] = [{"repo": spec.hub_dataset, "config": spec.hub_config, "split": "validation",
+                                       "revision": None, "sha": sha}]
+    _, meta = parse(render_card(recipe, RECIPE_YAML, make_manifest(), report))
+    ds = meta["model-index"][0]["results"][0]["dataset"]
+    assert ds["type"] == spec.hub_dataset and ds["revision"] == sha
+    report["benchmark"]["sources"] = [{"repo": spec.hub_dataset, "files": {"validation.parquet": "ff" * 32}}]
+    _, meta = parse(render_card(recipe, RECIPE_YAML, make_manifest(), report))
+    assert "revision" not in meta["model-index"][0]["results"][0]["dataset"]
+
+
+def test_every_hub_benchmark_names_its_hub_dataset_for_the_model_index():
+    """Only user JSONL has no Hub dataset id; the paper's benchmarks are in model-index under their Hub id."""
+    from laser_export.benchmarks import BENCHMARKS
+
+    assert sorted(n for n, b in BENCHMARKS.items() if b.hub_dataset is None) == ["jsonl"]

@@ -191,8 +191,13 @@ def _with_hub_dataset(bench: BenchmarkInfo) -> BenchmarkInfo:
     spec = BENCHMARKS.get(bench.name)
     if spec is None:
         return bench
+    # the dataset commit `datasets` resolved on the Hub when the examples were loaded online (report
+    # benchmark.sources), else the revision the benchmark pins (None: the default branch, offline files)
+    resolved = [src.get("sha") for src in (bench.model_extra or {}).get("sources") or []
+                if isinstance(src, dict) and src.get("repo") == spec.hub_dataset and src.get("sha")]
+    revision = resolved[0] if len(set(resolved)) == 1 else spec.hub_revision
     return bench.model_copy(update={"hub_dataset": spec.hub_dataset, "hub_config": spec.hub_config,
-                                    "hub_revision": spec.hub_revision})
+                                    "hub_revision": revision})
 
 
 # ---------------------------------------------------------------------------------------------- metadata
