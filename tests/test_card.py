@@ -390,6 +390,10 @@ def test_model_index_records_the_dataset_commit_resolved_online():
     _, meta = parse(render_card(recipe, RECIPE_YAML, make_manifest(), report))
     ds = meta["model-index"][0]["results"][0]["dataset"]
     assert ds["type"] == spec.hub_dataset and ds["revision"] == sha
+    assert meta["model-index"][0]["results"][0]["task"]["name"] == "Next-token factual recall"  # top-k metrics
+    report["metrics"] = {side: {"top1": v, "accuracy": v} for side, v in (("baseline", 0.55), ("reduced", 0.6))}
+    _, meta = parse(render_card(recipe, RECIPE_YAML, make_manifest(), report))
+    assert meta["model-index"][0]["results"][0]["task"]["name"] == "Multiple choice (answer scores at the next token)"
     report["benchmark"]["sources"] = [{"repo": spec.hub_dataset, "files": {"validation.parquet": "ff" * 32}}]
     _, meta = parse(render_card(recipe, RECIPE_YAML, make_manifest(), report))
     assert "revision" not in meta["model-index"][0]["results"][0]["dataset"]

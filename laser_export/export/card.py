@@ -209,6 +209,16 @@ def _dataset_args(bench: BenchmarkInfo) -> dict:
     return {k: v for k, v in args.items() if v is not None}
 
 
+def _task_name(ctx: CardContext, reduced: dict) -> str:
+    """What the scorer measured: choice accuracy, generated answers, or the first answer token."""
+    if "exact_match" in reduced:
+        return "Question answering (greedy generation)"
+    if "accuracy" in reduced and "top5" not in reduced:
+        return "Multiple choice (answer scores at the " + ("mask)" if ctx.family and ctx.family.task == "masked-lm"
+                                                            else "next token)")
+    return "Masked factual recall" if ctx.family and ctx.family.task == "masked-lm" else "Next-token factual recall"
+
+
 def _eval_results(ctx: CardContext) -> list[EvalResult]:
     """model-index: only measured + verified numbers of THIS (reduced) model, on a Hub dataset id."""
     if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None:
@@ -223,8 +233,7 @@ def _eval_results(ctx: CardContext) -> list[EvalResult]:
             continue
         results.append(EvalResult(
             task_type=ctx.family.pipeline_tag if ctx.family else "text-generation",
-            task_name="Masked factual recall" if ctx.family and ctx.family.task == "masked-lm"
-            else "Next-token factual recall",
+            task_name=_task_name(ctx, reduced),
             dataset_type=bench.hub_dataset or "json", dataset_name=name, dataset_config=bench.hub_config,
             dataset_revision=bench.hub_revision, dataset_split=bench.split, dataset_args=_dataset_args(bench),
             metric_type="accuracy", metric_value=float(reduced[key]), metric_name=METRIC_LABELS.get(key, key),
