@@ -37,24 +37,43 @@ class OutputError(ValueError):
 
 
 @contextmanager
+def _replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` (same folder, so the rename is atomic). When the block ends without
+    an error it is fsynced, given :data:`FILE_MODE` and renamed onto ``path``; in every case no temporary
+    is left behind, and on an error (or an interrupt) ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
 def open_atomic(path: str | Path, mode: str = "w", *, encoding: str | None = None) -> Iterator[IO]:
     """A file object (``mode`` ``"w"`` or ``"wb"``) whose content replaces ``path`` when the block ends
     without an error; on an error (or an interrupt) the temporary file is removed and ``path`` is
     untouched. The parent folder must exist."""
     if mode not in ("w", "wb"):
         raise ValueError(f"open_atomic: mode 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
+    with _replacing(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            f = os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None)
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -80,19 +99,9 @@ def write_via(path: str | Path, write: Callable[[Path], None]) -> Path:
     """For writers that take a path (``safetensors.torch.save_file``): ``write(tmp)`` to a temporary file in
     the same folder, then fsync, and ``os.replace`` onto ``path``; on an error the temporary is removed and
     ``path`` is untouched. Returns ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with _replacing(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def check_parent_writable(path: Path, shown: str) -> None:
