@@ -34,6 +34,18 @@ def answer_balance(examples: Sequence, per_example: Sequence[dict]) -> dict | No
             "top_prediction": top, "top_prediction_share": t_count / n}
 
 
+def paired(examples: Sequence, base, red) -> dict | None:
+    """``{"baseline": ..., "reduced": ...}`` answer balance of two ScoreResults on the same ``examples``
+    (verify's report, search's test summary), or None when the task has no choice examples."""
+    pair = {"baseline": answer_balance(examples, base.per_example), "reduced": answer_balance(examples, red.per_example)}
+    return pair if pair["baseline"] is not None else None
+
+
+def side_warning(pair: dict | None, side: str, accuracy: float | None = None) -> str | None:
+    """:func:`collapse_warning` for one side of a :func:`paired` record (a report's ``answer_balance``)."""
+    return collapse_warning((pair or {}).get(side), accuracy)
+
+
 def collapse_warning(balance: dict | None, accuracy: float | None = None) -> str | None:
     """A one-line warning when the model answers one class for ≥ COLLAPSE_SHARE of the examples."""
     if not balance or balance["top_prediction_share"] < COLLAPSE_SHARE:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
-from . import metrics as metrics_table
+from . import answer_balance, metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
 from .pipeline import Loaded, Plan, console, reduce_loaded
@@ -245,19 +245,11 @@ def verify_loaded(
             "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
         },
         "skip_verify": False,
-        "answer_balance": _answer_balance(examples, base, red),
+        "answer_balance": answer_balance.paired(examples, base, red),
         "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
         "baseline_cache": cache_info,
         "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
     }
-
-
-def _answer_balance(examples, base, red) -> dict | None:
-    """Choice tasks: majority-class rate and prediction concentration of both models (None otherwise)."""
-    from .answer_balance import answer_balance
-
-    balance = {"baseline": answer_balance(examples, base.per_example), "reduced": answer_balance(examples, red.per_example)}
-    return balance if balance["baseline"] is not None else None
 
 
 def _perplexity_input(p: Plan, loaded: Loaded):
@@ -301,10 +293,8 @@ def print_report(report: dict) -> None:
             f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
             f"(×{ppl['ratio']:.4f})"
         )
-    from .answer_balance import collapse_warning
-
     for side in ("baseline", "reduced"):
-        warning = collapse_warning((report.get("answer_balance") or {}).get(side), report["metrics"][side].get("top1"))
+        warning = answer_balance.side_warning(report.get("answer_balance"), side, report["metrics"][side].get("top1"))
         if warning:
             console.print(f"[yellow]warning:[/] {side} model: {warning}")
     for c in report["claims"]:

@@ -438,10 +438,9 @@ def _limits(ctx: CardContext) -> list[str]:
     if ctx.verified:
         out += [f"- {n}" for n in format_gain_assessment(
             {k: v.model_dump() for k, v in ctx.report.delta.items()})[1]]
-        from ..answer_balance import collapse_warning
+        from ..answer_balance import side_warning
 
-        warning = collapse_warning((ctx.report.answer_balance or {}).get("reduced"),
-                                   ctx.report.metrics.get("reduced", {}).get("top1"))
+        warning = side_warning(ctx.report.answer_balance, "reduced", ctx.report.metrics.get("reduced", {}).get("top1"))
         if warning:
             out.append(f"- **The reduced model {warning.removeprefix('the model ')}.**")
     elif ctx.recipe.claims is not None:

@@ -215,10 +215,10 @@ def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
     if "top1_no_article" in base.metrics:
         test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
             base.hits("top1_no_article"), red.hits("top1_no_article"))
-    from ..answer_balance import answer_balance
+    from ..answer_balance import paired
 
-    balance = {side: answer_balance(pr.split.test, r.per_example) for side, r in (("baseline", base), ("reduced", red))}
-    if balance["baseline"] is not None:
+    balance = paired(pr.split.test, base, red)
+    if balance is not None:
         test["answer_balance"] = balance
     return test
 
@@ -305,8 +305,8 @@ def print_test_summary(test: dict) -> None:
             console.print("[yellow]  the top1 gain is answer format (fewer leading articles), not shown to be recall[/]")
     if test["reduced"]["top1"] <= test["baseline"]["top1"]:
         console.print("[yellow]warning:[/] the validation choice does not improve the test split")
-    from ..answer_balance import collapse_warning
+    from ..answer_balance import side_warning
 
-    warning = collapse_warning((test.get("answer_balance") or {}).get("reduced"), test["reduced"]["top1"])
+    warning = side_warning(test.get("answer_balance"), "reduced", test["reduced"]["top1"])
     if warning:
         console.print(f"[yellow]warning:[/] reduced model: {warning}")

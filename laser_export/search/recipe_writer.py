@@ -58,9 +58,9 @@ def header_comments(*, source: str, benchmark: str, n_validation: int, n_candida
         else:
             verdict = "its CI includes 0"
         lines.append(f"# Leading articles ignored (top1_no_article): {b:.4f} -> {r:.4f} ({_ci(ci)}): {verdict}.")
-    from ..answer_balance import collapse_warning
+    from ..answer_balance import side_warning
 
-    warning = collapse_warning((test.get("answer_balance") or {}).get("reduced"), test["reduced"]["top1"])
+    warning = side_warning(test.get("answer_balance"), "reduced", test["reduced"]["top1"])
     if warning:
         lines.append(f"# WARNING: {warning}.")
     lines.append(
