@@ -129,6 +129,10 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def _over_budget(size: int, budget: int) -> PrefixStatus:
+    return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_BUDGET_VAR} {_gb(budget)}", None, size)
+
+
 @dataclass(frozen=True)
 class BaselineCache:
     """``enabled=False``: never read nor write. ``directory``: default :func:`default_dir`."""
@@ -186,7 +190,7 @@ class BaselineCache:
                 size = None
             budget = prefix_budget_bytes()
             if size is not None and size > budget:
-                return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_BUDGET_VAR} {_gb(budget)}", None, size)
+                return _over_budget(size, budget)
         if not path.exists():
             return PrefixStatus("miss", f"no stored prefix for layer {cache.start}")
         try:
@@ -221,7 +225,7 @@ class BaselineCache:
         if size > budget:
             write_text(self._skip_marker(key, pidentity), json.dumps({"bytes": size, "identity": pidentity}))
             path.unlink(missing_ok=True)
-            return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_BUDGET_VAR} {_gb(budget)}", None, size)
+            return _over_budget(size, budget)
         try:
             tensors, structure = cache.to_flat()
         except PrefixFormatError as err:

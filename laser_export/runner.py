@@ -125,9 +125,7 @@ def _report_path(recipe_name: str, report: Path | None) -> tuple[Path, str]:
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report;
     an unwritable path is an OutputError."""
-    from .export.safetensors import OutputError
-
-    from .atomic import write_json
+    from .atomic import OutputError, write_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
