@@ -228,15 +228,24 @@ def test_prune_snr_sweeps_only_top_matrices(bench):
     assert res.snr_report["winner_snr_rank"] <= 3
 
 
-def test_cli_search_writes_valid_recipe_sweep_and_plot(bench, tmp_path):
+def _cli_search_tiny_llama(tmp_path, data, *grid):
+    """`laser-export search` on a tiny llama saved under tmp_path/tiny and the JSONL ``data``, half validation,
+    batch size 4, into tmp_path/found.yaml; ``grid``: the sweep's own options. (exit code, model folder, out)."""
     from laser_export import cli
 
     folder = tmp_path / "tiny"
     save_tiny("llama", folder)
     out = tmp_path / "found.yaml"
-    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
-                   "--layers", "1-2", "--matrices", "fc_in,fc_out", "--rhos", "0.1,0.5", "--batch-size", "4",
-                   "--validation-fraction", "0.5", "--compose", "2", "--out", str(out), "--no-progress"])
+    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(data), *grid,
+                   "--batch-size", "4", "--validation-fraction", "0.5", "--out", str(out), "--no-progress"])
+    return rc, folder, out
+
+
+def test_cli_search_writes_valid_recipe_sweep_and_plot(bench, tmp_path):
+    from laser_export import cli
+
+    rc, folder, out = _cli_search_tiny_llama(tmp_path, bench, "--layers", "1-2", "--matrices", "fc_in,fc_out",
+                                             "--rhos", "0.1,0.5", "--compose", "2")
     assert rc == 0
     recipe, text = load_recipe(out)
     sweep = json.loads((tmp_path / "found.sweep.json").read_text())
@@ -531,8 +540,6 @@ def test_search_svd_cache_has_a_byte_budget(bench, tmp_path, monkeypatch):
 
 def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path, capsys):
     """Choice tasks (FEVER, TruthfulQA, ...) produce top-1 only: no logprob/logloss key anywhere in search."""
-    from laser_export import cli
-
     g = torch.Generator().manual_seed(1)
     lines = []
     for i in range(24):
@@ -541,12 +548,8 @@ def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path,
                                  "label": int(torch.randint(0, 2, (1,), generator=g))}))
     data = tmp_path / "choice.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    folder = tmp_path / "tiny"
-    save_tiny("llama", folder)
-    out = tmp_path / "found.yaml"
-    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(data),
-                   "--layers", "1", "--matrices", "fc_in", "--rhos", "0.1,0.5", "--batch-size", "4",
-                   "--validation-fraction", "0.5", "--plot-metric", "both", "--out", str(out), "--no-progress"])
+    rc, _, out = _cli_search_tiny_llama(tmp_path, data, "--layers", "1", "--matrices", "fc_in", "--rhos", "0.1,0.5",
+                                        "--plot-metric", "both")
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     assert "logprob" not in printed.err and "validation baseline top1" in printed.err
