@@ -21,6 +21,7 @@ table in ``tests/tinymodels.py``).
 
 from __future__ import annotations
 
+from .errors import InputError
 import json
 from functools import lru_cache
 from importlib import resources
@@ -108,7 +109,7 @@ class Family(BaseModel):
         return hash((self.name, self.layers, self.final_norm))
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(InputError):
     """A model, layer or matrix that the architecture table cannot resolve."""
 
 

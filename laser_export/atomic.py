@@ -15,6 +15,7 @@ is resumable line by line and a torn last line is skipped when read.
 
 from __future__ import annotations
 
+from .errors import InputError
 import errno
 import json
 import os
@@ -29,7 +30,7 @@ from typing import IO, Any, Callable, Iterable, Iterator
 FILE_MODE = 0o644
 
 
-class OutputError(ValueError):
+class OutputError(InputError):
     """The ``--out`` folder cannot be used (would replace something that is not ours, not writable, ...).
 
     Raised before any weights load (:func:`laser_export.export.safetensors.check_output`) and again at

@@ -25,44 +25,9 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_for
 
 COMMANDS = ("run", "check", "verify", "push", "apply", "search")
-
-
-# ---------------------------------------------------------------------------------------- error classes
-
-
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Bad input: exit 2. Only modules already imported can have raised their errors."""
-    found = []
-    for module, names in (
-        ("laser_export.recipe", ["RecipeError"]),
-        ("laser_export.sources", ["SourceError"]),
-        ("laser_export.architectures", ["ArchitectureError"]),
-        ("laser_export.benchmarks.base", ["BenchmarkError"]),
-        ("laser_export.export.safetensors", ["OutputError"]),
-        ("laser_export.stream", ["StreamError"]),
-    ):
-        mod = sys.modules.get(module)
-        found += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
-    return tuple(found)
-
-
-def _failures() -> tuple[type[BaseException], ...]:
-    """A check that ran and failed (claims, ONNX parity, push): exit 1."""
-    found = []
-    for module, name in (
-        ("laser_export.runner", "ClaimsFailed"),
-        ("laser_export.export.onnx", "OnnxExportError"),
-        ("laser_export.export.gguf", "GgufExportError"),
-        ("laser_export.export.safetensors", "ExportError"),
-        ("laser_export.export.hub", "PushError"),
-    ):
-        mod = sys.modules.get(module)
-        if mod is not None and hasattr(mod, name):
-            found.append(getattr(mod, name))
-    return tuple(found)
 
 
 def _say(text: str) -> None:
@@ -290,7 +255,7 @@ def cmd_check(args) -> int:
         try:
             recipe, text = load_recipe(path)
             p = plan(recipe, text, weights_free=True)
-        except _input_errors() as err:
+        except InputError as err:
             console.print(f"[red]✗[/] {escape(str(err))}")
             status = EXIT_BAD_INPUT
             continue
@@ -410,17 +375,10 @@ def _main(argv: list[str] | None) -> int:
         _say("interrupted: nothing was replaced (a partial export is removed)")
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
-        if isinstance(err, _input_errors()):
-            _say(f"error: {err}")
-            return EXIT_BAD_INPUT
-        if isinstance(err, _failures()):
-            label = {"ClaimsFailed": "failed:", "PushError": "push failed:"}.get(type(err).__name__, "failed:")
-            if "Onnx" in type(err).__name__:
-                label = "ONNX export failed, nothing exported:"
-            if "Gguf" in type(err).__name__:
-                label = "GGUF export failed, nothing exported:"
-            _say(f"{label} {err}")
-            return EXIT_FAILED
+        code = exit_code_for(err)
+        if code is not None:
+            _say(f"{err.label} {err}")
+            return code
         if debug:
             import traceback
 

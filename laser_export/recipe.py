@@ -4,6 +4,7 @@ and export targets. Pydantic models with unknown fields forbidden; every error n
 
 from __future__ import annotations
 
+from .errors import InputError
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -59,7 +60,7 @@ def check_repo_id(repo_id: str) -> str | None:
     return None
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """A recipe problem. ``str()`` is one line per problem, each starting with its field path."""
 
     def __init__(self, problems: list[str], file: str | Path | None = None):

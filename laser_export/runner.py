@@ -13,6 +13,7 @@ leftovers of killed runs → benchmark data → weights (non-finite check) → v
 
 from __future__ import annotations
 
+from .errors import CheckFailed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .recipe import RecipeError, check_repo_id, load_recipe
 HUB_TIMEOUT = 60.0
 
 
-class ClaimsFailed(RuntimeError):
+class ClaimsFailed(CheckFailed):
     """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
 
     def __init__(self, message: str, report: dict, report_path: Path):

@@ -13,6 +13,7 @@ Forms accepted for ``source``:
 
 from __future__ import annotations
 
+from .errors import InputError
 import hashlib
 import importlib.util
 import json
@@ -29,7 +30,7 @@ from .architectures import Family, family_for
 DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """The model source cannot be resolved or loaded."""
 
 

@@ -23,6 +23,7 @@ factorised export), generation config, tokenizer, shards + index, recipe, manife
 
 from __future__ import annotations
 
+from .errors import InputError
 import json
 import struct
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ _FROM_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 
 
-class StreamError(RuntimeError):
+class StreamError(InputError):
     """The source cannot be streamed (not a safetensors checkpoint, unknown tensor names, ...)."""
 
 

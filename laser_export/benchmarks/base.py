@@ -11,6 +11,7 @@ prompts (the three prompts of one CounterFact record) always land on the same si
 
 from __future__ import annotations
 
+from ..errors import InputError
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(InputError):
     """A benchmark could not be loaded: unknown name, missing/invalid file, bad record."""
 
 

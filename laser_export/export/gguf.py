@@ -9,6 +9,7 @@ came from a GGUF file, that file's tokenizer metadata, so llama.cpp, Ollama and
 
 from __future__ import annotations
 
+from ..errors import CheckFailed
 from pathlib import Path
 
 
@@ -26,7 +27,8 @@ def gguf_quantization(path: str | Path) -> str | None:
         return None
 
 
-class GgufExportError(ValueError):
+class GgufExportError(CheckFailed):
+    label = "GGUF export failed, nothing exported:"
     """The model cannot be written as GGUF (a tensor without a GGUF name, factorised layers)."""
 
 

@@ -7,6 +7,7 @@ whose message says the local folder is intact and gives the exact command to ret
 
 from __future__ import annotations
 
+from ..errors import CheckFailed
 import fnmatch
 import os
 import re
@@ -29,7 +30,8 @@ _IGNORED_PREFIXES = (".cache/huggingface/",)
 _IGNORED_FILES = (".DS_Store",)
 
 
-class PushError(RuntimeError):
+class PushError(CheckFailed):
+    label = "push failed:"
     """Pushing an export folder to the Hub failed; the local export is untouched."""
 
     def __init__(self, message: str, *, folder: str, repo_id: str, retry: str):

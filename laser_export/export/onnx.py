@@ -23,6 +23,7 @@ compares fp32 logits with torch at the non-padded positions only. A failure rais
 
 from __future__ import annotations
 
+from ..errors import CheckFailed
 import contextlib
 import inspect
 import logging
@@ -55,7 +56,8 @@ DEFAULT_SAMPLE_TEXTS = [
 _PAST_RE = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache)\.layers\.(\d+)\.(keys|values)$")
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(CheckFailed):
+    label = "ONNX export failed, nothing exported:"
     """The model could not be exported to ONNX."""
 
 

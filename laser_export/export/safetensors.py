@@ -8,6 +8,7 @@ any step removes the temporary folder and leaves an existing export untouched.
 
 from __future__ import annotations
 
+from ..errors import CheckFailed
 import json
 import struct
 from pathlib import Path
@@ -30,7 +31,7 @@ MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 
 
-class ExportError(RuntimeError):
+class ExportError(CheckFailed):
     pass
 
 
