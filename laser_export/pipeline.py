@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from . import __version__
 from .architectures import Family, family_for
 from .intervene import SVDCache, Target, apply, plan_targets
-from .progress import bar, console, status  # noqa: F401 - console and status are used from here too
+from .progress import bar, status
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
 

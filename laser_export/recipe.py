@@ -53,6 +53,20 @@ _SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB|KBIT|MBIT|
 _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?<![.-])$")
 
 
+#: a recipe name: it names out/<name>/ and reports/<name>.verify.json, so it is a safe, short file name
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_MAX = 200
+
+
+def check_name(name: str) -> str | None:
+    """None when ``name`` can name a recipe (and its files); else why not."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        return f"{name!r} should be letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if len(name) > NAME_MAX:
+        return f"{len(name)} characters; at most {NAME_MAX} (it names files)"
+    return None
+
+
 def check_repo_id(repo_id: str) -> str | None:
     """None when ``repo_id`` is a valid ``namespace/name``; else why not."""
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
@@ -197,7 +211,7 @@ class ExportSpec(_Strict):
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     description: str | None = None
     model: ModelSpec
     interventions: list[Intervention] = Field(min_length=1)

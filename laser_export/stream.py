@@ -432,7 +432,7 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     shards + index, config, generation config, tokenizer, recipe.yaml, manifest.json, README.md
     (and verify_report.json when a report is given). Returns the manifest."""
     from .export.card import render_card
-    from .atomic import atomic_folder
+    from .policy import atomic_folder
     from .export.safetensors import MANIFEST, RECIPE, checkpoint_tensor_bytes
     from .pipeline import build_manifest
     from .progress import bar as progress_bar

@@ -16,7 +16,8 @@ from .benchmarks import BenchmarkError, examples_sha256, load_split
 from . import answer_balance, metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
-from .pipeline import Loaded, Plan, console, reduce_loaded
+from .pipeline import Loaded, Plan, reduce_loaded
+from .progress import console
 from .prefix import PrefixCache, PrefixCacheError
 
 if TYPE_CHECKING:

@@ -245,7 +245,7 @@ def _old_export_intact(c: Ctx):
 def _fail_second_replace(c: Ctx):
     """os.replace fails when the new export is renamed into place (after the old one moved aside)."""
     c.copy_export()
-    import laser_export.atomic as st  # where atomic_folder lives (moved from export/safetensors.py)
+    import laser_export.policy as st  # where atomic_folder lives
 
     real, calls = os.replace, []
 
