@@ -152,7 +152,7 @@ def cmd_check(args) -> int:
     from rich.markup import escape
 
     from .pipeline import plan
-    from .progress import console
+    from .progress import console, count
     from .recipe import load_recipe
 
     status = EXIT_OK
@@ -168,14 +168,10 @@ def cmd_check(args) -> int:
             continue
         how = "recipe hints" if p.config_from_hints else "model config"
         console.print(
-            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {_count(len(p.targets), 'matrix', 'matrices')} "
+            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {count(len(p.targets), 'matrix', 'matrices')} "
             f"({', '.join(f'L{t.layer}.{t.alias}' for t in p.targets)}), checked against the {how}"
         )
     return status
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
 
 
 def _print_planned(result) -> None:

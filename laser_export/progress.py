@@ -70,3 +70,8 @@ def quiet_third_party_bars() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 matrix`` / ``3 matrices``: a number with the noun it counts, singular or plural."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"

@@ -20,7 +20,7 @@ from pathlib import Path
 from .pipeline import Plan, build_manifest, load_model, plan, reduce_loaded
 from .options import ApplyOptions, PushOptions, RunOptions, VerifyOptions
 from .policy import check_report_path, report_path as _report_path
-from .progress import console, status
+from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
 
 
@@ -92,7 +92,7 @@ def _no_stdout(on: bool):
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
     targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
-    lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
+    lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
 
@@ -165,7 +165,7 @@ def run(opts: RunOptions) -> RunResult:
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
-    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
+    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
     selected = _select(p, opts.limit, opts.progress) if verifying else None
 
@@ -202,7 +202,7 @@ def run(opts: RunOptions) -> RunResult:
     manifest = build_manifest(p, loaded.entries)
     _export(p, loaded, out, opts, manifest, report, protect=_protected(p))
     saved = manifest["totals"]["bytes_saved"]
-    console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
+    console.print(f"[green]exported[/] {out} ({count(len(loaded.entries), 'matrix', 'matrices')}, {saved / 2**20:.2f} MiB saved)")
     result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest)
     if opts.push:
         result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
@@ -222,7 +222,7 @@ def _run_streamed(p: Plan, out: Path, opts: RunOptions, repo_id: str | None, hub
         progress=opts.progress, protect=_protected(p)))
     if p.recipe.claims is not None:
         console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
-    console.print(f"[green]exported[/] {out} (streamed, {len(manifest['matrices'])} matrices, "
+    console.print(f"[green]exported[/] {out} (streamed, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
                   f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
     result = RunResult(out=out, manifest=manifest)
     if opts.push:
@@ -253,7 +253,7 @@ def apply(opts: ApplyOptions) -> RunResult:
     check_output(out, overwrite=opts.overwrite, protect=_protected(p))
     reason = "--in-memory" if opts.in_memory else streamable(p)
     if reason is None:
-        console.print(f"[bold]{recipe.name}[/]: streaming {len(p.targets)} matrices shard by shard into {out}")
+        console.print(f"[bold]{recipe.name}[/]: streaming {count(len(p.targets), 'matrix', 'matrices')} shard by shard into {out}")
         manifest = export_streamed(p, StreamExportOptions(out, overwrite=opts.overwrite, report=report,
                                                           skip_verify=report is None, progress=opts.progress,
                                                           protect=_protected(p)))
@@ -266,7 +266,7 @@ def apply(opts: ApplyOptions) -> RunResult:
                               progress=opts.progress)
         _export(p, loaded, out, run_opts, manifest, report, protect=_protected(p))
     how = "streamed" if manifest.get("streamed") else "in memory"
-    console.print(f"[green]exported[/] {out} ({how}, {len(manifest['matrices'])} matrices, "
+    console.print(f"[green]exported[/] {out} ({how}, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
                   f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
     return RunResult(out=out, report=report, manifest=manifest)
 

@@ -477,10 +477,9 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
 
 def load_report(path: Path, recipe) -> dict:
     """A verify report for ``recipe`` whose claims passed, else RecipeError naming the file."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError([f"--report: cannot read {path}: {err}"]) from None
+    from .inputs import read_json_object
+
+    report = read_json_object(path, "--report")
     if report.get("recipe") != recipe.name:
         raise RecipeError([f"--report: {path} is the report of recipe {report.get('recipe')!r}, not {recipe.name!r}"])
     if not report.get("passed"):

@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..architectures import Family, family_for
 from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
 from ..metrics import LABELS
+from ..progress import count
 from ..recipe import Recipe
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
@@ -320,7 +321,7 @@ def _intro(ctx: CardContext) -> list[str]:
         out += [ctx.recipe.description.strip(), ""]
     dtype = ctx.manifest.export_dtype or ctx.source.dtype
     out += [
-        f"LASER applied to {len(ctx.manifest.matrices)} weight matrix(es), exported by laser-export "
+        f"LASER applied to {count(len(ctx.manifest.matrices), 'weight matrix', 'weight matrices')}, exported by laser-export "
         f"{ctx.manifest.laser_export_version} with `{ctx.storage}` storage" + (f" in {dtype}." if dtype else "."),
         "", _source_sentence(ctx), "", *_dtype_note(ctx),
         "## What LASER is", "",
@@ -344,7 +345,7 @@ def _what_changed(ctx: CardContext) -> list[str]:
                    f"| {_bytes(m.bytes_saved)} |")
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
-    out += ["", f"Total: {totals.n_matrices or len(ctx.manifest.matrices)} matrix(es), {_bytes(totals.bytes_saved)} "
+    out += ["", f"Total: {count(totals.n_matrices or len(ctx.manifest.matrices), 'matrix', 'matrices')}, {_bytes(totals.bytes_saved)} "
             "saved" + (dense_note if ctx.storage == "dense" else "."), ""]
     return out
 

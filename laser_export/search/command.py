@@ -102,9 +102,10 @@ def check_outputs(opts: SearchOptions, protect: Sequence[str | Path] = ()) -> No
         held.append(Path(opts.model).expanduser())
     if opts.template:
         held += protected_inputs(load_recipe(opts.template)[0])
+    check_file_output(opts.out, "--out", protect=held)  # first: "/" has no file name to derive the others from
     paths = output_paths(opts)
-    for key in ("out", "sweep", "plot"):
-        check_file_output(paths[key], "--out" if key == "out" else f"--out ({paths[key].name})", protect=held)
+    for key in ("sweep", "plot"):
+        check_file_output(paths[key], f"--out ({paths[key].name})", protect=held)
     check_search_log(paths["results"], "--results" if opts.results else f"--out ({paths['results'].name})",
                      protect=held)
     if paths["results"].expanduser().resolve() in {paths[k].expanduser().resolve() for k in ("out", "sweep", "plot")}:
@@ -286,13 +287,13 @@ def search(opts: SearchOptions) -> SearchOutcome:
     """The whole search; see the module docstring. Raises RecipeError/SourceError/... on bad input."""
     from ..intervene import SVDCache
     from ..pipeline import load_model
-    from ..progress import console
+    from ..progress import console, count
 
     pr = prepare(opts)
     p = pr.plan
     ignored = f"; {pr.log.other_runs} rows of other runs (other weights or settings) ignored" if pr.log.other_runs else ""
     console.print(
-        f"search: {len(pr.layers)} layers × {len(pr.matrices)} matrices × {len(pr.rhos)} ρ on {len(pr.validation)} "
+        f"search: {count(len(pr.layers), 'layer')} × {count(len(pr.matrices), 'matrix', 'matrices')} × {len(pr.rhos)} ρ on {len(pr.validation)} "
         f"validation examples; {len(pr.log.rows)} results already in {pr.log.path}{ignored}"
     )
     loaded = load_model(p)
