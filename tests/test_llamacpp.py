@@ -170,3 +170,38 @@ def test_llama_cpp_loads_each_file_and_generates(exported, kind):
             break
     agree = sum(a == b for a, b in zip(got, want)) / len(want)
     assert agree >= (1.0 if kind in ("F32", "F16", "BF16", "Q8_0") else 0.5), (kind, got, want)
+
+
+def test_run_writes_the_tokenizer_and_the_variants_the_recipe_asks_for(tmp_path):
+    import json
+
+    import yaml
+
+    from laser_export.cli import main
+
+    tok = bpe_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    recipe = {"name": "g", "model": {"source": str(tmp_path / "m")}, "storage": "dense",
+              "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}],
+              "export": {"formats": ["safetensors", "gguf"], "dtype": "float16", "gguf_types": ["Q8_0"]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main([str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["gguf"]
+    assert entry["tokenizer"] is True and entry["llama_cpp_keys_missing"] == []
+    assert [v["file"] for v in entry["variants"]] == ["g-Q8_0.gguf"] and (tmp_path / "out" / "g-Q8_0.gguf").is_file()
+    assert "`g-Q8_0.gguf`: Q8_0 variant." in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_variants_without_their_format_fail_check(tmp_path, capsys):
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    save_tiny("llama", tmp_path / "m")
+    recipe = {"name": "g", "model": {"source": str(tmp_path / "m")},
+              "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}], "export": {"gguf_types": ["Q8_0"]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    assert "export.gguf_types needs gguf in export.formats" in capsys.readouterr().err
