@@ -157,6 +157,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
         if fmt in recipe.export.formats and not ok:
             problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
                             f"(model_type {config.model_type!r})")
+    from .export import ort_runtime
+
+    if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
+        problems.append(f"export.formats: onnx: {why}")
     if problems:
         raise RecipeError(problems)
 

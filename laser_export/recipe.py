@@ -218,7 +218,19 @@ class ExportSpec(_Strict):
     onnx_tolerance: Float = Field(
         1e-4, gt=0, description="max |logit difference| onnxruntime vs torch (fp32) for the export to pass"
     )
+    onnx_quantized: Bool = Field(False, description="also write onnx/model_quantized.onnx (8-bit dynamic, "
+                                 "onnxruntime's quantizer): the file transformers.js loads by default")
+    gguf_types: list[Literal["Q8_0", "Q4_0"]] = Field(
+        [], description="quantized GGUF variants written next to the export-dtype file (<name>-Q8_0.gguf)")
     hub: HubSpec | None = None
+
+    @model_validator(mode="after")
+    def _variants_need_their_format(self):
+        if self.gguf_types and "gguf" not in self.formats:
+            raise ValueError("export.gguf_types needs gguf in export.formats")
+        if self.onnx_quantized and "onnx" not in self.formats:
+            raise ValueError("export.onnx_quantized needs onnx in export.formats")
+        return self
 
 
 class Recipe(_Strict):

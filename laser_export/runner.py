@@ -337,7 +337,8 @@ def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = Tr
         reference = auto.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
         manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
                                       dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
-                                      reference=reference)
+                                      reference=reference, tokenizer=loaded.tokenizer,
+                                      quantized=p.recipe.export.gguf_types, provenance=manifest.get("model"))
 
 
 # -------------------------------------------------------------------------------------------------- push

@@ -471,8 +471,10 @@ def _formats(ctx: CardContext) -> list[str]:
         out += ["## GGUF", "",
                 f"`{gguf.file}`: {gguf.dtype} tensors, llama.cpp architecture `{gguf.arch}` (dense weights), for "
                 f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`."
-                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the source was not a GGUF "
-                   "file): llama.cpp needs one; transformers can load the weights with the folder's tokenizer."), ""]
+                + "".join(f" `{v['file']}`: {v['type']} variant." for v in getattr(gguf, "variants", None) or [])
+                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the tokenizer is not one "
+                   "llama.cpp reads): llama.cpp needs one; transformers can load the weights with the folder's "
+                   "tokenizer."), ""]
     return out
 
 
