@@ -25,6 +25,9 @@ TINY = {
     "bert": (tf.BertConfig, tf.BertForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64, pad_token_id=0)),
     "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
     "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, ffn_dim=64, vocab_size=V, max_position_embeddings=64, word_embed_proj_dim=H)),
 }
 
