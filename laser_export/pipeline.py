@@ -86,7 +86,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
         raise RecipeError([f"model.source: {err}"]) from None
     if not from_hints:
         _check_hints(recipe, config)
-    targets = plan_targets(recipe.interventions, config, family)
+    targets = plan_targets(recipe.interventions, config, family, storage=recipe.storage)
     if not from_hints:
         check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
     _check_formats(recipe, family, config)
@@ -124,16 +124,15 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
         import torch
         import transformers
 
-        from .architectures import module_name
-        from .lowrank import as_matrix
+        from .intervene import target_matrix
 
         auto = getattr(transformers, family.auto_class)
         with torch.device("meta"):
             skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
         shapes = {}
         for t in targets:
-            name = module_name(skeleton, family, t.layer, t.alias)
-            shapes[t] = (name, tuple(int(d) for d in as_matrix(skeleton.get_submodule(name)).shape))
+            name, matrix = target_matrix(skeleton, family, t)
+            shapes[t] = (name, tuple(int(d) for d in matrix.shape))
     except Exception:  # noqa: BLE001 - an unusual config: leave the check to after loading
         return
     problems = []
@@ -217,13 +216,11 @@ def check_finite_targets(p: Plan, model) -> None:
     a LinAlgError). A SourceError naming the module, raised before anything is written."""
     import torch
 
-    from .architectures import module_name
-    from .intervene import matrix_of
+    from .intervene import target_matrix
 
     problems = []
     for t in p.targets:
-        name = module_name(model, p.family, t.layer, t.alias)
-        w = matrix_of(model.get_submodule(name))  # also an accelerate-offloaded weight
+        name, w = target_matrix(model, p.family, t)  # also an accelerate-offloaded weight, or a fused block
         bad = int((~torch.isfinite(w)).sum())
         if bad:
             problems.append(

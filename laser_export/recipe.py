@@ -129,6 +129,19 @@ class Intervention(_Strict):
     matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
     rho: Float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
     rank: Int | None = Field(None, ge=1, description="explicit rank instead of rho")
+    experts: Literal["all"] | list[Int] | None = Field(
+        None, description="MoE: which experts' matrices to reduce (each on its own): all (the default) or a list of indices"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one expert index (or all)")
+            if any(e < 0 for e in v) or len(set(v)) != len(v):
+                raise ValueError(f"expert indices must be distinct and >= 0, got {v}")
+        return v
 
     @field_validator("rho")
     @classmethod

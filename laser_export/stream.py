@@ -402,6 +402,10 @@ def streamable(p) -> str | None:
         return "export.dtype (a cast after loading) applies to the in-memory path"
     if p.recipe.model.device_map is not None:
         return "model.device_map applies to the in-memory path"
+    from .architectures import is_fused
+
+    if any(is_fused(p.family, t.alias) for t in p.targets):
+        return "row blocks of fused tensors and MoE experts are reduced in memory"
     if p.source.kind == "folder" and not list(Path(p.source.location).glob("*.safetensors")):
         return "the source folder has no *.safetensors files"
     if p.source.kind == "folder" and json.loads((Path(p.source.location) / "config.json").read_text()).get(

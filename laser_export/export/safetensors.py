@@ -8,6 +8,8 @@ any step removes the temporary folder and leaves an existing export untouched.
 
 from __future__ import annotations
 
+import math
+
 from ..errors import CheckFailed
 import json
 import struct
@@ -58,7 +60,8 @@ def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
     out = {}
     for k, t in state.items():
         renamed = revert_weight_conversion(model, {k: t})
-        out[k] = next(iter(renamed)) if len(renamed) == 1 else k
+        # one name, or several: a fused MoE expert tensor is saved as one tensor per expert (Hub layout)
+        out[k] = next(iter(renamed)) if len(renamed) == 1 else (tuple(renamed) or k)
     return out
 
 
@@ -73,11 +76,18 @@ def check_checkpoint(folder: Path, model: nn.Module) -> None:
     saved = _saved_names(model, state)
     for name, p in params.items():
         on_disk = saved.get(name, name)
+        if isinstance(on_disk, tuple):  # saved split (MoE experts): every part is there, numbers add up
+            parts = [stored.get(k) for k in on_disk]
+            if any(x is None for x in parts):
+                problems.append(f"missing {name} (as {', '.join(k for k, x in zip(on_disk, parts) if x is None)})")
+            elif sum(math.prod(x["shape"]) for x in parts) != p.numel():
+                problems.append(f"{name}: {len(parts)} parts on disk do not add up to {list(p.shape)}")
+            continue
         if on_disk not in stored:
             problems.append(f"missing {name}")
         elif list(p.shape) != stored[on_disk]["shape"]:
             problems.append(f"{name}: shape {stored[on_disk]['shape']} on disk, {list(p.shape)} in the model")
-    expected = set(saved.values())
+    expected = {k for v in saved.values() for k in (v if isinstance(v, tuple) else (v,))}
     problems += [f"unexpected tensor {k}" for k in stored if k not in expected]
     if problems:
         raise ExportError("exported checkpoint does not match the model: " + "; ".join(problems[:10]))
