@@ -26,6 +26,7 @@ class Plan:
     targets: list[Target]
     config_from_hints: bool = False
     loaded_dtype: str | None = None  # the dtype the weights were loaded in (model.dtype "auto" resolved)
+    compute_dtype: str | None = None  # the dtype the forward passes run in (model.compute_dtype resolved)
 
 
 @dataclass
@@ -171,9 +172,26 @@ def load_model(p: Plan, progress: bool = True) -> Loaded:
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
                                     device_map=m.device_map, offload_folder=m.offload_folder)
     p.loaded_dtype = str(model.dtype).removeprefix("torch.")
+    _set_compute_dtype(p, model)
     densify_targets(p, model)
     check_finite_targets(p, model)
     return Loaded(model, tokenizer)
+
+
+def _set_compute_dtype(p: Plan, model) -> None:
+    """Resolve ``model.compute_dtype`` (see :mod:`laser_export.compute_dtype`); say it in one line."""
+    from . import compute_dtype
+    from .evaluate import _model_device
+
+    if p.recipe.model.device_map is not None:  # accelerate's offload hooks own the parameters
+        p.compute_dtype = p.loaded_dtype
+        return
+    dtype, notice = compute_dtype.resolve(p.recipe.model.compute_dtype, model.dtype, _model_device(model))
+    if notice:
+        console.print(notice)
+    p.compute_dtype = str(dtype).removeprefix("torch.")
+    if dtype != model.dtype:
+        compute_dtype.install(model, dtype)
 
 
 def densify_targets(p: Plan, model) -> list[str]:
@@ -246,6 +264,12 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
                              undoable=False, progress=step).entries
             pbar.advance(task)
     loaded.entries = entries
+    if p.compute_dtype not in (None, p.loaded_dtype):  # the reduced modules compute like the rest
+        import torch
+
+        from .compute_dtype import install
+
+        install(loaded.model, getattr(torch, p.compute_dtype))
     return loaded
 
 
@@ -274,6 +298,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "base_model": m.base_model,
             "license": m.license,
             "dtype": p.loaded_dtype or m.dtype,
+            **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
             **_source_format(p),
         },
         "storage": p.recipe.storage,

@@ -108,6 +108,13 @@ class ModelSpec(_Strict):
         description="dtype the weights are loaded (and exported) in; auto: the checkpoint's own "
         "(no whole-model copy; a GGUF file is de-quantized to float32)",
     )
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype the forward passes (scoring) run in, module by module; the weights stay in `dtype` "
+        "and are reduced and exported as such. auto: the weights' dtype, except float16 on a CPU (no native "
+        "fp16 arithmetic): float32, which keeps every fp16 value exact. bfloat16 rounds fp16 weights while "
+        "computing (fast on CPUs with AVX512-BF16). Recorded in the report, manifest and card",
+    )
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
     trust_remote_code: Bool = False

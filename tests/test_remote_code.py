@@ -52,13 +52,14 @@ def clean_python(tmp_path_factory):
 def test_factorised_export_carries_auto_map_and_dense_does_not(tmp_path):
     _, manifest = _export("llama", "factorised", tmp_path / "f")
     config = json.loads((tmp_path / "f" / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_laser.LaserLlamaForCausalLM"}
+    assert config["auto_map"] == {"AutoConfig": "modeling_laser.LaserLlamaConfig",
+                                  "AutoModelForCausalLM": "modeling_laser.LaserLlamaForCausalLM"}
     assert manifest["auto_map"] == config["auto_map"]
     assert config["quantization_config"]["quant_method"] == "laser"  # laser-export's own path still works
     assert "class LaserLlamaForCausalLM(LaserLoadMixin, LlamaForCausalLM)" in (tmp_path / "f" / "modeling_laser.py").read_text()
     _export("roberta", "factorised", tmp_path / "r")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"] == {
-        "AutoModelForMaskedLM": "modeling_laser.LaserRobertaForMaskedLM"}
+        "AutoConfig": "modeling_laser.LaserRobertaConfig", "AutoModelForMaskedLM": "modeling_laser.LaserRobertaForMaskedLM"}
     _export("llama", "dense", tmp_path / "d")
     assert "auto_map" not in json.loads((tmp_path / "d" / "config.json").read_text())
     assert not (tmp_path / "d" / "modeling_laser.py").exists()

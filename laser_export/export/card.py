@@ -303,7 +303,9 @@ def _source_sentence(ctx: CardContext) -> str:
                 f"dequantized to **{s.dtype}** by transformers on load. All baseline numbers below are that "
                 "dequantized model's, not the original full-precision checkpoint's.")
     base = f" (base model `{ctx.base_model}`)" if ctx.base_model and ctx.base_model != s.source else ""
-    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}."
+    computed = getattr(s, "compute_dtype", None)  # model.compute_dtype, when it differs from the weights' dtype
+    how = f" and scored computing in **{computed}** (model.compute_dtype; weights kept as loaded)" if computed else ""
+    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}{how}."
 
 
 def _dtype_note(ctx: CardContext) -> list[str]:
