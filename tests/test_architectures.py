@@ -90,7 +90,8 @@ def test_factorised_round_trip_every_family(tmp_path, model_type):
     """reduce (factorised) -> save -> from_pretrained with the family's auto class -> same logits."""
     import transformers
 
-    from laser_export.export.safetensors import atomic_folder, write_checkpoint
+    from laser_export.export.safetensors import write_checkpoint
+    from laser_export.policy import atomic_folder
 
     model = tiny_model(model_type)
     fam = family_for(model_type)

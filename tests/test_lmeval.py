@@ -16,7 +16,8 @@ import torch
 
 from cleanenv import clean_env, make_clean_venv, run_clean
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import atomic_folder, write_checkpoint
+from laser_export.export.safetensors import write_checkpoint
+from laser_export.policy import atomic_folder
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.recipe import Intervention
 from tinymodels import tiny_model, tiny_tokenizer
