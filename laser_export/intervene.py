@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .artifacts import matrix_entry
 from .architectures import ArchitectureError, Family, expand_matrix, module_name, num_layers
 from .lowrank import (
     SVD_DTYPES,
@@ -237,28 +238,6 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
     return Undo(_set_weight(module, new))
 
 
-def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, itemsize: int, err: float, norm: float):
-    m, n = shape
-    dense_bytes = m * n * itemsize
-    stored = k * (m + n) * itemsize if storage == "factorised" else dense_bytes
-    return {
-        "name": name,
-        "intervention": target.index,
-        "layer": target.layer,
-        "matrix": target.alias,
-        "shape": [m, n],
-        "rho": rho,
-        "rank": k,
-        "max_rank": min(m, n),
-        "frobenius_error": err,
-        "relative_error": err / norm if norm else 0.0,
-        "storage": storage,
-        "bytes_dense": dense_bytes,
-        "bytes_stored": stored,
-        "bytes_saved": dense_bytes - stored,
-    }
-
-
 def frobenius_norm(matrix: torch.Tensor, chunk_rows: int = 1024) -> float:
     """||W||_F accumulated in float64, ``chunk_rows`` rows at a time (no full float64 copy)."""
     total = 0.0
@@ -350,7 +329,7 @@ def apply(
             matrix = matrix_of(module)
             itemsize = matrix.element_size()
             if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
-                entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix)))
+                entries.append(matrix_entry(t, name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix)).model_dump())
                 continue
             svd = cache.get(name, matrix, min(shape) if full_svd else k)
             err, norm = truncation_error(matrix, svd, k)
@@ -360,9 +339,8 @@ def apply(
             del svd
             if undoable:
                 undos.append(undo)
-            entries.append(
-                _matrix_entry(t, name, shape, k, t.rho, "factorised" if factorised else "dense", itemsize, err, norm)
-            )
+            entries.append(matrix_entry(t, name, shape, k, "factorised" if factorised else "dense", itemsize, err,
+                                        norm).model_dump())
     except BaseException:
         for u in reversed(undos):
             u()

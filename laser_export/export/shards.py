@@ -1,0 +1,127 @@
+"""The one safetensors shard writer of a streamed export: header planned up front, tensors streamed in.
+
+Every output tensor's name, dtype and shape is known before any data is produced (:class:`OutTensor`),
+so each shard's header (names, dtypes, shapes, offsets) is written first and the tensors follow one at
+a time, produced lazily: no output buffer. Shard names and the index follow ``save_pretrained``
+(``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``).
+Modelled on mergekit's ``io/tensor_writer.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..atomic import write_json
+from .safetensors import ExportError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' / '500MB' / '10KB' / int bytes → bytes (decimal units, like transformers)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+@dataclass
+class OutTensor:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front,
+    then receives the tensors in that order, one at a time."""
+
+    def __init__(self, path: Path, tensors: list[OutTensor]):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in tensors:
+            header[t.key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.expected = path, list(tensors)
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        t = self.expected[self._next]
+        if key != t.key or tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
+            raise ExportError(f"{self.path.name}: expected {t.key} {t.dtype} {t.shape}, got {key} {tensor.dtype} "
+                              f"{tuple(tensor.shape)}")
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        self._f.close()
+        if self._next != len(self.expected):
+            raise ExportError(f"{self.path.name}: {len(self.expected) - self._next} tensors were not written")
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
+    shards, current, size = [], [], 0
+    for t in tensors:
+        if current and size + t.nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += t.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_shards(folder: Path, tensors: list[OutTensor], max_shard_size: int,
+                 progress: Callable[[str], None] | None = None) -> list[str]:
+    """Write the tensors (produced lazily, in order) as shards + index like save_pretrained does."""
+    shards = plan_shards(tensors, max_shard_size)
+    n = len(shards)
+    names = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        w = ShardWriter(folder / name, shard)
+        try:
+            for t in shard:
+                if progress:
+                    progress(t.key)
+                w.write(t.key, t.produce())
+                weight_map[t.key] = name
+        finally:
+            w._f.close()
+        w.close()
+    if n > 1:
+        total = sum(t.nbytes for t in tensors)
+        write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
+    return names
