@@ -68,6 +68,8 @@ def test_streamed_and_in_memory_exports_are_the_same_folder(ws, tmp_path, storag
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
     assert files(st) == files(mem)
+    index = [json.loads((d / "model.safetensors.index.json").read_text()) for d in (st, mem)]
+    assert index[0] == index[1]  # the same shard split and index as save_pretrained (huggingface_hub's split)
 
 
 def test_export_dtype_overflow_is_refused_naming_the_tensor(ws, tmp_path, capsys):

@@ -10,6 +10,7 @@ Modelled on mergekit's ``io/tensor_writer.py``.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,27 +91,24 @@ class ShardWriter:
             raise ExportError(f"{self.path.name}: {len(self.expected) - self._next} tensors were not written")
 
 
-def plan_shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
-    shards, current, size = [], [], 0
-    for t in tensors:
-        if current and size + t.nbytes > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.nbytes
-    if current:
-        shards.append(current)
-    return shards
+def plan_shards(tensors: list[OutTensor], max_shard_size: int) -> list[tuple[str, list[OutTensor]]]:
+    """(file name, tensors) per shard: huggingface_hub's split, the one ``save_pretrained`` uses, so a streamed
+    export has the same shard files and index as a model saved whole."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    split = split_state_dict_into_shards_factory(
+        {t.key: t for t in tensors}, get_storage_size=lambda t: t.nbytes, get_storage_id=lambda t: None,
+        filename_pattern=WEIGHTS.replace(".safetensors", "{suffix}.safetensors"), max_shard_size=max_shard_size)
+    by_key = {t.key: t for t in tensors}
+    return [(name, [by_key[k] for k in keys]) for name, keys in split.filename_to_tensors.items()]
 
 
 def write_shards(folder: Path, tensors: list[OutTensor], max_shard_size: int,
                  progress: Callable[[str], None] | None = None) -> list[str]:
     """Write the tensors (produced lazily, in order) as shards + index like save_pretrained does."""
     shards = plan_shards(tensors, max_shard_size)
-    n = len(shards)
-    names = [WEIGHTS] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {}
-    for name, shard in zip(names, shards):
+    for name, shard in shards:
         w = ShardWriter(folder / name, shard)
         try:
             for t in shard:
@@ -121,7 +119,8 @@ def write_shards(folder: Path, tensors: list[OutTensor], max_shard_size: int,
         finally:
             w._f.close()
         w.close()
-    if n > 1:
-        total = sum(t.nbytes for t in tensors)
-        write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
-    return names
+    if len(shards) > 1:
+        metadata = {"total_parameters": sum(math.prod(t.shape) for t in tensors),
+                    "total_size": sum(t.nbytes for t in tensors)}  # as save_pretrained writes them
+        write_json(folder / INDEX, {"metadata": metadata, "weight_map": weight_map}, sort_keys=True)
+    return [name for name, _ in shards]
