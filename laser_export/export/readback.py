@@ -38,7 +38,9 @@ def checkpoint_files(folder: Path) -> list[str]:
     return []
 
 
-def _header(path: Path) -> tuple[dict, int]:
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor name → header entry, bytes of data after the header) of a safetensors file; ExportError when it is
+    not one. The one safetensors header parser of the export code."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -106,7 +108,7 @@ def read_back(folder: Path, expected: dict[str, list[int]] | None = None) -> Che
         path = folder / name
         if not path.is_file():
             raise ExportError(f"{INDEX} names {name}, which was not written")
-        header, data_bytes = _header(path)
+        header, data_bytes = read_header(path)
         _check_layout(path, header, data_bytes)
         for key, info in header.items():
             if key in stored:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from ..errors import CheckFailed
 import json
-import struct
 from pathlib import Path
 from typing import Iterable
 
@@ -39,11 +38,11 @@ class ExportError(CheckFailed):
 
 
 def read_safetensors_header(path: str | Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+    """Tensor name → {dtype, shape, data_offsets} of a safetensors file (``__metadata__`` left out);
+    :func:`laser_export.export.readback.read_header` parses it (ExportError for a file that is not one)."""
+    from .readback import read_header
+
+    return read_header(Path(path))[0]
 
 
 def checkpoint_tensors(folder: str | Path) -> dict[str, dict]:
