@@ -42,6 +42,11 @@ class MatrixEntry(_Artifact):
     bytes_dense: int | None = None
     bytes_stored: int | None = None
     bytes_saved: int = 0
+    expert: int | None = Field(None, description="MoE: the expert of a fused expert tensor (absent otherwise)")
+
+    def as_dict(self) -> dict:
+        """The entry as written to JSON: ``expert`` only for an expert's matrix."""
+        return self.model_dump(mode="json", exclude={"expert"} if self.expert is None else set())
 
 
 def matrix_entry(target, name: str, shape, k: int, storage: str, itemsize: int, err: float,
@@ -54,7 +59,7 @@ def matrix_entry(target, name: str, shape, k: int, storage: str, itemsize: int, 
     return MatrixEntry(name=name, intervention=target.index, layer=target.layer, matrix=target.alias, shape=[m, n],
                        rho=target.rho, rank=k, max_rank=min(m, n), frobenius_error=err,
                        relative_error=err / norm if norm else 0.0, storage=storage, bytes_dense=dense_bytes,
-                       bytes_stored=stored, bytes_saved=dense_bytes - stored)
+                       bytes_stored=stored, bytes_saved=dense_bytes - stored, expert=getattr(target, "expert", None))
 
 
 class SourceInfo(_Artifact):
@@ -124,6 +129,7 @@ class Manifest(_Artifact):
     def to_json(self) -> dict:
         """The manifest as written to ``manifest.json`` (unset optional sections left out)."""
         data = self.model_dump(mode="json", exclude_none=False)
+        data["matrices"] = [m.as_dict() for m in self.matrices]
         for key in ("checkpoint", "auto_map", "onnx", "gguf", "export_dtype", "streamed"):
             if data.get(key) is None:
                 data.pop(key, None)

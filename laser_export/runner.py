@@ -20,71 +20,11 @@ from .errors import CheckFailed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Plan, console, load_model, plan, reduce_loaded, status
+from .pipeline import Plan, load_model, plan, reduce_loaded
+from .options import ApplyOptions, PushOptions, RunOptions, VerifyOptions
+from .policy import check_report_path, report_path as _report_path
+from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
-
-#: default seconds for every Hub request (connect and read), see export/hub.py
-HUB_TIMEOUT = 60.0
-
-
-class ClaimsFailed(CheckFailed):
-    """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
-
-    def __init__(self, message: str, report: dict, report_path: Path):
-        super().__init__(message)
-        self.report = report
-        self.report_path = report_path
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    recipe: Path
-    limit: int | None = None
-    report: Path | None = None  # default reports/<name>.verify.json
-    progress: bool = True
-    prefix_cache: bool = True
-    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    recipe: Path
-    out: Path | None = None  # default out/<name>
-    overwrite: bool = False
-    skip_verify: bool = False
-    limit: int | None = None
-    report: Path | None = None  # default reports/<name>.verify.json
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = False
-    endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
-    progress: bool = True
-    prefix_cache: bool = True
-    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
-    dry_run: bool = False
-    stream: bool = False  # reduce shard by shard, no verify (laser_export.stream)
-
-
-@dataclass(frozen=True)
-class ApplyOptions:
-    recipe: Path
-    out: Path | None = None  # default out/<name>
-    overwrite: bool = False
-    report: Path | None = None  # the passing verify report of this recipe, carried into the export
-    in_memory: bool = False  # load the whole model instead of streaming
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class PushOptions:
-    folder: Path
-    repo_id: str
-    private: bool = False
-    endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
-
 
 @dataclass
 class RunResult:
@@ -100,36 +40,16 @@ class RunResult:
 
 
 def _protected(p: Plan) -> list[Path]:
-    """Local paths that an export must never replace: the model source and the benchmark data."""
-    held = []
-    if p.source.kind != "hub":
-        held.append(Path(p.source.location))
-    bench = p.recipe.benchmark
-    if bench is not None and bench.path and not str(bench.path).startswith(("http://", "https://")):
-        held.append(Path(bench.path).expanduser())
-    return held
+    from .policy import protected
 
-
-def check_report_path(path: Path, flag: str) -> Path:
-    """The report can be written at ``path`` (not a folder, parent creatable and writable)."""
-    from .atomic import OutputError, check_parent_writable
-
-    if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; give a file path such as {path / 'report.json'}")
-    check_parent_writable(path.expanduser().resolve(), f"{flag} {path}")
-    return path
-
-
-def _report_path(recipe_name: str, report: Path | None) -> tuple[Path, str]:
-    if report is not None:
-        return Path(report), "--report"
-    return Path("reports") / f"{recipe_name}.verify.json", "report path"
+    return protected(p)
 
 
 def _write_json(path: Path, data: dict) -> None:
     """Write a report atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report; it
     is valid JSON (no NaN); an unwritable path is an OutputError."""
-    from .atomic import OutputError, write_json
+    from .atomic import write_json
+    from .policy import OutputError
     from .verify import check_report_json
 
     check_report_json(data, str(path))
@@ -138,16 +58,6 @@ def _write_json(path: Path, data: dict) -> None:
         write_json(path, data)
     except OSError as err:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None
-
-
-def _report_outside(report_path: Path, flag: str, out: Path) -> None:
-    """The report is not inside the export folder, which the export creates or replaces."""
-    from .atomic import OutputError
-
-    where, folder = report_path.expanduser().resolve(), out.expanduser().resolve()
-    if folder == where or folder in where.parents:
-        raise OutputError(f"{flag} {report_path}: is inside the export folder {out}, which the export writes or "
-                          "replaces; choose a report path outside it")
 
 
 def _select(p: Plan, limit: int | None, progress: bool = True):
@@ -169,7 +79,7 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
     targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
-    lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
+    lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
 
@@ -232,7 +142,7 @@ def _execute(p: Plan, measure: _Measure | None, job, *, stream: bool = False, pr
 
 
 def _exported(out: Path, manifest, how: str) -> None:
-    console.print(f"[green]exported[/] {out} ({how}{len(manifest.matrices)} matrices, "
+    console.print(f"[green]exported[/] {out} ({how}{count(len(manifest.matrices), 'matrix', 'matrices')}, "
                   f"{manifest.totals.bytes_saved / 2**20:.2f} MiB saved)")
 
 
@@ -248,7 +158,7 @@ def verify(opts: VerifyOptions) -> RunResult:
         raise RecipeError(["claims: the recipe makes no claims to verify"], opts.recipe)
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
-    check_report_path(path, flag)
+    check_report_path(path, flag, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
@@ -275,7 +185,7 @@ def _check_run(opts: RunOptions, recipe) -> str | None:
 
 def _prepare_out(p: Plan, out: Path, overwrite: bool, dry_run: bool = False) -> None:
     """Leftovers of killed runs first (they may restore an export at ``out``), then whether ``out`` may be written."""
-    from .export.safetensors import check_output, clean_debris
+    from .policy import check_output, clean_debris
 
     for line in clean_debris(out, dry_run=dry_run):
         console.print(line)
@@ -319,9 +229,8 @@ def run(opts: RunOptions) -> RunResult:
     report_path = None
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
-        check_report_path(report_path, flag)
-        _report_outside(report_path, flag, out)
-    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
+        check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
+    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
     selected = _select(p, opts.limit, opts.progress) if verifying else None
     if opts.dry_run:
@@ -364,7 +273,7 @@ def apply(opts: ApplyOptions) -> RunResult:
     _prepare_out(p, out, opts.overwrite)
     reason = "--in-memory" if opts.in_memory else streamable(p)
     if reason is None:
-        console.print(f"[bold]{recipe.name}[/]: streaming {len(p.targets)} matrices shard by shard into {out}")
+        console.print(f"[bold]{recipe.name}[/]: streaming {count(len(p.targets), 'matrix', 'matrices')} shard by shard into {out}")
     else:
         console.print(f"[bold]{recipe.name}[/]: in memory ({reason})")
     job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), report=report,
@@ -380,7 +289,7 @@ def apply(opts: ApplyOptions) -> RunResult:
 def push(opts: PushOptions) -> str:
     """Push an export folder as one commit; return the commit URL. Raises ``PushError``."""
     from .export.hub import push_folder
-    from .atomic import OutputError
+    from .policy import OutputError
 
     folder = Path(opts.folder)
     if not (folder / "config.json").is_file():

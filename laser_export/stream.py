@@ -35,7 +35,8 @@ import torch
 from .artifacts import matrix_entry
 from .atomic import write_text
 from .errors import InputError
-from .export.shards import FROM_SAFETENSORS, INDEX, WEIGHTS, OutTensor, parse_size, write_shards
+from .export.checkpoint import FROM_SAFETENSORS, INDEX, WEIGHTS
+from .export.shards import OutTensor, parse_size, write_shards
 from .intervene import SVDCache, frobenius_norm, truncation_error
 from .lowrank import LowRankLinear, factorised_saves_bytes
 from .progress import console
@@ -231,7 +232,7 @@ class _Reducer:
         svd = self.cache.get(mp.name, matrix, mp.rank)
         err, norm = truncation_error(matrix, svd, mp.rank)
         self.entries[id(mp.target)] = matrix_entry(mp.target, mp.name, mp.shape, mp.rank, storage,
-                                                   w.element_size(), err, norm).model_dump()
+                                                   w.element_size(), err, norm).as_dict()
         return svd
 
     def tensors(self, src: SourceTensor) -> list[OutTensor]:
@@ -266,7 +267,7 @@ class _Reducer:
             if e is None:
                 matrix = self.src.read(mp.key)
                 e = matrix_entry(mp.target, mp.name, mp.shape, mp.rank, "dense", matrix.element_size(), 0.0,
-                                 frobenius_norm(matrix)).model_dump()
+                                 frobenius_norm(matrix)).as_dict()
             out.append(e)
         self.src.reader.close()
         return out
@@ -339,6 +340,10 @@ def streamable(p) -> str | None:
         return "export.dtype (a cast after loading) applies to the in-memory path"
     if p.recipe.model.device_map is not None:
         return "model.device_map applies to the in-memory path"
+    from .architectures import is_fused
+
+    if any(is_fused(p.family, t.alias) for t in p.targets):
+        return "row blocks of fused tensors and MoE experts are reduced in memory"
     if p.source.kind == "folder":
         folder = Path(p.source.location)
         try:

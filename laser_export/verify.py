@@ -19,7 +19,8 @@ from . import answer_balance, metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
 from .errors import CheckFailed
-from .pipeline import Loaded, Plan, console
+from .pipeline import Loaded, Plan
+from .progress import console
 from .prefix import PrefixCache, PrefixCacheError
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict
     return {
         "model": model_identity(p.source, loaded.model.config),
         "dtype": p.recipe.model.dtype,
+        **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
         "device": _model_device(loaded.model).type,
         "benchmark": info["name"],
         "examples_sha256": info["examples_sha256"],
@@ -273,6 +275,7 @@ class Measurement:
             "interventions": self.loaded.entries,
             "passed": bool(claims) and all(c["passed"] for c in claims),
             "scorer": self.scorer,
+            "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
             "perplexity": _perplexity_report(self.ppl_opts, self.ppl_base, ppl_red),
             "skip_verify": False,
             "answer_balance": answer_balance.paired(self.examples, base, red),
@@ -315,17 +318,11 @@ def load_report(path: Path, p: Plan) -> dict:
     """The passing verify report of ``p``'s recipe, measured on this model (source, revision, weights) and these
     interventions, else RecipeError naming the file. (The matrices and dtype are compared again with the
     export, :func:`laser_export.export.writer.check_report_matches`.)"""
-    import json
-
+    from .inputs import read_json_object
     from .recipe import RecipeError
 
     recipe = p.recipe
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError([f"--report: cannot read {path}: {err}"]) from None
-    if not isinstance(report, dict):
-        raise RecipeError([f"--report: {path} is not a verify report (a JSON object)"])
+    report = read_json_object(path, "--report")
     if report.get("recipe") != recipe.name:
         raise RecipeError([f"--report: {path} is the report of recipe {report.get('recipe')!r}, not {recipe.name!r}"])
     if not report.get("passed"):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from laser_export.cli import main
 from laser_export.export.readback import read_back
-from laser_export.export.safetensors import ExportError
+from laser_export.export.checkpoint import ExportError
 from tinymodels import save_tiny
 
 WORDS = [f"w{i}" for i in range(4, 100)]
@@ -172,7 +172,7 @@ def test_report_inside_the_replaced_export_is_refused_before_loading(ws, tmp_pat
     code = subprocess.run([sys.executable, "-m", "laser_export", *argv, "--no-progress"], capture_output=True,
                           text=True, timeout=300)
     assert code.returncode == 2, code.stderr
-    assert "inside the export folder" in code.stderr and not (tmp_path / "out").exists()
+    assert "is inside --out" in code.stderr and not (tmp_path / "out").exists()
 
 
 def test_nan_scores_are_an_error_never_a_report(ws, tmp_path, capsys):

@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..architectures import Family, family_for
 from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
 from ..metrics import LABELS
+from ..progress import count
 from ..recipe import Recipe
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
@@ -332,7 +333,9 @@ def _source_sentence(ctx: CardContext) -> str:
                 f"dequantized to **{s.dtype}** by transformers on load. All baseline numbers below are that "
                 "dequantized model's, not the original full-precision checkpoint's.")
     base = f" (base model `{ctx.base_model}`)" if ctx.base_model and ctx.base_model != s.source else ""
-    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}."
+    computed = getattr(s, "compute_dtype", None)  # model.compute_dtype, when it differs from the weights' dtype
+    how = f" and scored computing in **{computed}** (model.compute_dtype; weights kept as loaded)" if computed else ""
+    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}{how}."
 
 
 def _dtype_note(ctx: CardContext) -> list[str]:
@@ -350,7 +353,7 @@ def _intro(ctx: CardContext) -> list[str]:
         out += [ctx.recipe.description.strip(), ""]
     dtype = ctx.manifest.export_dtype or ctx.source.dtype
     out += [
-        f"LASER applied to {len(ctx.manifest.matrices)} weight matrix(es), exported by laser-export "
+        f"LASER applied to {count(len(ctx.manifest.matrices), 'weight matrix', 'weight matrices')}, exported by laser-export "
         f"{ctx.manifest.laser_export_version} with `{ctx.storage}` storage" + (f" in {dtype}." if dtype else "."),
         "", _source_sentence(ctx), "", *_dtype_note(ctx),
         "## What LASER is", "",
@@ -374,7 +377,7 @@ def _what_changed(ctx: CardContext) -> list[str]:
                    f"| {_bytes(m.bytes_saved)} |")
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
-    out += ["", f"Total: {totals.n_matrices or len(ctx.manifest.matrices)} matrix(es), {_bytes(totals.bytes_saved)} "
+    out += ["", f"Total: {count(totals.n_matrices or len(ctx.manifest.matrices), 'matrix', 'matrices')}, {_bytes(totals.bytes_saved)} "
             "saved" + (dense_note if ctx.storage == "dense" else "."), "", *_sizes(ctx)]
     return out
 
@@ -513,8 +516,10 @@ def _formats(ctx: CardContext) -> list[str]:
         out += ["## GGUF", "",
                 f"`{gguf.file}`: {gguf.dtype} tensors, llama.cpp architecture `{gguf.arch}` (dense weights), for "
                 f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`."
-                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the source was not a GGUF "
-                   "file): llama.cpp needs one; transformers can load the weights with the folder's tokenizer."), ""]
+                + "".join(f" `{v['file']}`: {v['type']} variant." for v in getattr(gguf, "variants", None) or [])
+                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the tokenizer is not one "
+                   "llama.cpp reads): llama.cpp needs one; transformers can load the weights with the folder's "
+                   "tokenizer."), ""]
     return out
 
 

@@ -31,6 +31,7 @@ class FormatInput:
     tokenizer: object
     folder: Path
     export_dtype: str
+    source: dict | None = None  # the manifest's ``model`` record (provenance)
     progress: bool = True
 
 
@@ -79,7 +80,8 @@ class GgufFormat:
         with status("writing GGUF and checking it against the safetensors export", x.progress):
             reference = auto.from_pretrained(x.folder, dtype=torch.float32).eval()  # the export as written
             info = write_gguf(x.model, x.folder / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
-                              dtype=x.export_dtype, source_gguf=source, name=p.recipe.name, reference=reference)
+                              dtype=x.export_dtype, source_gguf=source, name=p.recipe.name, reference=reference,
+                              tokenizer=x.tokenizer, quantized=p.recipe.export.gguf_types, provenance=x.source)
         return GgufInfo.model_validate(info)
 
 

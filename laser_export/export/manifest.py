@@ -48,11 +48,14 @@ def source_tensor_bytes(source) -> int | None:
         return None
 
 
-def _source_info(p) -> SourceInfo:
+def source_info(p) -> SourceInfo:
     m = p.recipe.model
     info = {"source": public_source(p.source), "revision": p.source.revision, "architecture": p.family.name,
             "model_type": p.config.model_type, "base_model": m.base_model, "license": m.license,
             "dtype": p.loaded_dtype or m.dtype, "tensor_bytes": source_tensor_bytes(p.source)}
+    compute = getattr(p, "compute_dtype", None)
+    if compute not in (None, p.loaded_dtype):  # model.compute_dtype, when it differs from the weights' dtype
+        info["compute_dtype"] = compute
     if p.source.gguf_file:
         from .gguf import gguf_quantization
 
@@ -64,10 +67,11 @@ def _source_info(p) -> SourceInfo:
 
 
 def build_manifest(p, entries: list[dict], *, export_dtype: str | None, checkpoint: CheckpointInfo,
-                   streamed: bool, auto_map: dict | None = None, formats: dict[str, BaseModel] | None = None) -> Manifest:
+                   streamed: bool, auto_map: dict | None = None, formats: dict[str, BaseModel] | None = None,
+                   source: SourceInfo | None = None) -> Manifest:
     """The manifest of ``p``'s export (``p``: a :class:`laser_export.pipeline.Plan`). ``entries``: one per reduced
     matrix, measured in the loaded dtype (their byte counts are rescaled to ``export_dtype``)."""
-    source = _source_info(p)
+    source = source or source_info(p)
     matrices = [MatrixEntry.model_validate(e) for e in scale_bytes(entries, source.dtype, export_dtype)]
     return Manifest(
         laser_export_version=__version__, recipe=p.recipe.name, model=source, storage=p.recipe.storage,

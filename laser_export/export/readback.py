@@ -5,7 +5,7 @@ temporary folder and before the rename: the files transformers would load (the i
 ``model.safetensors``) are parsed from disk, and every tensor is checked — a known dtype, a shape whose
 byte size matches its offsets, offsets that tile the data exactly, no tensor twice, exactly the tensor
 names and shapes the writer meant to write, and finite values (a cast to a narrower dtype can turn a
-large weight into ``inf``). Any problem is an :class:`~laser_export.export.safetensors.ExportError`
+large weight into ``inf``). Any problem is an :class:`~laser_export.export.checkpoint.ExportError`
 naming the file and the tensor; nothing is exported.
 """
 
@@ -17,8 +17,7 @@ import struct
 from pathlib import Path
 
 from ..artifacts import CheckpointInfo
-from .safetensors import ExportError
-from .shards import FROM_SAFETENSORS, INDEX, WEIGHTS
+from .checkpoint import FROM_SAFETENSORS, INDEX, WEIGHTS, ExportError
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _FLOAT = {"F64", "F32", "F16", "BF16"}

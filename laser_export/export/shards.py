@@ -19,16 +19,7 @@ from typing import Callable
 import torch
 
 from ..atomic import write_json
-from .safetensors import ExportError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-FROM_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-INDEX = "model.safetensors.index.json"
-WEIGHTS = "model.safetensors"
+from .checkpoint import INDEX, SAFETENSORS_DTYPES, WEIGHTS, ExportError
 
 
 def parse_size(size: str | int) -> int:

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from ..artifacts import CheckpointInfo, Manifest
-from ..atomic import atomic_folder, write_json, write_text
+from ..atomic import write_json, write_text
+from ..policy import atomic_folder
 from ..progress import status
 from .formats import FormatInput, formats_of
-from .manifest import build_manifest
-from .safetensors import ExportError
+from .manifest import build_manifest, source_info
+from .checkpoint import ExportError
 
 MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
@@ -122,13 +123,15 @@ def write_export(job: ExportJob, weights: Weights) -> Manifest:
     p = job.plan
     with atomic_folder(job.out, overwrite=job.overwrite, protect=job.protect) as tmp:
         w = weights.write(tmp, job)
+        source = source_info(p)
         formats = {}
         for fmt in formats_of(p.recipe):
             if fmt.needs_model and w.model is None:
                 raise ExportError(f"export.formats: {fmt.name} needs the model in memory; it was streamed")
-            formats[fmt.name] = fmt.write(FormatInput(p, w.model, w.tokenizer, tmp, w.export_dtype, job.progress))
+            formats[fmt.name] = fmt.write(FormatInput(p, w.model, w.tokenizer, tmp, w.export_dtype,
+                                                      source.model_dump(mode="json"), job.progress))
         manifest = build_manifest(p, w.entries, export_dtype=w.export_dtype, checkpoint=w.checkpoint,
-                                  streamed=w.streamed, auto_map=w.auto_map, formats=formats)
+                                  streamed=w.streamed, auto_map=w.auto_map, formats=formats, source=source)
         if job.report is not None:
             check_report_matches(job.report, manifest)
             write_json(tmp / REPORT, job.report)
