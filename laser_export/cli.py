@@ -117,15 +117,6 @@ class _Parser(argparse.ArgumentParser):
 # ------------------------------------------------------------------------------------------- parsers
 
 
-def _hub_timeout_default() -> float:
-    import os
-
-    try:
-        return float(os.environ.get("LASER_EXPORT_HUB_TIMEOUT") or 60.0)
-    except ValueError:
-        return 60.0
-
-
 def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars or spinners (ours, transformers' and huggingface_hub's)")
@@ -152,8 +143,8 @@ def _add_hub_opts(p: argparse.ArgumentParser, *, required_repo: bool) -> None:
                    help="Hub repo to push to" + ("" if required_repo else " (overrides export.hub.repo_id)"))
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
     p.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
-    p.add_argument("--hub-timeout", type=_positive_float, default=_hub_timeout_default(), metavar="SECONDS",
-                   help="timeout of each Hub request, connect and read (default 60, or LASER_EXPORT_HUB_TIMEOUT)")
+    p.add_argument("--hub-timeout", type=_positive_float, metavar="SECONDS",
+                   help="deadline of each network step of the push (default 60, or LASER_EXPORT_HUB_TIMEOUT)")
 
 
 def build_parser() -> dict[str, argparse.ArgumentParser]:
@@ -370,6 +361,11 @@ def _main(argv: list[str] | None) -> int:
 
     quiet_third_party()
     try:
+        from .net import timeout_from_env
+
+        timeout = timeout_from_env()  # a bad LASER_EXPORT_HUB_TIMEOUT is exit 2 before anything runs
+        if getattr(args, "hub_timeout", timeout) is None:
+            args.hub_timeout = timeout
         return HANDLERS[name](args)
     except KeyboardInterrupt:
         _say("interrupted: nothing was replaced (a partial export is removed)")

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded, status
+from .net import HUB_TIMEOUT_S
 from .recipe import RecipeError, check_repo_id, load_recipe
 
-#: default seconds for every Hub request (connect and read), see export/hub.py
-HUB_TIMEOUT = 60.0
 
 
 class ClaimsFailed(CheckFailed):
@@ -56,7 +55,7 @@ class RunOptions:
     repo_id: str | None = None
     private: bool = False
     endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
+    hub_timeout: float = HUB_TIMEOUT_S
     progress: bool = True
     prefix_cache: bool = True
     baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
@@ -80,7 +79,7 @@ class PushOptions:
     repo_id: str
     private: bool = False
     endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
+    hub_timeout: float = HUB_TIMEOUT_S
 
 
 @dataclass
