@@ -27,7 +27,7 @@ from typing import Iterator
 from .errors import InputError
 
 __all__ = ["HUB_TIMEOUT_S", "MIN_RATE", "Operation", "deadline", "timeout_from_env", "is_deadline_error", "session",
-           "redact"]
+           "http_client", "redact"]
 
 #: default deadline of one network operation, seconds (``--hub-timeout``, ``LASER_EXPORT_HUB_TIMEOUT``)
 HUB_TIMEOUT_S = 60.0
@@ -188,6 +188,12 @@ def session():
     return get_session()
 
 
+def http_client():
+    """A deadline-aware ``httpx2.Client`` for plain URLs (not the Hub: no Hub headers, no offline
+    check); close it after use."""
+    return _classes()["client"](follow_redirects=True, timeout=None)
+
+
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[Operation]:
     """Bound the network operation run inside the block to ``seconds`` (plus transfer credit, see the
@@ -196,7 +202,7 @@ def deadline(seconds: float | None) -> Iterator[Operation]:
     if seconds is None:
         yield op
         return
-    session()
+    session()  # install the deadline-aware client in huggingface_hub
     with _State.lock:
         saved = (_State.deadline, _State.seconds, _State.expired)
         new = time.monotonic() + float(seconds)

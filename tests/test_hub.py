@@ -110,7 +110,7 @@ def test_push_then_from_pretrained_roundtrip(hub_server, tiny_export, tmp_path):
     assert expected <= set(before)
     assert set(repo.head.files) == set(before) | {".gitattributes"}
     for rel, digest in before.items():
-        assert hashlib.sha256(repo.head.files[rel]).hexdigest() == digest
+        assert hashlib.sha256(hub_server.file_bytes(REPO_ID, rel)).hexdigest() == digest
         assert hashlib.sha256((hub_server.storage / REPO_ID / rel).read_bytes()).hexdigest() == digest
     assert _snapshot(folder) == before
 
