@@ -1,6 +1,7 @@
 """Bounded waits for every network operation, through huggingface_hub's public client settings.
 
-One *deadline* per network operation (a Hub download of a model source, ``apply``'s snapshot download,
+One *deadline* per network operation (``--hub-timeout`` / ``LASER_EXPORT_HUB_TIMEOUT``, default and
+validation in :mod:`laser_export.defaults`) (a Hub download of a model source, ``apply``'s snapshot download,
 a push, a dataset or CounterFact download): :func:`deadline` gives the operation ``seconds`` from its
 start, plus credit for the bytes it moves (one second per :data:`MIN_RATE` bytes, so a multi-GB download
 that keeps flowing at a normal rate is never cut, while a server that stalls or trickles is given up on
@@ -24,31 +25,14 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from .errors import InputError
+from .defaults import HUB_TIMEOUT_VAR
 
-__all__ = ["HUB_TIMEOUT_S", "MIN_RATE", "Operation", "deadline", "timeout_from_env", "is_deadline_error", "session",
+__all__ = ["MIN_RATE", "Operation", "deadline", "is_deadline_error", "session",
            "http_client", "redact"]
 
-#: default deadline of one network operation, seconds (``--hub-timeout``, ``LASER_EXPORT_HUB_TIMEOUT``)
-HUB_TIMEOUT_S = 60.0
 #: bytes per second a transfer must sustain to earn more time than its deadline
 MIN_RATE = 64 * 1024
-ENV = "LASER_EXPORT_HUB_TIMEOUT"
-
-
-def timeout_from_env(default: float = HUB_TIMEOUT_S) -> float:
-    """``LASER_EXPORT_HUB_TIMEOUT`` as seconds (``default`` when unset); anything but a positive finite
-    number is an :class:`InputError` naming the variable."""
-    value = os.environ.get(ENV)
-    if value is None or not value.strip():
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if not (0 < seconds < float("inf")):
-        raise InputError(f"{ENV}={value!r}: expected a positive number of seconds (default {default:g})")
-    return seconds
+ENV = HUB_TIMEOUT_VAR
 
 
 class _State:

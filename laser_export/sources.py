@@ -60,9 +60,10 @@ class ResolvedSource:
         source becomes one SourceError line naming the source (exit 2). A Hub source's downloads are
         one network operation with a deadline (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s, plus credit
         for the bytes received; see :mod:`laser_export.net`): a stalled server cannot hang a run."""
-        from .net import deadline, timeout_from_env
+        from .defaults import hub_timeout
+        from .net import deadline
 
-        seconds = timeout_from_env() if self.kind == "hub" else None
+        seconds = hub_timeout() if self.kind == "hub" else None
         with deadline(seconds) as op:
             try:
                 return fn(self.location, *args, **self._kwargs(), **kwargs)

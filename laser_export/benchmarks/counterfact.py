@@ -61,12 +61,13 @@ def download(url: str, *, timeout: float | None = None) -> Path:
     One network operation with a deadline (``timeout``, default ``LASER_EXPORT_HUB_TIMEOUT`` / 60 s,
     plus credit for the bytes received): a server that stalls or trickles is given up on. The file is
     committed (atomically) only when every byte its ``Content-Length`` announced has arrived."""
-    from ..net import deadline, http_client, redact, timeout_from_env
+    from ..defaults import hub_timeout
+    from ..net import deadline, http_client, redact
 
     dest = cache_path(url)
     if dest.is_file():
         return dest
-    seconds = timeout_from_env() if timeout is None else timeout
+    seconds = hub_timeout() if timeout is None else timeout
     shown = redact(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with deadline(seconds) as op:

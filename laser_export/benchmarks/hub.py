@@ -46,12 +46,13 @@ def _record(entry: dict) -> None:
 
 
 def _hub_sha(repo: str, revision: str | None) -> str | None:
-    from ..net import deadline, timeout_from_env
+    from ..defaults import hub_timeout
+    from ..net import deadline
 
     try:
         from huggingface_hub import HfApi
 
-        with deadline(timeout_from_env()):
+        with deadline(hub_timeout()):
             return HfApi().dataset_info(repo, revision=revision).sha
     except Exception:  # noqa: BLE001 - provenance is best effort; the examples' SHA-256 pins the data anyway
         return None
@@ -91,9 +92,10 @@ def load_rows(
     except ImportError:  # pragma: no cover - a declared dependency
         raise BenchmarkError(f"{name}: the `datasets` package is needed (pip install datasets)") from None
     if path is None:
-        from ..net import deadline, redact, timeout_from_env
+        from ..defaults import hub_timeout
+        from ..net import deadline, redact
 
-        with deadline(timeout_from_env()) as op:  # one bounded network operation (laser_export/net.py)
+        with deadline(hub_timeout()) as op:  # one bounded network operation (laser_export/net.py)
             try:
                 ds, failure = datasets.load_dataset(repo, config, split=split, revision=revision), None
             except Exception as err:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)

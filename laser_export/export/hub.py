@@ -14,13 +14,14 @@ import stat
 from pathlib import Path
 
 from ..errors import CheckFailed
-from ..net import HUB_TIMEOUT_S, deadline, redact
+from ..defaults import HUB_TIMEOUT
+from ..net import deadline, redact
 
 __all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations", "DEFAULT_TIMEOUT"]
 
 #: seconds allowed for one push (connect, every request, every upload; plus credit for the bytes sent,
 #: see laser_export/net.py); ``--hub-timeout``, ``LASER_EXPORT_HUB_TIMEOUT``
-DEFAULT_TIMEOUT = HUB_TIMEOUT_S
+DEFAULT_TIMEOUT = HUB_TIMEOUT
 
 # Same exclusions as huggingface_hub's upload_folder (DEFAULT_IGNORE_PATTERNS): never push VCS or
 # huggingface_hub's local bookkeeping.
