@@ -16,7 +16,8 @@ import torch
 
 from cleanenv import clean_env, make_clean_venv, run_clean
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import atomic_folder, write_checkpoint
+from laser_export.export.safetensors import write_checkpoint
+from laser_export.policy import atomic_folder
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.recipe import Intervention
 from tinymodels import tiny_model, tiny_tokenizer
@@ -50,8 +51,7 @@ def setup(tmp_path_factory):
     ivs = [Intervention(layer=2, matrix="fc_in", rho=0.1), Intervention(layer=1, matrix="o", rank=2)]
     entries = reduce_model(model, fam, plan_targets(ivs, model.config, fam), storage="factorised")
     with atomic_folder(root / "export") as tmp:
-        write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="name: t\n",
-                         manifest={"storage": "factorised", "matrices": entries})
+        write_checkpoint(model, tiny_tokenizer(), tmp)
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from cleanenv import make_clean_venv, run_clean
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import atomic_folder, write_checkpoint
+from laser_export.export.safetensors import write_checkpoint
+from laser_export.policy import atomic_folder
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear
 from laser_export.recipe import Intervention
@@ -27,8 +28,7 @@ def _export(model_type, storage, out):
     fam = family_for(model.config.model_type)
     entries = reduce_model(model, fam, plan_targets(IVS, model.config, fam), storage=storage)
     with atomic_folder(out) as tmp:
-        manifest = write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="name: t\n",
-                                    manifest={"storage": storage, "matrices": entries})
+        manifest = write_checkpoint(model, tiny_tokenizer(), tmp)
     return model, manifest
 
 
