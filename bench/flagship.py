@@ -356,6 +356,7 @@ def push_and_load(args, work: Path, out: Path, clean_python: Path, ids: Path, mo
 
     with HubServer(work / "hub") as hub:
         env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DOWNLOAD_TIMEOUT": "1800", "HF_HUB_ETAG_TIMEOUT": "600",
                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
         push = cli("push", str(out), "--repo-id", "bench/gptj6b-bf16", "--endpoint", hub.endpoint,
                    "--hub-timeout", "1800", env=env)
