@@ -26,6 +26,15 @@ from .policy import check_report_path, report_path as _report_path
 from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
 
+class ClaimsFailed(CheckFailed):
+    """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
+
+    def __init__(self, message: str, report: dict, report_path: Path):
+        super().__init__(message)
+        self.report = report
+        self.report_path = report_path
+
+
 @dataclass
 class RunResult:
     out: Path | None = None

@@ -195,8 +195,12 @@ def report_model(p: Plan) -> dict:
     from .export.manifest import public_source
     from .sources import weights_identity
 
-    return {"source": public_source(p.source), "revision": p.source.revision,
-            "weights": weights_identity(p.source), "dtype": p.loaded_dtype or p.recipe.model.dtype}
+    if p.source.kind == "hub":  # the commit the config came from: the same on any machine, cached or not
+        weights = f"hub:{p.source.location}@{getattr(p.config, '_commit_hash', None) or p.source.revision or 'main'}"
+    else:
+        weights = weights_identity(p.source)
+    return {"source": public_source(p.source), "revision": p.source.revision, "weights": weights,
+            "dtype": p.loaded_dtype or p.recipe.model.dtype}
 
 
 class Measurement:
