@@ -170,15 +170,21 @@ def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ verify
 
 
-def _verify(p: Plan, loaded, opts, selected) -> dict:
+def _verify(p: Plan, loaded, opts, selected, cache) -> dict:
     from .verify import print_report, verify_loaded
 
-    from .baseline_cache import BaselineCache
-
     report = verify_loaded(p, loaded, limit=opts.limit, progress=opts.progress, selected=selected,
-                           prefix_cache=opts.prefix_cache, baseline_cache=BaselineCache() if opts.baseline_cache else None)
+                           prefix_cache=opts.prefix_cache, baseline_cache=cache)
     print_report(report)
     return report
+
+
+def _open_cache(opts):
+    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
+    from .baseline_cache import BaselineCache
+
+    cache = BaselineCache.open(opts.baseline_cache)
+    return cache if cache.enabled else None
 
 
 def verify(opts: VerifyOptions) -> RunResult:
@@ -191,12 +197,13 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag)
+    cache = _open_cache(opts)
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
                                                                  "examples scored twice)"]))
     loaded = load_model(p, progress=opts.progress)
-    report = _verify(p, loaded, opts, selected)
+    report = _verify(p, loaded, opts, selected, cache)
     _write_json(path, report)
     console.print(f"report: {path}")
     if not report["passed"]:
@@ -237,6 +244,7 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
                   f"{recipe.storage}")
+    cache = _open_cache(opts) if verifying else None
     selected = _select(p, opts.limit, opts.progress) if verifying else None
 
     if opts.dry_run:
@@ -256,7 +264,7 @@ def run(opts: RunOptions) -> RunResult:
     loaded = load_model(p, progress=opts.progress)
     report = None
     if verifying:
-        report = _verify(p, loaded, opts, selected)  # scores baseline, reduces in place, scores reduced
+        report = _verify(p, loaded, opts, selected, cache)  # scores baseline, reduces in place, scores reduced
         _write_json(report_path, report)
         console.print(f"verify report: {report_path}")
         if not report["passed"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import yaml
@@ -73,14 +74,17 @@ def _first_and_rerun(ws):
     assert _ran(calls) == ["baseline", "reduced"] and calls[0][1] > 0 and calls[1][1] == 0
     assert first["baseline_cache"]["hit"] is False and first["prefix_cache"] is True
     assert first["baseline_cache"]["prefix"]["status"] == "miss"  # captured in this run ...
-    stored = first["baseline_cache"]["prefix"]["path"]  # ... and stored
-    assert stored.endswith(".safetensors") and os.path.getsize(stored) == first["baseline_cache"]["prefix"]["bytes"]
+    stored = first["baseline_cache"]["prefix"]["path"]  # ... and stored, named inside the cache folder
+    assert stored.endswith(".safetensors") and not os.path.isabs(stored)
+    assert os.path.getsize(root / "cache" / stored) == first["baseline_cache"]["prefix"]["bytes"]
+    assert first["baseline_cache"]["status"] == "stored" and first["baseline_cache"]["path"] == f"{first['baseline_cache']['key']}.json"
     assert len(list((root / "cache").glob("*.json"))) == 1
 
     calls.clear()
     second = _verify(ws, "2.json")
     assert calls == [("reduced", 0)]  # no baseline pass, and the reduced pass never ran block 0
-    assert second["baseline_cache"] == {**first["baseline_cache"], "hit": True,
+    assert second["baseline_cache"] == {**{k: v for k, v in first["baseline_cache"].items() if k != "reason"},
+                                        "hit": True, "status": "hit",
                                         "prefix": {**first["baseline_cache"]["prefix"], "status": "hit", "reason": None}}
     assert second["prefix_cache"] is True
     assert _numbers(second) == _numbers(first)  # bit-identical: same floats, not approximately
@@ -136,7 +140,7 @@ def test_another_lowest_layer_misses_the_prefix_and_captures_again(ws):
 def test_a_corrupt_prefix_file_is_a_miss_never_wrong_numbers(ws):
     root, calls = ws
     first = _verify(ws, "1.json")
-    path = first["baseline_cache"]["prefix"]["path"]
+    path = root / "cache" / first["baseline_cache"]["prefix"]["path"]
     data = bytearray((root / path).read_bytes())
     data[-5] ^= 0x40  # one flipped bit in the last tensor's data: same size, readable, wrong
     (root / path).write_bytes(bytes(data))
@@ -163,7 +167,7 @@ def test_a_prefix_whose_batches_differ_is_refused_at_replay(ws):
 
     root, calls = ws
     first = _verify(ws, "1.json")
-    path = first["baseline_cache"]["prefix"]["path"]
+    path = str(root / "cache" / first["baseline_cache"]["prefix"]["path"])
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(path)
@@ -202,7 +206,14 @@ def test_a_changed_model_file_or_split_misses_the_cache(ws):
     _verify(ws, "1.json")
     weights = root / "model" / "model.safetensors"
     st = weights.stat()
-    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a rewritten file
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched, same content: a hit
+    calls.clear()
+    assert _verify(ws, "2.json")["baseline_cache"]["hit"] is True and _ran(calls) == ["reduced"]
+    # other weights of the same size, copied in with their mtime kept (cp -p, rsync -a): a miss
+    save_tiny("llama", root / "other", seed=1)
+    shutil.copy2(root / "other" / "model.safetensors", weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert weights.stat().st_size == st.st_size
     calls.clear()
     assert _verify(ws, "2.json")["baseline_cache"]["hit"] is False and _ran(calls) == ["baseline", "reduced"]
     recipe = yaml.safe_load((root / "r.yaml").read_text())
