@@ -6,7 +6,7 @@ One job per module:
 * :mod:`.sweep` — swap + prefix-cache scoring of every candidate, selection, composition driver;
 * :mod:`.compose` — the selection key and greedy composition;
 * :mod:`.snr` — data-free Marchenko–Pastur SNR ranking;
-* :mod:`.results` — the resumable JSONL log, keyed by the identity of the weights;
+* :mod:`.results` — the resumable JSONL log, keyed by the content identity of the model;
 * :mod:`.ray_pool` — the sweep spread over Ray actors (optional ``[ray]`` extra);
 * :mod:`.plot` — the heatmap (Δ top-1 and/or Δ log-loss per layer × ρ);
 * :mod:`.recipe_writer` — the recipe (name from model + benchmark, fresh comments, claims);
@@ -19,7 +19,7 @@ from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
 from .options import SearchOptions
 from .plot import PLOT_METRICS, plot_sweep
 from .recipe_writer import build_recipe_dict, recipe_name, write_recipe
-from .results import ResultsLog, run_key, weights_identity
+from .results import ResultsLog, run_key
 from .snr import mp_median, snr, spearman
 from .sweep import KEPT_METRICS, LocalScorer, SearchResult, Swapper, evaluate_recipe, run_search
 
@@ -50,6 +50,5 @@ __all__ = [
     "set_key",
     "snr",
     "spearman",
-    "weights_identity",
     "write_recipe",
 ]

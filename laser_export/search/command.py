@@ -23,7 +23,8 @@ from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
 from .options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
-from .results import ResultsLog, run_key, weights_identity
+from ..identity import library_versions, weights_identity
+from .results import ResultsLog, run_key
 from .sweep import KEPT_METRICS, evaluate_recipe, run_search
 
 #: model fields that describe one particular checkpoint: dropped when --model replaces the template's
@@ -150,7 +151,8 @@ def prepare(opts: SearchOptions) -> _Prepared:
 
     with console.status("identifying the weights"):
         identity = weights_identity(p.source)
-    key = run_key(weights=identity, dtype=p.recipe.model.dtype, benchmark=bench["name"],
+    key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
+                  trust_remote_code=p.recipe.model.trust_remote_code, benchmark=bench["name"],
                   validation=examples_sha256(validation), storage=p.recipe.storage,
                   reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)
