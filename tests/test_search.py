@@ -562,3 +562,42 @@ def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path,
     assert bal["baseline"]["n"] == bal["reduced"]["n"] == len(test_labels) == sweep["test"]["n"]
     assert bal["baseline"]["majority_rate"] == max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
     assert load_recipe(out)[0].benchmark.name == "jsonl"
+
+
+def test_candidate_ids_are_the_exact_rank_not_a_formatted_rho(bench, tmp_path):
+    """0.06249999 and 0.0625 print alike (``%g``) but keep 1 and 2 of 32 ranks: two candidates, two results."""
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    path = tmp_path / "results.jsonl"
+    res = run_search(model, tok, fam, _split(bench).validation, layers=[2], matrices=["fc_out"],
+                     rhos=[0.06249999, 0.0625, 0.07], batch_size=4, results=ResultsLog(path, "k"), progress=False)
+    ranks = {r["rho"]: r["rank"] for r in res.candidates}
+    assert ranks == {0.06249999: 1, 0.0625: 2, 0.07: 2}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    cands = {r["id"]: r for r in rows if r["kind"] == "candidate"}
+    assert set(cands) == {"L2.fc_out.k1", "L2.fc_out.k2"}  # 0.0625 and 0.07 keep rank 2: one measurement
+    by_rho = {r["rho"]: r["metrics"] for r in res.candidates}
+    assert by_rho[0.06249999] == cands["L2.fc_out.k1"]["metrics"] != by_rho[0.0625]
+    assert by_rho[0.0625] == by_rho[0.07] == cands["L2.fc_out.k2"]["metrics"]
+
+
+def test_resume_is_keyed_by_the_tokenizer_too(bench, tmp_path, monkeypatch):
+    """Same weights, another tokenizer (or remote code): the results log starts a new run."""
+    from laser_export import cli
+
+    folder, out = tmp_path / "m", tmp_path / "found.yaml"
+    save_tiny("llama", folder, seed=0)
+    assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
+    tok = folder / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"w4":', '"x4":', 1))  # same size: only content tells
+    calls = {"n": 0}
+    real = evaluate.score_examples
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "score_examples", counting)
+    assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
+    assert calls["n"] == 1 + 4  # nothing reused
+    rows = [json.loads(line) for line in (tmp_path / "found.search.jsonl").read_text().splitlines()]
+    assert len({r["run"] for r in rows}) == 2
