@@ -189,15 +189,26 @@ def _over_budget(size: int, budget: int) -> PrefixStatus:
 
 
 def _unusable(root: Path) -> str | None:
-    """Why the cache folder cannot be used (not a folder, not writable, read-only, nearly full), or None."""
+    """Why the cache folder cannot be used (not a folder, not writable, read-only, nearly full), or None.
+    Writes nothing that stays: an existing folder gets a probe file, removed at once; a missing one is
+    created only when the first entry is stored (its nearest existing parent must be writable)."""
     try:
-        if root.exists() and not root.is_dir():
-            return "is not a folder"
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=root, prefix=f".probe.{os.getpid()}-", suffix=".part")
-        os.close(fd)
-        os.unlink(probe)
-        free = shutil.disk_usage(root).free
+        if root.exists():
+            if not root.is_dir():
+                return "is not a folder"
+            fd, probe = tempfile.mkstemp(dir=root, prefix=f".probe.{os.getpid()}-", suffix=".part")
+            os.close(fd)
+            os.unlink(probe)
+            where = root
+        else:
+            where = root.parent
+            while not where.exists():
+                where = where.parent
+            if not where.is_dir():
+                return f"{where} is not a folder"
+            if not os.access(where, os.W_OK | os.X_OK):
+                return f"cannot create it in {where} (permission denied or read-only)"
+        free = shutil.disk_usage(where).free
     except OSError as err:
         return err.strerror or type(err).__name__
     if free < MIN_FREE_BYTES:

@@ -280,7 +280,9 @@ def test_lazy_capture_equals_full_logits(model_type):
     pc = PrefixCache(model, fam, 1, lazy_capture=True)
     with torch.inference_mode():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        lazy = pc.capture(model, ids, mask, pos)
+        first = pc.capture(model, ids, mask, pos)  # the first batch checks replay == forward, on the forward's logits
+        assert pc.exact is True and torch.equal(first, ref)
+        lazy = pc.capture(model, ids, mask, pos)  # later batches: the body only, the LM head lazily
         assert (lazy.materialize() - ref).abs().max() <= 1e-5
         assert (lazy[0, 3:8] - ref[0, 3:8]).abs().max() <= 1e-5
         assert (pc.replay(2)(model, ids, mask, pos).materialize() - ref).abs().max() <= 1e-5
