@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -42,11 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import write_text, write_via
-from .errors import InputError
+from .defaults import PREFIX_CACHE_GB_VAR
 from .evaluate import ScoreResult
 
 ENV_VAR = "LASER_EXPORT_BASELINE_CACHE"
-PREFIX_BUDGET_VAR = "LASER_EXPORT_PREFIX_CACHE_GB"
 ENTRY_FORMAT = 2
 PREFIX_FORMAT = 2
 #: below this much free space the cache is not used (a prefix file alone can be ~2 GB)
@@ -55,10 +53,6 @@ MIN_FREE_BYTES = 64 << 20
 _PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^./]+\.part$")
 #: a ``.part`` without a pid (older writers) is debris once untouched this long
 _STALE_PART_S = 3600
-
-
-class CacheSettingError(InputError):
-    """A cache setting (``$LASER_EXPORT_PREFIX_CACHE_GB``) that is not a number of GB (exit 2)."""
 
 
 def default_dir() -> Path:
@@ -75,23 +69,16 @@ def scorer_version() -> str:
 
 def prefix_budget_bytes() -> int:
     """``$LASER_EXPORT_PREFIX_CACHE_GB`` (default 2; 0: never store a prefix) in bytes; anything but a
-    finite number ≥ 0 is a :class:`CacheSettingError`."""
-    raw = os.environ.get(PREFIX_BUDGET_VAR)
-    if raw is None or raw.strip() == "":
-        return int(2e9)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise CacheSettingError(f"{PREFIX_BUDGET_VAR}={raw!r}: give a number of GB >= 0 (0: never store a prefix)")
-    return int(value * 1e9)
+    finite number >= 0 is an :class:`~laser_export.defaults.EnvironmentSettingError` (exit 2)."""
+    from .defaults import prefix_cache_gb
+
+    return int(prefix_cache_gb() * 1e9)
 
 
 def check_cache_settings() -> None:
     """Validate the cache environment settings up front (before any weights load): raises
-    :class:`CacheSettingError` (exit 2). An unusable cache *folder* is not an error: :meth:`BaselineCache.open`
-    warns and the run goes on without the cache."""
+    :class:`~laser_export.defaults.EnvironmentSettingError` (exit 2). An unusable cache *folder* is not an
+    error: :meth:`BaselineCache.open` warns and the run goes on without the cache."""
     prefix_budget_bytes()
 
 
@@ -185,7 +172,7 @@ def _gb(n: int) -> str:
 
 
 def _over_budget(size: int, budget: int) -> PrefixStatus:
-    return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_BUDGET_VAR} {_gb(budget)}", None, size)
+    return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_CACHE_GB_VAR} {_gb(budget)}", None, size)
 
 
 def _unusable(root: Path) -> str | None:
@@ -228,7 +215,7 @@ class BaselineCache:
 
     @classmethod
     def open(cls, enabled: bool = True, directory: str | Path | None = None, warn=None) -> "BaselineCache":
-        """Check :func:`check_cache_settings` (raises :class:`CacheSettingError`), then the folder: one that
+        """Check :func:`check_cache_settings` (raises ``EnvironmentSettingError``), then the folder: one that
         cannot be used (a file, read-only, not writable, disk full) is a one-line warning (``warn``, default
         the console) and a disabled cache; a usable one is cleaned of ``.part`` debris of killed writers."""
         check_cache_settings()

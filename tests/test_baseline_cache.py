@@ -12,7 +12,8 @@ import yaml
 
 import laser_export.verify as verify_mod
 from laser_export.architectures import family_for, layer_modules
-from laser_export.baseline_cache import ENV_VAR, PREFIX_BUDGET_VAR
+from laser_export.baseline_cache import ENV_VAR
+from laser_export.defaults import PREFIX_CACHE_GB_VAR as PREFIX_BUDGET_VAR
 from laser_export.cli import main
 from tinymodels import save_tiny
 
