@@ -214,10 +214,12 @@ class BaselineCache:
     disabled_reason: str | None = None
 
     @classmethod
-    def open(cls, enabled: bool = True, directory: str | Path | None = None, warn=None) -> "BaselineCache":
+    def open(cls, enabled: bool = True, directory: str | Path | None = None, warn=None,
+             clean: bool = True) -> "BaselineCache":
         """Check :func:`check_cache_settings` (raises ``EnvironmentSettingError``), then the folder: one that
         cannot be used (a file, read-only, not writable, disk full) is a one-line warning (``warn``, default
-        the console) and a disabled cache; a usable one is cleaned of ``.part`` debris of killed writers."""
+        the console) and a disabled cache; a usable one is cleaned of ``.part`` debris of killed writers
+        (unless ``clean=False``: a dry run changes nothing)."""
         check_cache_settings()
         cache = cls(enabled, Path(directory) if directory is not None else None)
         if not enabled:
@@ -231,7 +233,8 @@ class BaselineCache:
                     console.print(f"[yellow]warning:[/] {line}", markup=True, highlight=False)
             warn(f"baseline cache {ENV_VAR}={cache.root}: {why}; continuing without the cache")
             return cls(False, cache.directory, why)
-        clean_part_debris(cache.root)
+        if clean:
+            clean_part_debris(cache.root)
         return cache
 
     @property

@@ -113,7 +113,7 @@ def _open_cache(opts):
     """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
     from .baseline_cache import BaselineCache
 
-    cache = BaselineCache.open(opts.baseline_cache)
+    cache = BaselineCache.open(opts.baseline_cache, clean=not opts.dry_run)
     return cache if cache.enabled else None
 
 

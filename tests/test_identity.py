@@ -100,3 +100,21 @@ def test_prefix_replay_checks_it_is_the_models_forward():
         assert "not Scaled.forward" in str(err)
     else:
         raise AssertionError("replay of an inexact prefix must be refused")
+
+
+def test_granite_logits_scaling_is_not_replayed():
+    """A real transformers model whose forward divides the logits (Granite's ``logits_scaling``): replay would
+    skip it, so the capture keeps the model's own logits and replay is refused."""
+    from tinymodels import TINY
+
+    cfg_cls, model_cls, kw = TINY["granite"]
+    torch.manual_seed(0)
+    model = model_cls(cfg_cls(**{**kw, "logits_scaling": 4.0})).eval()
+    ids = tiny_inputs(batch=2, seq=6)
+    mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = PrefixCache(model, family_for("granite"), 1, lazy_capture=True)
+    with torch.inference_mode():
+        got = cache.capture(model, ids, mask, pos)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    assert cache.exact is False and torch.equal(got, want)
