@@ -603,3 +603,34 @@ def test_resume_is_keyed_by_the_tokenizer_too(bench, tmp_path, monkeypatch):
     assert calls["n"] == 1 + 4  # nothing reused
     rows = [json.loads(line) for line in (tmp_path / "found.search.jsonl").read_text().splitlines()]
     assert len({r["run"] for r in rows}) == 2
+
+
+def test_search_on_a_forward_that_transforms_logits_uses_full_forwards(bench):
+    """Granite divides its logits by ``logits_scaling`` in forward: the sweep and the test-split check score
+    with full forwards, equal to scoring each reduced model directly."""
+    from laser_export.intervene import Target, reduce_model
+    from laser_export.search import evaluate_recipe
+    from tinymodels import TINY
+
+    cfg_cls, model_cls, kw = TINY["granite"]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = model_cls(cfg_cls(**{**kw, "logits_scaling": 4.0})).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)
+        return m
+
+    model, tok, fam = fresh(), tiny_tokenizer(), family_for("granite")
+    val = _split(bench).validation
+    res = run_search(model, tok, fam, val, layers=[2], matrices=["fc_out"], rhos=[0.1], batch_size=4, progress=False)
+    plain = fresh()
+    assert res.baseline["logprob"] == pytest.approx(
+        evaluate.score_examples(plain, tok, val, batch_size=4, progress=False).metrics["logprob"], abs=1e-5)
+    reduce_model(plain, fam, [Target(0, 2, "fc_out", 0.1)])
+    direct = evaluate.score_examples(plain, tok, val, batch_size=4, progress=False).metrics
+    assert res.candidates[0]["metrics"]["logprob"] == pytest.approx(direct["logprob"], abs=1e-5)
+    base, red = evaluate_recipe(model, tok, fam, val, res.chosen, batch_size=4, progress=False)
+    assert red.metrics["logprob"] == pytest.approx(direct["logprob"], abs=1e-5)

@@ -340,6 +340,8 @@ def evaluate_recipe(
     passes = PairedPasses("causal", model, tokenizer, family, examples, start=min(c.layer for c in chosen),
                           batch_size=batch_size, progress=progress, prefix_cache=use_prefix_cache)
     base = passes.baseline("test: baseline")
+    if passes.cache is not None and passes.cache.exact is False:  # replay is not the model's forward
+        passes.forget_prefix()
     undo = swap.apply(chosen)
     try:
         red = passes.reduced("test: reduced")
