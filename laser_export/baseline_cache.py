@@ -59,6 +59,13 @@ def default_dir() -> Path:
     return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "laser-export" / "baselines")
 
 
+def memo_dir_if_present() -> Path | None:
+    """The cache folder as the checksum memo's home (:func:`laser_export.identity.file_sha256`) when it
+    already exists and is writable; None otherwise (nothing is created for a memo)."""
+    root = default_dir()
+    return root if root.is_dir() and os.access(root, os.W_OK | os.X_OK) else None
+
+
 def scorer_version() -> str:
     """laser-export's version and a hash of the scoring code: a change to the scorer invalidates entries."""
     from . import __version__, evaluate, metrics

@@ -56,38 +56,41 @@ class ResolvedSource:
 
     def _wrap(self, what: str, fn, *args, **kwargs):
         """Call a transformers loader; whatever it raises on a corrupt, truncated or inconsistent
-        source becomes one SourceError line naming the source (exit 2). Hub requests get the Hub
-        timeout (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s) so a stalled server cannot hang a run."""
-        from contextlib import nullcontext
+        source becomes one SourceError line naming the source (exit 2). A Hub source's downloads are
+        one network operation with a deadline (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s, plus credit
+        for the bytes received; see :mod:`laser_export.net`): a stalled server cannot hang a run."""
+        from .defaults import hub_timeout
+        from .net import deadline
 
-        try:
-            if self.kind == "hub":
-                from .export.hub import hub_timeout, timeout_from_env
-
-                guard = hub_timeout(timeout_from_env())
-            else:
-                guard = nullcontext()
-            with guard:
+        seconds = hub_timeout() if self.kind == "hub" else None
+        with deadline(seconds) as op:
+            try:
                 return fn(self.location, *args, **self._kwargs(), **kwargs)
-        except (KeyboardInterrupt, MemoryError, SourceError):
-            raise
-        except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
-            hint = ""
-            if self.kind == "hub":
-                if _offline():
-                    offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
-                else:
-                    offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
-                hint = (
-                    f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
-                    "or download it elsewhere and point model.source at a local folder)"
-                )
-            msg = " ".join(str(err).split())
-            if len(msg) > 400:
-                msg = msg[:400] + " ..."
-            raise SourceError(
-                f"model.source: cannot load {what} from {self.describe()}: {type(err).__name__}: {msg}{hint}"
-            ) from err
+            except (KeyboardInterrupt, MemoryError, SourceError):
+                raise
+            except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
+                failure = err
+        raise SourceError(self._failure(what, failure, op.explain(failure))) from failure
+
+    def _failure(self, what: str, err: BaseException, timed_out: str) -> str:
+        from .net import redact
+
+        if timed_out:
+            return f"model.source: cannot load {what} from {self.describe()}: the Hub download was given up{timed_out}"
+        hint = ""
+        if self.kind == "hub":
+            if _offline():
+                offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
+            else:
+                offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
+            hint = (
+                f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
+                "or download it elsewhere and point model.source at a local folder)"
+            )
+        msg = redact(" ".join(str(err).split()))
+        if len(msg) > 400:
+            msg = msg[:400] + " ..."
+        return f"model.source: cannot load {what} from {self.describe()}: {type(err).__name__}: {msg}{hint}"
 
     def check_files(self) -> None:
         """Cheap checks on the files of a local source, before any weights load: every safetensors

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from .. import evaluate, intervene
-from ..architectures import Family, module_name
-from ..intervene import SVDCache, Target, matrix_of
+from ..architectures import Family, module_name, num_experts
+from ..intervene import SVDCache, Target, target_matrix
 from ..lowrank import rank_for
 from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
@@ -84,10 +84,18 @@ class Swapper:
     def name(self, layer: int, alias: str) -> str:
         return module_name(self.model, self.family, layer, alias)
 
+    def targets(self, index: int, layer: int, alias: str, rho: float | None = None) -> list[Target]:
+        """The matrices of one site: one, or one per expert of an MoE alias (all experts together)."""
+        n = num_experts(self.family, alias, self.model.config)
+        return [Target(index, layer, alias, rho, expert=e) for e in ([None] if n is None else range(n))]
+
     def decomposition(self, layer: int, alias: str):
-        name = self.name(layer, alias)
-        w = matrix_of(self.model.get_submodule(name))
-        return self.svd.get(name, w, min(w.shape))
+        """The site's decomposition (for MoE: every expert's is computed and cached, expert 0's returned)."""
+        decs = []
+        for t in self.targets(0, layer, alias):
+            name, w = target_matrix(self.model, self.family, t)
+            decs.append(self.svd.get(name, w, min(w.shape)))
+        return decs[0]
 
     def rank(self, c: Candidate) -> int:
         return rank_for(c.rho, self.shape(c.layer, c.matrix))
@@ -97,13 +105,13 @@ class Swapper:
         return candidate_id(c, self.rank(c))
 
     def shape(self, layer: int, alias: str) -> tuple[int, int]:
-        w = matrix_of(self.model.get_submodule(self.name(layer, alias)))
+        _, w = target_matrix(self.model, self.family, self.targets(0, layer, alias)[0])
         return int(w.shape[0]), int(w.shape[1])
 
     def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
         """Reduce ``cands`` in the model; returns the undo. A full-rank candidate is the model itself
         (left unchanged)."""
-        targets = [Target(i, c.layer, c.matrix, c.rho) for i, c in enumerate(cands)]
+        targets = [t for i, c in enumerate(cands) for t in self.targets(i, c.layer, c.matrix, c.rho)]
         return intervene.apply(self.model, targets, family=self.family, storage=self.storage, cache=self.svd,
                                full_svd=True)
 
