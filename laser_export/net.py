@@ -13,7 +13,9 @@ client (same event hooks as huggingface_hub's own) whose ``send`` clamps each re
 connect/read/write timeouts to the time left, checks the deadline between the chunks of every body it
 reads, and raises ``DeadlineExceeded`` (an ``httpx2.TransportError`` that huggingface_hub does
 *not* retry) once it has passed, so its own retries (5, with back-off) cannot stretch the wait.
-Transfers that bypass httpx (Xet uploads/downloads through ``hf_xet``) are not covered.
+Transfers that bypass httpx (Xet uploads/downloads through ``hf_xet``) are not covered: a file the Hub
+announces as Xet-backed (``X-Xet-Hash``) credits the operation with its size, so the requests that follow
+its Xet download are not refused for the time the download took.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ def _classes():
                 if expired():
                     raise _DeadlineExceeded(_message(), request=request) from err
                 raise
+            if "x-xet-hash" in response.headers:  # the file's bytes will move over Xet, outside httpx:
+                _credit(int(response.headers.get("x-linked-size") or 0))  # don't expire while they do
             response.stream = _Stream(response.stream, request)
             if not stream:
                 try:
