@@ -26,6 +26,7 @@ from .policy import check_report_path, report_path as _report_path
 from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
 
+
 class ClaimsFailed(CheckFailed):
     """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
 
@@ -105,18 +106,25 @@ class _Measure:
     limit: int | None = None
     progress: bool = True
     prefix_cache: bool = True
-    baseline_cache: bool = True
+    baseline_cache: object = None  # the opened BaselineCache (None: --no-cache or an unusable folder)
+
+
+def _open_cache(enabled: bool, dry_run: bool):
+    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
+    from .baseline_cache import BaselineCache
+
+    cache = BaselineCache.open(enabled, clean=not dry_run)
+    return cache if cache.enabled else None
 
 
 def _measure_reduce(p: Plan, loaded, m: _Measure | None, progress: bool) -> dict | None:
     """baseline (when measuring) → reduce (the explicit step) → reduced; returns the report (None: no measure)."""
     session = None
     if m is not None:
-        from .baseline_cache import BaselineCache
         from .verify import Measurement
 
         session = Measurement(p, loaded, limit=m.limit, progress=m.progress, selected=m.selected,
-                              prefix_cache=m.prefix_cache, baseline_cache=BaselineCache() if m.baseline_cache else None)
+                              prefix_cache=m.prefix_cache, baseline_cache=m.baseline_cache)
         session.baseline()
     reduce_loaded(p, loaded, progress=progress)
     return session.reduced() if session is not None else None
@@ -168,11 +176,12 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
+    cache = _open_cache(opts.baseline_cache, opts.dry_run)
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
                                                                  "examples scored twice)"]))
-    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, opts.baseline_cache)
+    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
     report, _ = _execute(p, measure, None, progress=opts.progress)
     return RunResult(report_path=path, report=report)
 
@@ -241,6 +250,7 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
+    cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
     selected = _select(p, opts.limit, opts.progress) if verifying else None
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,
@@ -250,7 +260,7 @@ def run(opts: RunOptions) -> RunResult:
     job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), skip_verify=opts.skip_verify,
                     repo_id=opts.repo_id, private=opts.private, progress=opts.progress)
     measure = _Measure(selected, report_path, opts.limit, opts.progress, opts.prefix_cache,
-                       opts.baseline_cache) if verifying else None
+                       cache) if verifying else None
     report, manifest = _execute(p, measure, job, stream=opts.stream, progress=opts.progress)
     _exported(out, manifest, "streamed, " if opts.stream else "")
     result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest.to_json())

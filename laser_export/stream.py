@@ -87,11 +87,20 @@ def checkpoint_folder(source) -> Path:
     elif source.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        try:
-            folder = Path(snapshot_download(source.location, revision=source.revision,
-                                            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-        except Exception as err:  # noqa: BLE001 - any hub failure: report it with the source
-            raise StreamError(f"model.source: cannot fetch {source.describe()} for streaming: {err}") from err
+        from .defaults import hub_timeout
+        from .net import deadline, redact
+
+        with deadline(hub_timeout()) as op:  # one bounded network operation (laser_export/net.py)
+            try:
+                folder = Path(snapshot_download(source.location, revision=source.revision,
+                                                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            except Exception as err:  # noqa: BLE001 - any hub failure: report it with the source
+                failure = err
+            else:
+                failure = None
+        if failure is not None:
+            raise StreamError(f"model.source: cannot fetch {source.describe()} for streaming: "
+                              f"{redact(str(failure))}{op.explain(failure)}") from failure
     else:
         raise StreamError(f"model.source: {source.describe()} is a {source.kind} source; streaming needs a "
                           "safetensors checkpoint (a local folder or Hub id)")

@@ -133,3 +133,30 @@ def test_dense_export_of_experts_loads_back_with_the_same_logits(tmp_path, model
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mixtral", "phi3"])
+def test_search_sweeps_an_moe_layer_with_all_experts_together(tmp_path, model_type):
+    """`laser-export search` on fused families: a candidate (layer, fc_in, ρ) reduces every expert's matrix
+    (MoE) or the row block (Phi-3); the model is unchanged afterwards and the written recipe checks."""
+    from laser_export import cli
+    from laser_export.recipe import load_recipe
+    from test_search import _write_jsonl
+    from tinymodels import save_tiny
+
+    folder, out = tmp_path / "model", tmp_path / "found.yaml"
+    save_tiny(model_type, folder)
+    bench = _write_jsonl(tmp_path / "bench.jsonl")
+    argv = ["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
+            "--layers", "1-2", "--matrices", "fc_in", "--rhos", "0.1,0.5", "--batch-size", "4",
+            "--validation-fraction", "0.5", "--compose", "1", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    import json
+
+    sweep = json.loads((tmp_path / "found.sweep.json").read_text())
+    assert len(sweep["candidates"]) == 4
+    assert len({json.dumps(c["metrics"], sort_keys=True) for c in sweep["candidates"]}) > 1  # candidates differ
+    recipe, _ = load_recipe(out)
+    assert recipe.interventions[0].matrix == "fc_in"
+    assert cli.main(["check", str(out)]) == 0

@@ -205,8 +205,8 @@ def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> Card
             update={"source": _public_name(manifest.model.source)})})
     if report is not None and not isinstance(report, VerifyReport):
         report = VerifyReport.model_validate(report)
-    if report is not None and report.benchmark is not None and report.benchmark.hub_dataset is None:
-        report.benchmark = _with_hub_dataset(report.benchmark)  # reports written before the field existed
+    if report is not None and report.benchmark is not None:
+        report.benchmark = _with_hub_dataset(report.benchmark)  # the Hub id, config, split and origin of the examples
     verified = report is not None and not skip_verify and not report.skip_verify
     model_type = manifest.model.model_type if manifest.model else None
     family = family_for(model_type) if model_type else None
@@ -228,13 +228,15 @@ def _with_hub_dataset(bench: BenchmarkInfo) -> BenchmarkInfo:
                 if isinstance(src, dict) and src.get("repo") == spec.hub_dataset and src.get("sha")]
     revision = resolved[0] if len(set(resolved)) == 1 else spec.hub_revision
     return bench.model_copy(update={"hub_dataset": spec.hub_dataset, "hub_config": spec.hub_config,
-                                    "hub_revision": revision})
+                                    "hub_revision": revision, "hub_split": spec.hub_split,
+                                    "examples_from": spec.origin})
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 def _dataset_args(bench: BenchmarkInfo) -> dict:
     n = bench.sizes.get(bench.split)
-    args = {"seed": bench.seed, "validation_fraction": bench.validation_fraction,
+    args = {"examples_from": bench.examples_from, "laser_export_split": bench.split,
+            "seed": bench.seed, "validation_fraction": bench.validation_fraction,
             "n_examples": n if bench.limit is None else min(n or bench.limit, bench.limit),
             "limit": bench.limit, "examples_sha256": bench.examples_sha256}
     return {k: v for k, v in args.items() if v is not None}
@@ -251,8 +253,12 @@ def _task_name(ctx: CardContext, reduced: dict) -> str:
 
 
 def _eval_results(ctx: CardContext) -> list[EvalResult]:
-    """model-index: only measured + verified numbers of THIS (reduced) model, on a Hub dataset id."""
-    if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None:
+    """model-index: only measured + verified numbers of THIS (reduced) model, on data that has a Hub dataset id.
+
+    ``dataset.split`` is the split of that Hub dataset the examples come from; laser-export's own seeded
+    validation/test split of them, their origin and SHA-256 are in ``dataset.args``. The ``source`` names
+    the verify report (a link when the repo id is known)."""
+    if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None or not ctx.bench.hub_dataset:
         return []
     bench, reduced = ctx.bench, ctx.report.metrics["reduced"]
     name = f"{bench.name} ({bench.split} split, seed {bench.seed})"
@@ -265,8 +271,11 @@ def _eval_results(ctx: CardContext) -> list[EvalResult]:
         results.append(EvalResult(
             task_type=ctx.family.pipeline_tag if ctx.family else "text-generation",
             task_name=_task_name(ctx, reduced),
-            dataset_type=bench.hub_dataset or "json", dataset_name=name, dataset_config=bench.hub_config,
-            dataset_revision=bench.hub_revision, dataset_split=bench.split, dataset_args=_dataset_args(bench),
+            dataset_type=bench.hub_dataset, dataset_name=name, dataset_config=bench.hub_config,
+            dataset_revision=bench.hub_revision, dataset_split=bench.hub_split, dataset_args=_dataset_args(bench),
+            # huggingface_hub wants a URL with a source name: both only when the repo id is known
+            source_name="laser-export verify report (verify_report.json)" if ctx.is_repo else None,
+            source_url=f"https://huggingface.co/{ctx.load_path}/blob/main/verify_report.json" if ctx.is_repo else None,
             metric_type="accuracy", metric_value=float(reduced[key]), metric_name=METRIC_LABELS.get(key, key),
             metric_config=key,
         ))
