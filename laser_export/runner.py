@@ -90,6 +90,20 @@ def _no_stdout(on: bool):
     return contextlib.redirect_stdout(io.StringIO()) if on else contextlib.nullcontext()
 
 
+def _verify_writes(report: Path, n: int, opts) -> list[str]:
+    """What a verify writes, for --dry-run: the report, and the baseline cache entry unless --no-cache."""
+    lines = [f"{report} (verify report; {count(n, 'example')} scored with the reduced model, and with the "
+             f"baseline unless the baseline cache holds it)"]
+    if opts.baseline_cache:
+        from .baseline_cache import default_dir
+        from .defaults import prefix_cache_gb
+
+        lines.append(f"{default_dir()}/ (on a cache miss: the baseline entry, and the inputs of the reduced "
+                     f"blocks for replay if at most {prefix_cache_gb():g} GB, $LASER_EXPORT_PREFIX_CACHE_GB; "
+                     "--no-cache writes nothing there)")
+    return lines
+
+
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
     targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
@@ -123,8 +137,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     check_report_path(path, flag, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
-        return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
-                                                                 "examples scored twice)"]))
+        return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), opts)))
     loaded = load_model(p, progress=opts.progress)
     report = _verify(p, loaded, opts, selected)
     _write_json(path, report)
@@ -172,7 +185,7 @@ def run(opts: RunOptions) -> RunResult:
     if opts.dry_run:
         writes = []
         if verifying:
-            writes.append(f"{report_path} (verify report, {len(selected[0])} examples scored twice)")
+            writes += _verify_writes(report_path, len(selected[0]), opts)
         formats = " + ".join(recipe.export.formats)
         writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
                       + (", verify_report.json" if verifying else "") + ")"

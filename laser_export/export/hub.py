@@ -7,6 +7,8 @@ whose message says the local folder is intact and gives the exact command to ret
 
 from __future__ import annotations
 
+from .. import defaults
+from ..defaults import HUB_TIMEOUT
 from ..errors import CheckFailed
 import fnmatch
 import os
@@ -21,7 +23,7 @@ __all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_
 
 #: seconds allowed for each Hub request to connect and for each read (``--hub-timeout``,
 #: ``LASER_EXPORT_HUB_TIMEOUT``); a server that accepts the connection and never answers fails after it.
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = HUB_TIMEOUT
 
 # Same exclusions as huggingface_hub's upload_folder (DEFAULT_IGNORE_PATTERNS): never push VCS or
 # huggingface_hub's local bookkeeping.
@@ -73,12 +75,9 @@ def redact(text: str, *secrets: str | None) -> str:
     return text
 
 
-def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
-    value = os.environ.get("LASER_EXPORT_HUB_TIMEOUT")
-    try:
-        return float(value) if value else default
-    except ValueError:
-        return default
+def timeout_from_env() -> float:
+    """``$LASER_EXPORT_HUB_TIMEOUT`` (validated: a bad value is an input error, never a silent default)."""
+    return defaults.hub_timeout()
 
 
 @contextmanager
