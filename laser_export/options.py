@@ -210,7 +210,7 @@ class VerifyOptions:
 _HUB = dict(
     private=lambda: option(False, "create the Hub repo private"),
     endpoint=lambda: option(None, "Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)", metavar="URL"),
-    hub_timeout=lambda: option(HUB_TIMEOUT, f"timeout of each Hub request, connect and read (default "
+    hub_timeout=lambda: option(HUB_TIMEOUT, f"deadline of each network step of a push (default "
                                f"{HUB_TIMEOUT:g}, or $LASER_EXPORT_HUB_TIMEOUT)", check=positive_float,
                                metavar="SECONDS", default_from=hub_timeout),
 )

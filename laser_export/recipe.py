@@ -108,6 +108,13 @@ class ModelSpec(_Strict):
         description="dtype the weights are loaded (and exported) in; auto: the checkpoint's own "
         "(no whole-model copy; a GGUF file is de-quantized to float32)",
     )
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype the forward passes (scoring) run in, module by module; the weights stay in `dtype` "
+        "and are reduced and exported as such. auto: the weights' dtype, except float16 on a CPU (no native "
+        "fp16 arithmetic): float32, which keeps every fp16 value exact. bfloat16 rounds fp16 weights while "
+        "computing (fast on CPUs with AVX512-BF16). Recorded in the report, manifest and card",
+    )
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
     trust_remote_code: Bool = False
@@ -129,6 +136,19 @@ class Intervention(_Strict):
     matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
     rho: Float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
     rank: Int | None = Field(None, ge=1, description="explicit rank instead of rho")
+    experts: Literal["all"] | list[Int] | None = Field(
+        None, description="MoE: which experts' matrices to reduce (each on its own): all (the default) or a list of indices"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one expert index (or all)")
+            if any(e < 0 for e in v) or len(set(v)) != len(v):
+                raise ValueError(f"expert indices must be distinct and >= 0, got {v}")
+        return v
 
     @field_validator("rho")
     @classmethod
@@ -218,7 +238,19 @@ class ExportSpec(_Strict):
     onnx_tolerance: Float = Field(
         1e-4, gt=0, description="max |logit difference| onnxruntime vs torch (fp32) for the export to pass"
     )
+    onnx_quantized: Bool = Field(False, description="also write onnx/model_quantized.onnx (8-bit dynamic, "
+                                 "onnxruntime's quantizer): the file transformers.js loads by default")
+    gguf_types: list[Literal["Q8_0", "Q4_0"]] = Field(
+        [], description="quantized GGUF variants written next to the export-dtype file (<name>-Q8_0.gguf)")
     hub: HubSpec | None = None
+
+    @model_validator(mode="after")
+    def _variants_need_their_format(self):
+        if self.gguf_types and "gguf" not in self.formats:
+            raise ValueError("export.gguf_types needs gguf in export.formats")
+        if self.onnx_quantized and "onnx" not in self.formats:
+            raise ValueError("export.onnx_quantized needs onnx in export.formats")
+        return self
 
 
 class Recipe(_Strict):

@@ -941,7 +941,7 @@ def test_counterfact_cache_is_keyed_by_full_url(tmp_path, monkeypatch):
 
 def test_weights_identity_changes_with_the_weights_not_the_path(ws, tmp_path):
     """The identity search results are keyed by: same weights elsewhere -> same id; new weights -> new id."""
-    from laser_export.sources import weights_identity
+    from laser_export.identity import weights_identity
 
     a = weights_identity(str(ws / "llama"))
     shutil.copytree(ws / "llama", tmp_path / "copy")
