@@ -357,15 +357,17 @@ def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report
                 max_shard_size=recipe.export.max_shard_size,
             )
         if "onnx" in recipe.export.formats:
-            from .export.onnx import export_onnx
+            from .export.onnx import export_onnx, write_transformers_js_config
 
             with status("exporting ONNX and checking parity with onnxruntime", opts.progress), \
                     _no_stdout(not opts.progress):  # torch.onnx prints its "[torch.onnx] ..." steps
                 manifest["onnx"] = export_onnx(
                     loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
-                    tolerance=recipe.export.onnx_tolerance,
+                    tolerance=recipe.export.onnx_tolerance, quantized=recipe.export.onnx_quantized,
                 )
+                write_transformers_js_config(tmp, manifest["onnx"])
                 _under_onnx_folder(manifest["onnx"])
+                _under_onnx_folder(manifest["onnx"].get("quantized") or {})
             console.print(
                 f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
                 f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
