@@ -15,10 +15,14 @@ Graph I/O, renamed after export to the usual ONNX-LM names:
 * causal LM, ``with_past=False``: ``input_ids``, ``attention_mask``, ``position_ids`` -> ``logits``.
 * masked LM (RoBERTa/BERT): ``input_ids``, ``attention_mask`` -> ``logits``.
 
+The file is written in the model's (export) dtype: fp32 ``model.onnx`` or fp16 ``model_fp16.onnx``
+(bf16 is refused: onnxruntime's CPU provider has no bf16 kernels); on request also
+``model_quantized.onnx`` (onnxruntime's 8-bit dynamic quantization), the transformers.js file names.
+
 After saving, :func:`check_onnx_parity` runs the file in onnxruntime on a padded batch (left padding
 for causal LMs) and, with past, one decoding step fed with the presents onnxruntime returned, and
-compares fp32 logits with torch at the non-padded positions only. A failure raises
-:class:`OnnxParityError`; the caller must then not publish the file.
+compares its logits with torch's fp32 logits of the same weights at the non-padded positions only.
+A failure raises :class:`OnnxParityError`; the caller must then not publish the file.
 """
 
 from __future__ import annotations
