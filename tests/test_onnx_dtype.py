@@ -86,3 +86,39 @@ def test_quantized_file_of_a_large_model_keeps_its_weights_in_onnx_data(tmp_path
     assert info["transformers_js_config"]["use_external_data_format"] == {
         "model.onnx": True, "model_quantized.onnx": True}
     assert info["quantized"]["max_abs_diff"] < info["quantized"]["max_abs_logit"]
+
+
+def test_run_writes_fp16_and_quantized_onnx_and_the_transformers_js_config(tmp_path):
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    save_tiny("llama", tmp_path / "m")
+    recipe = {"name": "o", "model": {"source": str(tmp_path / "m")}, "storage": "dense",
+              "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}],
+              "export": {"formats": ["safetensors", "onnx"], "dtype": "float16", "onnx_quantized": True}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "r.yaml"), "--out", str(out), "--no-progress"]) == 0
+    onnx_entry = json.loads((out / "manifest.json").read_text())["onnx"]
+    assert onnx_entry["file"] == "onnx/model_fp16.onnx" and onnx_entry["dtype"] == "float16" and onnx_entry["passed"]
+    assert onnx_entry["quantized"]["file"] == "onnx/model_quantized.onnx"
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model_fp16.onnx", "model_quantized.onnx"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers.js_config"] == {"dtype": "fp16", "kv_cache_dtype": {"fp16": "float16"}}
+
+
+def test_bfloat16_onnx_recipe_fails_check(tmp_path, capsys):
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    save_tiny("llama", tmp_path / "m")
+    recipe = {"name": "o", "model": {"source": str(tmp_path / "m")},
+              "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}],
+              "export": {"formats": ["safetensors", "onnx"], "dtype": "bfloat16"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    assert "bfloat16 ONNX does not run in onnxruntime's CPU provider" in capsys.readouterr().err
