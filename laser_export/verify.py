@@ -215,10 +215,12 @@ def report_model(p: Plan) -> dict:
     """What identifies the measured model in a report: its public source, revision, weights identity, dtype."""
     from .baseline_cache import memo_dir_if_present
     from .export.manifest import public_source
-    from .identity import weights_identity
+    from .identity import digest, model_identity
 
-    return {"source": public_source(p.source), "revision": p.source.revision,
-            "weights": weights_identity(p.source, memo_dir=memo_dir_if_present()), "dtype": p.loaded_dtype or p.recipe.model.dtype}
+    # a Hub source: the commit its config came from (the same on any machine, whatever is cached there)
+    identity = model_identity(p.source, commit=getattr(p.config, "_commit_hash", None), memo_dir=memo_dir_if_present())
+    return {"source": public_source(p.source), "revision": p.source.revision, "weights": digest(identity),
+            "dtype": p.loaded_dtype or p.recipe.model.dtype}
 
 
 class Measurement:
