@@ -322,6 +322,9 @@ def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCac
 
     ref = block_ref(model, family, t.layer, t.alias, t.expert)
     matrix = ref.matrix(model)
+    if matrix.device.type == "meta":
+        raise ArchitectureError(f"{t.field}: {ref.name} is offloaded by the device_map; fused tensors (row blocks, "
+                                "MoE experts) are reduced only when they are loaded on a device")
     itemsize = matrix.element_size()
     if k == min(shape):  # full rank: left bit-exact
         return None, _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix))

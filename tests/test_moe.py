@@ -160,3 +160,15 @@ def test_search_sweeps_an_moe_layer_with_all_experts_together(tmp_path, model_ty
     recipe, _ = load_recipe(out)
     assert recipe.interventions[0].matrix == "fc_in"
     assert cli.main(["check", str(out)]) == 0
+
+
+def test_an_offloaded_fused_tensor_is_refused_with_its_name():
+    from torch import nn
+
+    from laser_export.architectures import ArchitectureError
+
+    model, fam = tiny_model("mixtral"), family_for("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, device="meta"))  # what a device_map offload leaves
+    with pytest.raises(ArchitectureError, match=r"interventions\[0\]: .*layers\.0\.mlp\.experts\.gate_up_proj\[0\]\[0:48\] is offloaded"):
+        reduce_model(model, fam, _plan(model, fam, dict(layer=0, matrix="fc_in", rank=2)))
