@@ -259,10 +259,14 @@ def cmd_check(args) -> int:
             console.print(f"[red]✗[/] {escape(str(err))}")
             status = EXIT_BAD_INPUT
             continue
+        from .intervene import describe_targets
+
         how = "recipe hints" if p.config_from_hints else "model config"
+        sites = describe_targets(p.targets, p.family)
+        count = f"{len(p.targets)} {'sites' if '[all experts]' in sites else 'matrices'}"  # MoE count unknown from hints
         console.print(
-            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {len(p.targets)} matrices "
-            f"({', '.join(f'L{t.layer}.{t.alias}' for t in p.targets)}), checked against the {how}"
+            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {count} "
+            f"({escape(sites)}), checked against the {how}"
         )
     return status
 

@@ -108,6 +108,24 @@ def _experts(i: int, iv: Intervention, family: Family, alias: str, config, probl
     return list(chosen)
 
 
+def describe_targets(targets: Sequence[Target], family: Family) -> str:
+    """``L28.fc_in, L29.fc_out`` — an MoE site once, with its expert count (``L28.fc_in[8 experts]``;
+    ``[all experts]`` when the count is not known yet, from recipe hints)."""
+    from .architectures import matrix_spec
+
+    sites: dict[tuple[int, str], list] = {}
+    for t in targets:
+        sites.setdefault((t.layer, t.alias), []).append(t.expert)
+    out = []
+    for (layer, alias), experts in sites.items():
+        if experts != [None]:
+            tail = f"[{len(experts)} expert{'s' if len(experts) > 1 else ''}]"
+        else:
+            tail = "[all experts]" if matrix_spec(family, alias).experts is not None else ""
+        out.append(f"L{layer}.{alias}{tail}")
+    return ", ".join(out)
+
+
 @dataclass
 class SVDCache:
     """Each matrix's SVD computed once (keyed by module name) and reused for every rank it holds.

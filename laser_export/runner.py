@@ -161,7 +161,9 @@ def _no_stdout(on: bool):
 
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
-    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    from .intervene import describe_targets
+
+    targets = describe_targets(p.targets, p.family)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
