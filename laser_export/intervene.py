@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .artifacts import matrix_entry
 from .architectures import ArchitectureError, Family, expand_matrix, is_fused, module_name, num_experts, num_layers
 from .lowrank import (
     SVD_DTYPES,
@@ -288,27 +289,10 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
     return Undo(_set_weight(module, new))
 
 
-def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, itemsize: int, err: float, norm: float):
-    m, n = shape
-    dense_bytes = m * n * itemsize
-    stored = k * (m + n) * itemsize if storage == "factorised" else dense_bytes
-    return {
-        "name": name,
-        "intervention": target.index,
-        "layer": target.layer,
-        "matrix": target.alias,
-        "shape": [m, n],
-        "rho": rho,
-        "rank": k,
-        "max_rank": min(m, n),
-        "frobenius_error": err,
-        "relative_error": err / norm if norm else 0.0,
-        "storage": storage,
-        "bytes_dense": dense_bytes,
-        "bytes_stored": stored,
-        "bytes_saved": dense_bytes - stored,
-        **({"expert": target.expert} if target.expert is not None else {}),
-    }
+def _matrix_entry(target: Target, name: str, shape, k: int, storage: str, itemsize: int, err: float,
+                  norm: float) -> dict:
+    """The manifest entry (:func:`laser_export.artifacts.matrix_entry`) as the dict ``Applied.entries`` holds."""
+    return matrix_entry(target, name, shape, k, storage, itemsize, err, norm).as_dict()
 
 
 def frobenius_norm(matrix: torch.Tensor, chunk_rows: int = 1024) -> float:
@@ -345,11 +329,11 @@ def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCac
                                 "MoE experts) are reduced only when they are loaded on a device")
     itemsize = matrix.element_size()
     if k == min(shape):  # full rank: left bit-exact
-        return None, _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix))
+        return None, _matrix_entry(t, ref.name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix))
     svd = cache.get(ref.name, matrix, min(shape) if full_svd else k)
     err, norm = truncation_error(matrix, svd, k)
     restore = ref.write(model, svd.reconstruct(k, dtype=matrix.dtype), undoable)
-    entry = _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, err, norm)
+    entry = _matrix_entry(t, ref.name, shape, k, "dense", itemsize, err, norm)
     return (Undo(restore) if undoable else None), entry
 
 
@@ -444,7 +428,7 @@ def apply(
             matrix = matrix_of(module)
             itemsize = matrix.element_size()
             if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
-                entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix)))
+                entries.append(_matrix_entry(t, name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix)))
                 continue
             svd = cache.get(name, matrix, min(shape) if full_svd else k)
             err, norm = truncation_error(matrix, svd, k)
@@ -455,7 +439,7 @@ def apply(
             if undoable:
                 undos.append(undo)
             entries.append(
-                _matrix_entry(t, name, shape, k, t.rho, "factorised" if factorised else "dense", itemsize, err, norm)
+                _matrix_entry(t, name, shape, k, "factorised" if factorised else "dense", itemsize, err, norm)
             )
     except BaseException:
         for u in reversed(undos):

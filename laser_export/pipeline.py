@@ -1,7 +1,8 @@
-"""One path for data: recipe → model source → targets → reduction → (verify) → exporters.
+"""The steps of the run path: plan → load → reduce (→ measure → export, see :mod:`laser_export.runner`).
 
 :func:`plan` does everything that needs no weights (source resolution, config, architecture,
-layer/matrix checks). :func:`load_reduced` loads the weights and applies the interventions.
+layer/matrix checks). :func:`load_model` loads the weights; :func:`reduce_loaded` applies the
+interventions, an explicit step that sets the undo.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from . import __version__
 from .architectures import Family, family_for
-from .intervene import SVDCache, Target, apply, plan_targets
-from .progress import bar, console, status  # noqa: F401 - console and status are used from here too
+from .intervene import Applied, SVDCache, Target, apply, plan_targets
+from .progress import bar, console, status
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
@@ -26,13 +26,15 @@ class Plan:
     targets: list[Target]
     config_from_hints: bool = False
     loaded_dtype: str | None = None  # the dtype the weights were loaded in (model.dtype "auto" resolved)
+    compute_dtype: str | None = None  # the dtype the forward passes run in (model.compute_dtype resolved)
 
 
 @dataclass
 class Loaded:
     model: object
     tokenizer: object
-    entries: list[dict] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)  # set by the reduce step (reduce_loaded)
+    undo: object = None  # set by the reduce step: call it to restore the model (when reduced undoably)
 
 
 def _config_from_hints(recipe: Recipe):
@@ -156,6 +158,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
         if fmt in recipe.export.formats and not ok:
             problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
                             f"(model_type {config.model_type!r})")
+    from .export import ort_runtime
+
+    if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
+        problems.append(f"export.formats: onnx: {why}")
     if problems:
         raise RecipeError(problems)
 
@@ -167,9 +173,26 @@ def load_model(p: Plan, progress: bool = True) -> Loaded:
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
                                     device_map=m.device_map, offload_folder=m.offload_folder)
     p.loaded_dtype = str(model.dtype).removeprefix("torch.")
+    _set_compute_dtype(p, model)
     densify_targets(p, model)
     check_finite_targets(p, model)
     return Loaded(model, tokenizer)
+
+
+def _set_compute_dtype(p: Plan, model) -> None:
+    """Resolve ``model.compute_dtype`` (see :mod:`laser_export.compute_dtype`); say it in one line."""
+    from . import compute_dtype
+    from .evaluate import _model_device
+
+    if p.recipe.model.device_map is not None:  # accelerate's offload hooks own the parameters
+        p.compute_dtype = p.loaded_dtype
+        return
+    dtype, notice = compute_dtype.resolve(p.recipe.model.compute_dtype, model.dtype, _model_device(model))
+    if notice:
+        console.print(notice)
+    p.compute_dtype = str(dtype).removeprefix("torch.")
+    if dtype != model.dtype:
+        compute_dtype.install(model, dtype)
 
 
 def densify_targets(p: Plan, model) -> list[str]:
@@ -227,56 +250,37 @@ def check_finite_targets(p: Plan, model) -> None:
         raise SourceError("\n".join(problems))
 
 
-def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:
-    # one matrix's SVD at a time: nothing is kept between matrices, originals are released as replaced
+def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True,
+                  undoable: bool = False) -> Loaded:
+    """The run path's reduce step: apply every target to ``loaded.model`` in place. Sets ``loaded.entries`` (one
+    manifest entry per matrix) and ``loaded.undo`` (restores the model bit-exactly when ``undoable``; otherwise
+    each original is released as it is replaced and the undo does nothing)."""
+    # one matrix's SVD at a time: nothing is kept between matrices
     cache = SVDCache(p.recipe.reduction, max_bytes=0) if cache is None else cache
+    undos, entries = [], []
     with bar("reduce", enabled=progress, unit="matrices", eta=False) as pbar:
         task = pbar.add_task("", total=len(p.targets))
 
         def step(msg: str) -> None:
             pbar.update(task, description=msg)
 
-        entries = []
-        for t in p.targets:
-            entries += apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
-                             undoable=False, progress=step).entries
-            pbar.advance(task)
+        try:
+            for t in p.targets:
+                applied = apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
+                                undoable=undoable, progress=step)
+                undos.append(applied)
+                entries += applied.entries
+                pbar.advance(task)
+        except BaseException:
+            for u in reversed(undos):
+                u()
+            raise
     loaded.entries = entries
+    loaded.undo = Applied(undos, entries)
+    if p.compute_dtype not in (None, p.loaded_dtype):  # the reduced modules compute like the rest
+        import torch
+
+        from .compute_dtype import install
+
+        install(loaded.model, getattr(torch, p.compute_dtype))
     return loaded
-
-
-def _source_format(p: Plan) -> dict:
-    """GGUF sources: the file and its quantization (the weights were dequantized on load)."""
-    if not p.source.gguf_file:
-        return {"format": "transformers"}
-    from pathlib import Path
-
-    from .export.gguf import gguf_quantization
-
-    path = Path(p.source.location) / p.source.gguf_file
-    return {"format": "gguf", "gguf_file": p.source.gguf_file, "gguf_quantization": gguf_quantization(path)}
-
-
-def build_manifest(p: Plan, entries: list[dict]) -> dict:
-    m = p.recipe.model
-    return {
-        "laser_export_version": __version__,
-        "recipe": p.recipe.name,
-        "model": {
-            "source": m.source,
-            "revision": p.source.revision,
-            "architecture": p.family.name,
-            "model_type": p.config.model_type,
-            "base_model": m.base_model,
-            "license": m.license,
-            "dtype": p.loaded_dtype or m.dtype,
-            **_source_format(p),
-        },
-        "storage": p.recipe.storage,
-        "reduction": p.recipe.reduction.model_dump(),
-        "matrices": entries,
-        "totals": {
-            "n_matrices": len(entries),
-            "bytes_saved": sum(e["bytes_saved"] for e in entries),
-        },
-    }

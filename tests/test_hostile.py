@@ -115,6 +115,7 @@ class Case:
     check: Callable[[Ctx], None] | None = None  # extra assertions afterwards
     new: tuple[str, ...] = ()  # paths under the test folder allowed to appear (relative)
     traceback: bool = False
+    env: dict = field(default_factory=dict)  # environment variables for the command (in-process and fresh)
 
 
 def M(**kw):
@@ -245,7 +246,7 @@ def _old_export_intact(c: Ctx):
 def _fail_second_replace(c: Ctx):
     """os.replace fails when the new export is renamed into place (after the old one moved aside)."""
     c.copy_export()
-    import laser_export.atomic as st  # where atomic_folder lives (moved from export/safetensors.py)
+    import laser_export.policy as st  # where atomic_folder lives
 
     real, calls = os.replace, []
 
@@ -575,6 +576,71 @@ CASES: list[Case] = [
     Case("search-prune-snr", X, "--prune-snr: expected a number in (0, 1], got 3.0", argv=lambda c: SEARCH(c, "--prune-snr", "3")),
     Case("search-compose-zero", X, "--compose: expected a positive integer, got 0", argv=lambda c: SEARCH(c, "--compose", "0")),
     Case("unknown-option", X, "unrecognized arguments: --frobnicate", argv=run_args("--frobnicate")),
+    # ---- issue 21: every path the tool writes goes through the output policy, refused before any weights load
+    Case("report-is-model-config", X, "is inside an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.ws / "llama" / "config.json")]),
+    Case("run-report-is-model-config", X, "is inside an input of this run", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.ws / "llama" / "config.json")]),
+    Case("report-is-benchmark-data", X, "is an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.ws / "data" / "bench.jsonl")]),
+    Case("report-is-the-recipe", X, "is an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.recipe)]),
+    Case("report-is-a-fifo", X, "is not a regular file", recipe=B(), setup=lambda c: os.mkfifo(c.tmp / "fifo.json"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "fifo.json")]),
+    Case("report-inside-out", X, "is inside --out", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.out / "extra.json")]),
+    Case("out-is-the-reports-folder", X, "is inside --out reports", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", "reports"]),
+    Case("out-name-too-long", X, "longer than 255 bytes", argv=lambda c: [str(c.recipe), "--out", str(c.tmp / ("a" * 300))]),
+    Case("out-symlink-loop", X, "cannot be resolved", setup=lambda c: os.symlink("out", c.out), new=("out",)),
+    Case("out-manifest-fifo-overwrite", X, "is not a laser-export export",
+         setup=lambda c: (c.out.mkdir(), os.mkfifo(c.out / "manifest.json")), argv=run_args("--overwrite"), new=("out/manifest.json",)),
+    Case("out-manifest-deeply-nested", X, "is not a laser-export export",
+         setup=lambda c: (c.out.mkdir(), (c.out / "manifest.json").write_text("[" * 100000 + "]" * 100000)), argv=run_args("--overwrite")),
+    Case("recipe-fifo", X, "is not a regular file (a FIFO", setup=lambda c: (c.recipe.unlink(), os.mkfifo(c.recipe)),
+         new=("r.yaml",)),
+    Case("recipe-name-too-long", X, "name: String should have at most 200 characters", recipe={"name": "n" * 256}),
+    Case("apply-report-not-an-object", X, "holds a JSON list, expected an object",
+         setup=lambda c: (c.tmp / "rep.json").write_text("[]"),
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
+    Case("apply-report-deeply-nested", X, "JSON nested too deeply",
+         setup=lambda c: (c.tmp / "rep.json").write_text("[" * 100000 + "]" * 100000),
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
+    Case("env-prefix-cache-word", X, "LASER_EXPORT_PREFIX_CACHE_GB='abc': expected a number >= 0", recipe=B(),
+         env={"LASER_EXPORT_PREFIX_CACHE_GB": "abc"}),
+    Case("env-prefix-cache-nan", X, "LASER_EXPORT_PREFIX_CACHE_GB='nan'", recipe=B(), env={"LASER_EXPORT_PREFIX_CACHE_GB": "nan"}),
+    Case("env-prefix-cache-inf", X, "LASER_EXPORT_PREFIX_CACHE_GB='inf'", recipe=B(), env={"LASER_EXPORT_PREFIX_CACHE_GB": "inf"}),
+    Case("env-hub-timeout-word", X, "LASER_EXPORT_HUB_TIMEOUT='abc': expected a positive number",
+         env={"LASER_EXPORT_HUB_TIMEOUT": "abc"}, argv=lambda c: ["push", str(c.ws / "export"), "--repo-id", "org/x"]),
+    Case("works-shard-size-decimal", 0, "exported", recipe={"export": {"max_shard_size": "1.5GB"}}, new=("out", "out/*")),
+    Case("works-shard-size-gib", 0, "exported", recipe={"export": {"max_shard_size": "5GiB"}}, new=("out", "out/*")),
+    Case("fail-write-checkpoint-safetensors-disk-full", X, "cannot write the export: No space left on device",
+         setup=_inject("laser_export.export.safetensors.write_checkpoint", lambda: __import__("safetensors").SafetensorError(
+             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')),
+         argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
+    Case("verify-report-disk-full", X, "cannot write: No space left on device", recipe=B(),
+         setup=lambda c: c.mp.setattr(__import__("laser_export.atomic", fromlist=["x"]).os, "fdopen",
+                                      _raiser(lambda: OSError(errno.ENOSPC, "No space left on device"))),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json"), "--no-cache"]),
+    Case("perplexity-not-utf8", X, "p.txt: not UTF-8 text",
+         recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: (c.tmp / "p.txt").write_bytes(b"caf\xe9 w4 w5 w6\n"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("search-out-root", X, "--out /: is a folder", argv=lambda c: SEARCH(c)[:-2] + ["--out", "/"]),
+    Case("search-out-in-model", X, "is inside an input of this run",
+         argv=lambda c: SEARCH(c)[:-2] + ["--out", str(c.ws / "llama" / "config.json")]),
+    Case("search-results-in-model", X, "--results", argv=lambda c: SEARCH(c, "--results", str(c.ws / "llama" / "config.json"))),
+    Case("search-results-is-data", X, "is an input of this run",
+         argv=lambda c: SEARCH(c, "--results", str(c.ws / "data" / "bench.jsonl"))),
+    Case("search-results-foreign-file", X, "is not a laser-export search log",
+         setup=lambda c: (c.tmp / "notes.txt").write_text("my notes\n"), argv=lambda c: SEARCH(c, "--results", str(c.tmp / "notes.txt"))),
+    Case("search-template-is-out", X, "is an input of this run",
+         argv=lambda c: ["search", "--template", str(c.recipe), "--benchmark-path", str(c.ws / "data" / "bench.jsonl"),
+                         "--out", str(c.recipe)]),
+    Case("search-name-bad", X, "--name:", argv=lambda c: SEARCH(c, "--name", "../x")),
+    Case("search-name-too-long", X, "--name:", argv=lambda c: SEARCH(c, "--name", "n" * 300)),
+    Case("search-svd-cache-inf", X, "--svd-cache-gb: expected a finite number >= 0, got inf",
+         argv=lambda c: SEARCH(c, "--svd-cache-gb", "inf")),
 ]
 
 
@@ -582,7 +648,8 @@ CASES: list[Case] = [
 BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-too-big", "matrix-", "intervention-", "storage-",
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
-                  "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-", "push-", "run-", "dry-run")
+                  "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-no", "verify-report-is", "push-",
+                  "run-", "dry-run", "apply-", "env-", "search-")
 
 
 def SEARCH(c: Ctx, *extra):
@@ -608,10 +675,9 @@ def _allowed(rel: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch(rel, p) for p in patterns)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
-    ctx = Ctx(ws=ws, tmp=tmp_path, mp=monkeypatch, recipe=tmp_path / "r.yaml", out=tmp_path / "out")
+def _prepare(case: Case, ws: Path, tmp: Path, mp) -> tuple[Ctx, list[str]]:
+    """The case's recipe, files and environment in ``tmp``; returns the context and the command line."""
+    ctx = Ctx(ws=ws, tmp=tmp, mp=mp, recipe=tmp / "r.yaml", out=tmp / "out")
     recipe = _base(ws)
     over = case.recipe(ctx) if callable(case.recipe) else (case.recipe or {})
     for k, v in over.items():
@@ -620,17 +686,26 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
         else:
             recipe[k] = v
     ctx.write_recipe(recipe)
+    for name, value in case.env.items():
+        mp.setenv(name, value)
     if case.setup:
         case.setup(ctx)
+    argv = case.argv(ctx) if case.argv else run_args()(ctx)
+    if "--no-progress" not in argv and argv[0] not in ("push",):
+        argv.append("--no-progress")
+    return ctx, argv
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
+    ctx, argv = _prepare(case, ws, tmp_path, monkeypatch)
     if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load
         import laser_export.runner as runner
 
         monkeypatch.setattr(runner, "load_model", _raiser(lambda: AssertionError("weights were loaded")))
     ws_before = _snapshot(ws)
     tmp_before = _snapshot(tmp_path)
-    argv = case.argv(ctx) if case.argv else run_args()(ctx)
-    if "--no-progress" not in argv and argv[0] not in ("push",):
-        argv.append("--no-progress")
     try:
         code = main(argv)
     finally:
@@ -653,6 +728,133 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name and "999999999" not in p.name], "debris left"
     if case.check:
         case.check(ctx)
+
+
+# ----------------------------------------------------------------------- the same cases, fresh processes
+
+
+class _NeedsInProcess(Exception):
+    """The case patches the library itself: it runs in-process only."""
+
+
+class _EnvOnly:
+    """What a case's setup may do to a fresh process: environment variables (recorded), nothing else."""
+
+    def __init__(self):
+        self.env: dict[str, str] = {}
+        self.unset: list[str] = []
+
+    def setenv(self, name, value, prepend=None):
+        self.env[name] = str(value)
+
+    def delenv(self, name, raising=True):
+        self.unset.append(name)
+
+    def __getattr__(self, name):
+        raise _NeedsInProcess(name)
+
+
+#: Runs every job in its own process, forked from one that imported torch and transformers but nothing of
+#: laser_export: each command starts as `laser-export` does (no laser_export module loaded), so its error is
+#: classified without help from modules an earlier case imported; the fork saves ~3 s of imports per case.
+_FRESH_DRIVER = r"""
+import json, os, signal, sys, time
+jobs = json.loads(open(sys.argv[1]).read())
+import torch, transformers, safetensors.torch, yaml, rich.console  # noqa: E401,F401 - third-party only
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError  # noqa
+from pydantic import field_validator, model_validator  # noqa: F401
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - what plan() uses
+import transformers.quantizers.auto  # noqa: F401
+import transformers.models.llama.modeling_llama, transformers.models.opt.modeling_opt  # noqa: E401,F401 - the tiny models
+assert not [m for m in sys.modules if m.startswith("laser_export")]
+
+
+def child(job):
+    signal.alarm(120)  # a command that blocks (a FIFO) is killed, not waited on
+    os.chdir(job["cwd"])
+    os.environ.update(job["env"])
+    for name in job["unset"]:
+        os.environ.pop(name, None)
+    fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from laser_export.cli import main
+    code = main(job["argv"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+codes, running, todo = {}, {}, list(jobs)
+width = max(1, min(4, os.cpu_count() or 1))
+while todo or running:
+    while todo and len(running) < width:
+        job = todo.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        running[pid] = (job["id"], time.monotonic())
+    pid, status = os.wait()
+    name, t0 = running.pop(pid)
+    codes[name] = [os.waitstatus_to_exitcode(status), round(time.monotonic() - t0, 2)]
+print(json.dumps(codes))
+"""
+
+
+def test_bad_input_exit_codes_in_fresh_processes(ws, tmp_path):
+    """Every bad-input (exit 2) row of the table again, each in a fresh process: exit code 2, its message,
+    no traceback. Rows whose setup patches the library (not only the environment) run in-process only."""
+    import subprocess
+    import sys
+
+    jobs, cases = [], {}
+    for case in (c for c in CASES if c.code == X):
+        tmp = tmp_path / case.id
+        tmp.mkdir()
+        rec = _EnvOnly()
+        try:
+            _, argv = _prepare(case, ws, tmp, rec)
+        except _NeedsInProcess:
+            continue
+        except pytest.skip.Exception:
+            continue
+        jobs.append({"id": case.id, "argv": argv, "cwd": str(tmp), "env": rec.env, "unset": rec.unset,
+                     "log": str(tmp_path / f"{case.id}.log")})
+        cases[case.id] = case
+    assert len(jobs) >= 120, len(jobs)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    res = subprocess.run([sys.executable, "-c", _FRESH_DRIVER, str(tmp_path / "jobs.json")], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    codes = json.loads(res.stdout.strip().splitlines()[-1])
+    wrong = []
+    for job in jobs:
+        case, log = cases[job["id"]], Path(job["log"]).read_text()
+        code, seconds = codes[job["id"]]
+        if code != X or case.fragment not in " ".join(log.split()) or "Traceback" in log:
+            wrong.append(f"{job['id']}: exit {code} after {seconds} s: {log[-500:]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_report_folder_is_bad_input_in_a_fresh_process(ws, tmp_path):
+    """Issue 20's reproduction, exactly as a user runs it: `python -m laser_export verify r.yaml --report
+    <a folder>` printed "unexpected OutputError" and exited 1. Answered before torch loads."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**_base(ws), "claims": CLAIMS}))
+    (tmp_path / "rep").mkdir()
+    code = ("import sys; from laser_export.cli import main\n"
+            "rc = main(sys.argv[1:]); print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    for cmd in ([sys.executable, "-m", "laser_export"], [sys.executable, "-c", code]):
+        res = subprocess.run([*cmd, "verify", str(recipe), "--report", str(tmp_path / "rep")], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path, env=env)
+        assert res.returncode == 2, res.stderr
+        assert "is a folder" in res.stderr and "unexpected" not in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout.strip() == "no torch"
 
 
 # ------------------------------------------------------------------------ numbered cases of issue 8
@@ -738,7 +940,7 @@ def test_counterfact_cache_is_keyed_by_full_url(tmp_path, monkeypatch):
 
 def test_weights_identity_changes_with_the_weights_not_the_path(ws, tmp_path):
     """The identity search results are keyed by: same weights elsewhere -> same id; new weights -> new id."""
-    from laser_export.sources import weights_identity
+    from laser_export.identity import weights_identity
 
     a = weights_identity(str(ws / "llama"))
     shutil.copytree(ws / "llama", tmp_path / "copy")

@@ -1,5 +1,6 @@
-"""The resumable results log and what keys it: the run key (weights identity, dtype, benchmark,
-validation-split sha256, storage). A rerun with the same key skips every candidate already measured;
+"""The resumable results log and what keys it: the run key (the content identity of the model,
+:func:`laser_export.identity.weights_identity`: weights, tokenizer, remote code; dtype, library versions,
+benchmark, validation-split sha256, storage). A rerun with the same key skips every candidate already measured;
 new weights at the same path get a new key, so old results are never reused for them."""
 
 from __future__ import annotations
@@ -7,10 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-# The identity of the weights (content hashes of headers, sizes and sampled data; never the path)
-# lives with the sources, where the baseline cache uses it too.
-from ..sources import weights_identity  # noqa: E402,F401
 
 
 def run_key(**parts) -> str:
