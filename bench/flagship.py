@@ -403,7 +403,8 @@ def llama_apply(args, work: Path) -> None:
     r = cli("apply", str(rec), "--out", str(work / "out-llama"))
     matrix = 11008 * 4096 * 2
     print(f"  laser-export apply (streaming)     {r['seconds']:7.1f} s  (peak RSS {r['maxrss'] / GB:.2f} GB = largest "
-          f"shard + {(r['maxrss'] - largest) / matrix:.1f}x one 11008x4096 fp16 matrix)", flush=True)
+          f"shard + {(r['maxrss'] - largest) / GB:.2f} GB; one 11008x4096 fp16 matrix is {matrix / GB:.2f} GB, "
+          f"{r['maxrss'] / model_bytes:.2f}x model bytes)", flush=True)
     shutil.rmtree(work / "out-llama")
     shutil.rmtree(src)
 

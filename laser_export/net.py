@@ -158,21 +158,16 @@ def _classes():
     return _CLASSES
 
 
-_INSTALLED: list = []
-
-
 def session():
     """huggingface_hub's shared HTTP client, with the deadline-aware client installed (public API:
-    ``set_client_factory`` / ``get_session``)."""
+    ``set_client_factory`` / ``get_session``; installed again if another factory replaced it)."""
     from huggingface_hub import get_session, set_client_factory
 
-    if not _INSTALLED:
-        classes = _classes()
-        base = get_session()
-        hooks = {k: list(v) for k, v in base.event_hooks.items()}
-        if not isinstance(base, classes["client"]):
-            set_client_factory(lambda: classes["client"](event_hooks=hooks, follow_redirects=True, timeout=None))
-        _INSTALLED.append(True)
+    client_class = _classes()["client"]
+    base = get_session()
+    if not isinstance(base, client_class):
+        hooks = {k: list(v) for k, v in base.event_hooks.items()}  # huggingface_hub's own (offline check, ids)
+        set_client_factory(lambda: client_class(event_hooks=hooks, follow_redirects=True, timeout=None))
     return get_session()
 
 

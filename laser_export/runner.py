@@ -87,8 +87,23 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
     return examples, info
 
 
+def _verify_writes(report: Path, n: int, cache) -> list[str]:
+    """What a verify writes, for --dry-run: the report, and the baseline cache entry (when the cache is used)."""
+    lines = [f"{report} (verify report; {count(n, 'example')} scored with the reduced model, and with the "
+             f"baseline unless the baseline cache holds it)"]
+    if cache is not None:
+        from .defaults import prefix_cache_gb
+
+        lines.append(f"{cache.root}/ (on a cache miss: the baseline entry, and the inputs of the reduced blocks "
+                     f"for replay if at most {prefix_cache_gb():g} GB, $LASER_EXPORT_PREFIX_CACHE_GB; --no-cache "
+                     "writes nothing there)")
+    return lines
+
+
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
-    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    from .intervene import describe_targets
+
+    targets = describe_targets(p.targets, p.family)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
@@ -179,8 +194,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     cache = _open_cache(opts.baseline_cache, opts.dry_run)
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
-        return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
-                                                                 "examples scored twice)"]))
+        return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
     measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
     report, _ = _execute(p, measure, None, progress=opts.progress)
     return RunResult(report_path=path, report=report)
@@ -210,10 +224,10 @@ def _prepare_out(p: Plan, out: Path, overwrite: bool, dry_run: bool = False) -> 
     check_output(out, overwrite=overwrite, protect=_protected(p))
 
 
-def _run_writes(p: Plan, out: Path, opts: RunOptions, report_path, selected, repo_id) -> list[str]:
+def _run_writes(p: Plan, out: Path, opts: RunOptions, report_path, selected, repo_id, cache) -> list[str]:
     writes = []
     if report_path is not None:
-        writes.append(f"{report_path} (verify report, {len(selected[0])} examples scored twice)")
+        writes += _verify_writes(report_path, len(selected[0]), cache)
     formats = " + ".join(p.recipe.export.formats)
     writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
                   + (", verify_report.json" if report_path is not None else "") + ")"
@@ -254,7 +268,7 @@ def run(opts: RunOptions) -> RunResult:
     selected = _select(p, opts.limit, opts.progress) if verifying else None
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,
-                         planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id)))
+                         planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id, cache)))
     if not verifying and recipe.claims is not None:
         console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
     job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), skip_verify=opts.skip_verify,

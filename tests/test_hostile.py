@@ -517,7 +517,8 @@ CASES: list[Case] = [
          setup=lambda c: ((c.tmp / ".out.old-999999999-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-999999999-x" / "old")),
          check=_old_export_intact, new=("out", "out/*")),
     Case("dry-run-plan", 0, "dry run: no weights loaded, nothing written", recipe=B(), argv=run_args("--dry-run"),
-         check=lambda c: "would write:" in c.data["stderr"] and "verify report, 30 examples" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
+         check=lambda c: "would write:" in c.data["stderr"] and "verify report; 30 examples scored with the reduced model" in c.data["stderr"]
+         and "baseline cache holds it" in c.data["stderr"] and "LASER_EXPORT_PREFIX_CACHE_GB" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
     Case("dry-run-verify", 0, "would write:", recipe=B(), argv=lambda c: ["verify", str(c.recipe), "--dry-run"]),
     Case("dry-run-still-checks-out", X, "already holds an export", setup=lambda c: c.copy_export(), argv=run_args("--dry-run")),
     Case("dry-run-reports-debris", 0, "would remove",
