@@ -101,7 +101,9 @@ def _verify_writes(report: Path, n: int, cache) -> list[str]:
 
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
-    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    from .intervene import describe_targets
+
+    targets = describe_targets(p.targets, p.family)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]

@@ -206,3 +206,26 @@ def test_variants_without_their_format_fail_check(tmp_path, capsys):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["check", str(tmp_path / "r.yaml")]) == 2
     assert "export.gguf_types needs gguf in export.formats" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_a_float16_smollm2_export(smollm2_gguf, tmp_path):
+    """A real model: SmolLM2-135M (GGUF source, tokenizer keys copied) exported in F16 and Q8_0; llama.cpp
+    generates from both, the F16 file greedily as transformers does on the F32 model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (see the README)")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                 dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    info = write_gguf(model, tmp_path / "s.gguf", arch="llama", dtype="float16", source_gguf=smollm2_gguf,
+                      name="smollm2-laser", quantized=["Q8_0"], provenance={"license": "apache-2.0"})
+    assert info["llama_cpp_keys_missing"] == [] and info["vocab"]["model"] == "gpt2"
+    prompt = tok("The capital of France is")["input_ids"]
+    want = _greedy_hf(model, prompt, 8)
+    for file, need in (("s.gguf", 1.0), ("s-Q8_0.gguf", 0.5)):
+        llm = llama_cpp.Llama(model_path=str(tmp_path / file), n_ctx=64, n_threads=2, verbose=False)
+        got = []
+        for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            got.append(t)
+            if len(got) == len(want):
+                break
+        assert sum(a == b for a, b in zip(got, want)) / len(want) >= need, (file, got, want)
