@@ -49,8 +49,11 @@ def test_prefix_cache_replay_on_an_offloaded_model(models):
     mask, pos = torch.ones_like(x), torch.arange(x.shape[1])[None].expand_as(x)
     cache = PrefixCache(disp, fam, 1, lazy_capture=True)
     with torch.no_grad():
-        base = cache.capture(disp, x, mask, pos).materialize()
+        base = cache.capture(disp, x, mask, pos)  # the first batch: the forward's logits, replay checked against them
+        assert cache.exact is True
         torch.testing.assert_close(base, plain(x).logits, rtol=0, atol=1e-5)
+        lazy = cache.capture(disp, x, mask, pos).materialize()  # later batches: body + lazy LM head
+        torch.testing.assert_close(lazy, plain(x).logits, rtol=0, atol=1e-5)
         undo = apply(disp, [Target(0, 1, "fc_in", 0.25)], family=fam, storage="factorised")
         replayed = cache.replay(1)(disp, x, mask, pos).materialize()
         torch.testing.assert_close(replayed, disp(x).logits, rtol=0, atol=1e-5)
