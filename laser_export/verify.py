@@ -16,7 +16,8 @@ from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
 from . import answer_balance, metrics as metrics_table
-from .evaluate import paired_bootstrap, score, scorer_for
+from .selection import score, scorer_for
+from .stats import paired_bootstrap
 from .metrics import format_value
 from .errors import CheckFailed
 from .pipeline import Loaded, Plan

@@ -15,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from .. import evaluate
+from .. import stats
 from ..architectures import num_layers
 from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
@@ -145,7 +145,7 @@ def _check_scorer(p) -> None:
     metric that another scorer serves (masked LMs, generation metrics) is refused here, before any weights
     load, rather than scored wrongly."""
     from ..benchmarks import BENCHMARKS
-    from ..evaluate import scorer_for
+    from ..selection import scorer_for
 
     scorer = scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
     if scorer != "causal":
@@ -248,10 +248,10 @@ def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
         "n": len(pr.split.test),
         "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
         "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
-        "delta_top1_bootstrap": evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1")),
+        "delta_top1_bootstrap": stats.paired_bootstrap(base.hits("top1"), red.hits("top1")),
     }
     if "top1_no_article" in base.metrics:
-        test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
+        test["delta_top1_no_article_bootstrap"] = stats.paired_bootstrap(
             base.hits("top1_no_article"), red.hits("top1_no_article"))
     from ..answer_balance import paired
 
