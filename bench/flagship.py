@@ -219,7 +219,7 @@ def reference_logits(recipe_path: Path, ids: Path) -> None:
 def load_and_score(recipe_path: Path, limit: int) -> dict:
     """laser-export's load (model.dtype / compute_dtype as the recipe says); then score ``limit`` examples of
     the split with the recipe's scorer (no reduction). Returns {"n", "seconds", "dtype"}."""
-    from laser_export.evaluate import score
+    from laser_export.selection import score
     from laser_export.pipeline import load_model, plan
     from laser_export.recipe import load_recipe
     from laser_export.verify import check_scorable, select_examples

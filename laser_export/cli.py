@@ -1,6 +1,6 @@
 """``laser-export`` command line: argparse, error lines and exit codes (no other module reads argparse
 or picks an exit code). The flags of every command are generated from the fields of its options
-dataclass (:mod:`laser_export.options`, :mod:`laser_export.search.options`): one source of truth for
+dataclass (:mod:`laser_export.options`): one source of truth for
 flags, defaults, help and validation.
 
 Importing this module imports neither torch nor transformers (so ``--help`` is instant), and every
@@ -123,14 +123,10 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def options_class(name: str):
-    if name == "search":
-        from .search.options import SearchOptions
-
-        return SearchOptions
     from . import options
 
     return {"run": options.RunOptions, "verify": options.VerifyOptions, "apply": options.ApplyOptions,
-            "push": options.PushOptions}.get(name)
+            "push": options.PushOptions, "search": options.SearchOptions}.get(name)
 
 
 def build_parser(name: str | None = None):
@@ -166,10 +162,15 @@ def cmd_check(args) -> int:
             console.print(f"[red]✗[/] {escape(named)}")
             status = EXIT_BAD_INPUT
             continue
+        from .intervene import describe_targets
+
         how = "recipe hints" if p.config_from_hints else "model config"
+        sites = describe_targets(p.targets, p.family)
+        # an MoE site from hints: its expert count is not known yet, so these are sites, not matrices
+        how_many = f"{len(p.targets)} sites" if "[all experts]" in sites else count(len(p.targets), "matrix", "matrices")
         console.print(
-            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {count(len(p.targets), 'matrix', 'matrices')} "
-            f"({', '.join(f'L{t.layer}.{t.alias}' for t in p.targets)}), checked against the {how}"
+            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {how_many} "
+            f"({escape(sites)}), checked against the {how}"
         )
     return status
 

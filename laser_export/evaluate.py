@@ -1,4 +1,5 @@
-"""Batched scoring of a Hugging Face causal LM on benchmark examples.
+"""The scorers: batched scoring of a Hugging Face causal or masked LM on benchmark examples (which scorer
+a family uses on a benchmark: :mod:`laser_export.selection`; confidence intervals: :mod:`laser_export.stats`).
 
 Every (example, candidate) pair becomes one row: the prompt token ids (with the tokenizer's BOS if it
 adds one) followed by the ids of ``" " + candidate`` tokenised on its own without special tokens.
@@ -240,11 +241,20 @@ def score_examples(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an eos token to pad with")
-    articles = article_token_ids(tokenizer)
+    rows, answer_first, stripped_first = _causal_rows(tokenizer, examples)
+    scored = _score_causal_rows(model, examples, rows, pad_id, article_token_ids(tokenizer), batch_size=batch_size,
+                                progress=progress, description=description, forward_fn=forward_fn)
+    per_example = [_causal_result(tokenizer, i, ex, scored, answer_first[i], stripped_first[i])
+                   for i, ex in enumerate(examples)]
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
 
+
+def _causal_rows(tokenizer, examples: Sequence[Example]) -> tuple[list[_Row], list[list[int]], list[list[int]]]:
+    """One row per (example, candidate); per example the first token of each answer and of each
+    article-stripped answer (empty for choice examples)."""
     rows: list[_Row] = []
-    answer_first: list[list[int]] = []  # per example: first token of each answer
-    stripped_first: list[list[int]] = []  # per example: first token of each article-stripped answer
+    answer_first: list[list[int]] = []
+    stripped_first: list[list[int]] = []
     for i, ex in enumerate(examples):
         prompt = _prompt_ids(tokenizer, ex.prompt)
         if not prompt:
@@ -259,16 +269,24 @@ def score_examples(
         stripped_first.append(
             [] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers]
         )
+    return rows, answer_first, stripped_first
 
-    cand_logprob: dict[tuple[int, int], float] = {}
-    cand_ntok: dict[tuple[int, int], int] = {}
-    next_token: dict[int, tuple[list[int], int]] = {}  # ex -> (top-10 ids, argmax without articles)
-    # progress is counted in examples: an example is done when the last of its rows (one per answer or
-    # choice, possibly in different batches) is scored
+
+@dataclass
+class _CausalScores:
+    logprob: dict = field(default_factory=dict)  # (example, candidate) -> summed log-prob
+    ntok: dict = field(default_factory=dict)  # (example, candidate) -> answer tokens
+    next_token: dict = field(default_factory=dict)  # example -> (top-10 ids, argmax without articles)
+
+
+def _score_causal_rows(model, examples, rows: list[_Row], pad_id: int, articles: list[int], *, batch_size: int,
+                       progress: bool, description: str, forward_fn) -> _CausalScores:
+    """The batch loop: length-sorted, left-padded batches; progress counted in examples (an example is
+    done when the last of its rows, possibly in another batch, is scored)."""
+    out = _CausalScores()
     rows_left = [0] * len(examples)
     for r in rows:
         rows_left[r.ex] += 1
-
     seqs = [r.prompt + r.cont[:-1] for r in rows]  # the last continuation token is never an input
     device = _model_device(model)
     article_idx = torch.tensor(articles, dtype=torch.long)
@@ -285,39 +303,33 @@ def score_examples(
                 row_logits = logits[b, first : first + len(r.cont)].float().cpu()
                 logp = torch.log_softmax(row_logits, dim=-1)
                 cont = torch.tensor(r.cont, dtype=torch.long)
-                key = (r.ex, r.cand)
-                cand_logprob[key] = float(logp.gather(1, cont[:, None]).sum())
-                cand_ntok[key] = len(r.cont)
+                out.logprob[(r.ex, r.cand)] = float(logp.gather(1, cont[:, None]).sum())
+                out.ntok[(r.ex, r.cand)] = len(r.cont)
                 if r.cand == 0 and not examples[r.ex].is_choice:
-                    next_token[r.ex] = _top_and_masked_argmax(row_logits[0], article_idx)
+                    out.next_token[r.ex] = _top_and_masked_argmax(row_logits[0], article_idx)
                 rows_left[r.ex] -= 1
                 done += rows_left[r.ex] == 0
             advance(done)
+    return out
 
-    per_example: list[dict] = []
-    for i, ex in enumerate(examples):
-        row: dict = {"id": ex.id}
-        if ex.is_choice:
-            lps = [cand_logprob[(i, j)] for j in range(len(ex.choices))]
-            pred = int(np.argmax(lps))
-            row.update(
-                choice_logprobs=lps,
-                prediction=pred,
-                label=ex.label,
-                accuracy=pred == ex.label,
-                top1=pred == ex.label,
-            )
-        else:
-            top, masked_argmax = next_token[i]
-            _first_token_hits(row, top, masked_argmax, answer_first[i], stripped_first[i])
-            best = max(range(len(ex.answers)), key=lambda j: cand_logprob[(i, j)])
-            row["logprob"] = cand_logprob[(i, best)]
-            row["n_answer_tokens"] = cand_ntok[(i, best)]
-            row["logloss"] = -row["logprob"] / row["n_answer_tokens"]
-            row["predicted_token"] = tokenizer.decode([top[0]])
-        per_example.append(row)
 
-    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+def _causal_result(tokenizer, i: int, ex: Example, scored: _CausalScores, firsts: list[int],
+                   stripped: list[int]) -> dict:
+    row: dict = {"id": ex.id}
+    if ex.is_choice:
+        lps = [scored.logprob[(i, j)] for j in range(len(ex.choices))]
+        pred = int(np.argmax(lps))
+        row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
+                   top1=pred == ex.label)
+        return row
+    top, masked_argmax = scored.next_token[i]
+    _first_token_hits(row, top, masked_argmax, firsts, stripped)
+    best = max(range(len(ex.answers)), key=lambda j: scored.logprob[(i, j)])
+    row["logprob"] = scored.logprob[(i, best)]
+    row["n_answer_tokens"] = scored.ntok[(i, best)]
+    row["logloss"] = -row["logprob"] / row["n_answer_tokens"]
+    row["predicted_token"] = tokenizer.decode([top[0]])
+    return row
 
 
 def score_masked(
@@ -356,10 +368,26 @@ def score_masked(
     if pad_id is None:
         raise ValueError("masked-LM scoring needs a tokenizer with a pad token")
     articles = torch.tensor(article_token_ids(tokenizer), dtype=torch.long)
+    rows, at, targets, stripped = _masked_rows(tokenizer, examples, mask_id, mask_token)
+    at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
 
-    rows: list[list[int]] = []  # ids per example
-    at: list[int] = []  # mask position per example
-    targets: list[list[int]] = []  # per example: first token of each answer / choice
+    def read(batch, ids, logits):
+        for b, r in enumerate(batch):
+            at_mask[r] = torch.log_softmax(logits[b, at[r]].float().cpu(), dim=-1)
+
+    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
+                    progress=progress, description=description)
+    per_example = [_masked_result(tokenizer, ex, at_mask[i], targets[i], stripped[i], articles)
+                   for i, ex in enumerate(examples)]
+    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+
+
+def _masked_rows(tokenizer, examples: Sequence[Example], mask_id: int, mask_token: str):
+    """Per example: its ids (one mask token), the mask position, the first token of each answer/choice
+    and of each article-stripped answer."""
+    rows: list[list[int]] = []
+    at: list[int] = []
+    targets: list[list[int]] = []
     stripped: list[list[int]] = []
     limit = getattr(tokenizer, "model_max_length", None)
     limit = limit if isinstance(limit, int) and 2 < limit < 1_000_000 else None
@@ -372,9 +400,8 @@ def score_masked(
             raise ValueError(f"example {ex.id!r}: masked prompt has {len(where)} mask tokens, expected exactly 1")
         rows.append(ids)
         at.append(where[0])
-        candidates = _candidates(ex)
         firsts = []
-        for cand in candidates:
+        for cand in _candidates(ex):
             cont = _continuation_ids(tokenizer, cand)
             if not cont:
                 raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
@@ -385,34 +412,25 @@ def score_masked(
             )
         targets.append(firsts)
         stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
+    return rows, at, targets, stripped
 
-    at_mask: dict[int, torch.Tensor] = {}  # example -> log-probs at the mask (vocab,)
 
-    def read(batch, ids, logits):
-        for b, r in enumerate(batch):
-            at_mask[r] = torch.log_softmax(logits[b, at[r]].float().cpu(), dim=-1)
-
-    _masked_batches(model, rows, read, pad_id=pad_id, batch_size=batch_size, forward_fn=forward_fn,
-                    progress=progress, description=description)
-
-    per_example: list[dict] = []
-    for i, ex in enumerate(examples):
-        logp = at_mask[i]
-        row: dict = {"id": ex.id}
-        if ex.is_choice:
-            lps = [float(logp[t]) for t in targets[i]]
-            pred = int(np.argmax(lps))
-            row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
-                       top1=pred == ex.label, logprob=lps[ex.label], logloss=-lps[ex.label])
-        else:
-            top, masked_argmax = _top_and_masked_argmax(logp, articles)
-            _first_token_hits(row, top, masked_argmax, targets[i], stripped[i])
-            row["logprob"] = max(float(logp[t]) for t in targets[i])
-            row["n_answer_tokens"] = 1
-            row["logloss"] = -row["logprob"]
-            row["predicted_token"] = tokenizer.decode([top[0]])
-        per_example.append(row)
-    return ScoreResult(per_example=per_example, metrics=_means(per_example))
+def _masked_result(tokenizer, ex: Example, logp: torch.Tensor, targets: list[int], stripped: list[int],
+                   articles: torch.Tensor) -> dict:
+    row: dict = {"id": ex.id}
+    if ex.is_choice:
+        lps = [float(logp[t]) for t in targets]
+        pred = int(np.argmax(lps))
+        row.update(choice_logprobs=lps, prediction=pred, label=ex.label, accuracy=pred == ex.label,
+                   top1=pred == ex.label, logprob=lps[ex.label], logloss=-lps[ex.label])
+        return row
+    top, masked_argmax = _top_and_masked_argmax(logp, articles)
+    _first_token_hits(row, top, masked_argmax, targets, stripped)
+    row["logprob"] = max(float(logp[t]) for t in targets)
+    row["n_answer_tokens"] = 1
+    row["logloss"] = -row["logprob"]
+    row["predicted_token"] = tokenizer.decode([top[0]])
+    return row
 
 
 _PUNCT = re.compile(r"[^\w\s]")
@@ -532,39 +550,6 @@ GENERATION_SCORERS = _metrics.GENERATION_SCORERS
 GENERATION_METRICS = _metrics.GENERATION
 
 
-def scorer_for(family, spec, metric: str | None = None) -> str:
-    """The scorer for a family (``Family.scorers``, in its order of preference) on a benchmark
-    (``BenchmarkSpec.scorers``); with ``metric``, one that computes it (a generation metric needs a
-    generation scorer). ValueError naming the recipe field when none applies (``check`` reports it)."""
-    pair = [s for s in family.scorers if s in spec.scorers]
-    if not pair:
-        raise ValueError(
-            f"benchmark.name: {spec.name} is scored by the {' or '.join(spec.scorers)} scorer; "
-            f"{family.name} has only {', '.join(family.scorers)}"
-        )
-    if metric is not None:
-        known = _metrics.METRICS.get(metric)
-        wants_generation = known is not None and "generation" in known.kinds
-        fit = [s for s in pair if s in known.scorers] if known else [s for s in pair if s not in GENERATION_SCORERS]
-        if not fit:
-            kind = "a generation" if wants_generation else "a single-position"
-            raise ValueError(
-                f"benchmark.metric: {metric} needs {kind} scorer; {family.name} scores {spec.name} with "
-                f"{', '.join(pair)}"
-            )
-        return fit[0]
-    return pair[0]
-
-
-def score(scorer: str, model, tokenizer, examples: Sequence[Example], **options) -> ScoreResult:
-    """Score with the named scorer (see :data:`SCORERS`)."""
-    try:
-        fn = SCORERS[scorer]
-    except KeyError:
-        raise ValueError(f"unknown scorer {scorer!r}; known: {', '.join(SCORERS)}") from None
-    return fn(model, tokenizer, examples, **options)
-
-
 def _means(per_example: list[dict]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name in _MEAN_METRICS:
@@ -575,51 +560,11 @@ def _means(per_example: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Paired bootstrap of ``mean(b - a)`` over examples.
-
-    ``a``/``b`` are per-example values (e.g. ``ScoreResult.hits("top1")``) for the *same* examples in
-    the same order. Example indices are resampled with replacement ``n_resamples`` times
-    (``numpy.random.default_rng(seed)``); the 95% CI is the 2.5/97.5 percentile of the resampled means.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired_bootstrap needs two 1-D arrays of equal length, got {a.shape} and {b.shape}")
-    n = a.shape[0]
-    if n == 0:
-        raise ValueError("paired_bootstrap needs at least one example")
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
-    diff = b - a
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples, dtype=np.float64)
-    chunk = max(1, 2_000_000 // n)  # bound memory: chunk x n indices at a time
-    for s in range(0, n_resamples, chunk):
-        m = min(chunk, n_resamples - s)
-        idx = rng.integers(0, n, size=(m, n))
-        means[s : s + m] = diff[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"estimate": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
-
-
-#: Scorer name (the names used in ``Family.scorers`` / ``BenchmarkSpec.scorers``) -> function.
-SCORERS = {
-    "causal": score_examples,
-    "masked": score_masked,
-    "generate": score_generate,
-    "masked_generate": score_masked_generate,
-}
-
 __all__ = [
     "GENERATION_METRICS",
     "GENERATION_SCORERS",
-    "SCORERS",
-    "score",
-    "scorer_for",
     "ScoreResult",
     "article_token_ids",
-    "paired_bootstrap",
     "score_examples",
     "score_generate",
     "score_masked_generate",

@@ -109,6 +109,24 @@ def _experts(i: int, iv: Intervention, family: Family, alias: str, config, probl
     return list(chosen)
 
 
+def describe_targets(targets: Sequence[Target], family: Family) -> str:
+    """``L28.fc_in, L29.fc_out`` — an MoE site once, with its expert count (``L28.fc_in[8 experts]``;
+    ``[all experts]`` when the count is not known yet, from recipe hints)."""
+    from .architectures import matrix_spec
+
+    sites: dict[tuple[int, str], list] = {}
+    for t in targets:
+        sites.setdefault((t.layer, t.alias), []).append(t.expert)
+    out = []
+    for (layer, alias), experts in sites.items():
+        if experts != [None]:
+            tail = f"[{len(experts)} expert{'s' if len(experts) > 1 else ''}]"
+        else:
+            tail = "[all experts]" if matrix_spec(family, alias).experts is not None else ""
+        out.append(f"L{layer}.{alias}{tail}")
+    return ", ".join(out)
+
+
 @dataclass
 class SVDCache:
     """Each matrix's SVD computed once (keyed by module name) and reused for every rank it holds.
@@ -306,6 +324,9 @@ def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCac
 
     ref = block_ref(model, family, t.layer, t.alias, t.expert)
     matrix = ref.matrix(model)
+    if matrix.device.type == "meta":
+        raise ArchitectureError(f"{t.field}: {ref.name} is offloaded by the device_map; fused tensors (row blocks, "
+                                "MoE experts) are reduced only when they are loaded on a device")
     itemsize = matrix.element_size()
     if k == min(shape):  # full rank: left bit-exact
         return None, _matrix_entry(t, ref.name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix))

@@ -6,7 +6,7 @@ labels, verify's table formatting). The table's order is the order they are repo
 
 ``kind`` says which examples have the metric: ``first_token`` (open-ended answers scored at the next
 token / the mask), ``choice`` (multiple choice) or ``generation`` (generated text). ``scorers`` are
-the scorers of :data:`laser_export.evaluate.SCORERS` that compute it.
+the scorers of :data:`laser_export.selection.SCORERS` that compute it.
 """
 
 from __future__ import annotations

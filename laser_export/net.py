@@ -13,7 +13,9 @@ client (same event hooks as huggingface_hub's own) whose ``send`` clamps each re
 connect/read/write timeouts to the time left, checks the deadline between the chunks of every body it
 reads, and raises ``DeadlineExceeded`` (an ``httpx2.TransportError`` that huggingface_hub does
 *not* retry) once it has passed, so its own retries (5, with back-off) cannot stretch the wait.
-Transfers that bypass httpx (Xet uploads/downloads through ``hf_xet``) are not covered.
+Transfers that bypass httpx (Xet uploads/downloads through ``hf_xet``) are not covered: a file the Hub
+announces as Xet-backed (``X-Xet-Hash``) credits the operation with its size, so the requests that follow
+its Xet download are not refused for the time the download took.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ def _classes():
                 if expired():
                     raise _DeadlineExceeded(_message(), request=request) from err
                 raise
+            if "x-xet-hash" in response.headers:  # the file's bytes will move over Xet, outside httpx:
+                _credit(int(response.headers.get("x-linked-size") or 0))  # don't expire while they do
             response.stream = _Stream(response.stream, request)
             if not stream:
                 try:
@@ -154,21 +158,16 @@ def _classes():
     return _CLASSES
 
 
-_INSTALLED: list = []
-
-
 def session():
     """huggingface_hub's shared HTTP client, with the deadline-aware client installed (public API:
-    ``set_client_factory`` / ``get_session``)."""
+    ``set_client_factory`` / ``get_session``; installed again if another factory replaced it)."""
     from huggingface_hub import get_session, set_client_factory
 
-    if not _INSTALLED:
-        classes = _classes()
-        base = get_session()
-        hooks = {k: list(v) for k, v in base.event_hooks.items()}
-        if not isinstance(base, classes["client"]):
-            set_client_factory(lambda: classes["client"](event_hooks=hooks, follow_redirects=True, timeout=None))
-        _INSTALLED.append(True)
+    client_class = _classes()["client"]
+    base = get_session()
+    if not isinstance(base, client_class):
+        hooks = {k: list(v) for k, v in base.event_hooks.items()}  # huggingface_hub's own (offline check, ids)
+        set_client_factory(lambda: client_class(event_hooks=hooks, follow_redirects=True, timeout=None))
     return get_session()
 
 

@@ -105,7 +105,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
             raise RecipeError([
                 f"benchmark.name: unknown benchmark {bench.name!r}; known: {', '.join(sorted(BENCHMARKS))}"
             ])
-        from .evaluate import scorer_for
+        from .selection import scorer_for
 
         if bench.metric not in spec.metrics:
             raise RecipeError([

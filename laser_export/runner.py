@@ -26,6 +26,16 @@ from .policy import check_report_path, report_path as _report_path
 from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
 
+
+class ClaimsFailed(CheckFailed):
+    """The recipe's claims do not hold on its split (the report was written; nothing was exported)."""
+
+    def __init__(self, message: str, report: dict, report_path: Path):
+        super().__init__(message)
+        self.report = report
+        self.report_path = report_path
+
+
 @dataclass
 class RunResult:
     out: Path | None = None
@@ -77,8 +87,23 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
     return examples, info
 
 
+def _verify_writes(report: Path, n: int, cache) -> list[str]:
+    """What a verify writes, for --dry-run: the report, and the baseline cache entry (when the cache is used)."""
+    lines = [f"{report} (verify report; {count(n, 'example')} scored with the reduced model, and with the "
+             f"baseline unless the baseline cache holds it)"]
+    if cache is not None:
+        from .defaults import prefix_cache_gb
+
+        lines.append(f"{cache.root}/ (on a cache miss: the baseline entry, and the inputs of the reduced blocks "
+                     f"for replay if at most {prefix_cache_gb():g} GB, $LASER_EXPORT_PREFIX_CACHE_GB; --no-cache "
+                     "writes nothing there)")
+    return lines
+
+
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
-    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    from .intervene import describe_targets
+
+    targets = describe_targets(p.targets, p.family)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
@@ -96,18 +121,25 @@ class _Measure:
     limit: int | None = None
     progress: bool = True
     prefix_cache: bool = True
-    baseline_cache: bool = True
+    baseline_cache: object = None  # the opened BaselineCache (None: --no-cache or an unusable folder)
+
+
+def _open_cache(enabled: bool, dry_run: bool):
+    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
+    from .baseline_cache import BaselineCache
+
+    cache = BaselineCache.open(enabled, clean=not dry_run)
+    return cache if cache.enabled else None
 
 
 def _measure_reduce(p: Plan, loaded, m: _Measure | None, progress: bool) -> dict | None:
     """baseline (when measuring) → reduce (the explicit step) → reduced; returns the report (None: no measure)."""
     session = None
     if m is not None:
-        from .baseline_cache import BaselineCache
         from .verify import Measurement
 
         session = Measurement(p, loaded, limit=m.limit, progress=m.progress, selected=m.selected,
-                              prefix_cache=m.prefix_cache, baseline_cache=BaselineCache() if m.baseline_cache else None)
+                              prefix_cache=m.prefix_cache, baseline_cache=m.baseline_cache)
         session.baseline()
     reduce_loaded(p, loaded, progress=progress)
     return session.reduced() if session is not None else None
@@ -159,11 +191,11 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
+    cache = _open_cache(opts.baseline_cache, opts.dry_run)
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
-        return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
-                                                                 "examples scored twice)"]))
-    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, opts.baseline_cache)
+        return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
+    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
     report, _ = _execute(p, measure, None, progress=opts.progress)
     return RunResult(report_path=path, report=report)
 
@@ -192,10 +224,10 @@ def _prepare_out(p: Plan, out: Path, overwrite: bool, dry_run: bool = False) -> 
     check_output(out, overwrite=overwrite, protect=_protected(p))
 
 
-def _run_writes(p: Plan, out: Path, opts: RunOptions, report_path, selected, repo_id) -> list[str]:
+def _run_writes(p: Plan, out: Path, opts: RunOptions, report_path, selected, repo_id, cache) -> list[str]:
     writes = []
     if report_path is not None:
-        writes.append(f"{report_path} (verify report, {len(selected[0])} examples scored twice)")
+        writes += _verify_writes(report_path, len(selected[0]), cache)
     formats = " + ".join(p.recipe.export.formats)
     writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
                   + (", verify_report.json" if report_path is not None else "") + ")"
@@ -232,16 +264,17 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
+    cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
     selected = _select(p, opts.limit, opts.progress) if verifying else None
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,
-                         planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id)))
+                         planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id, cache)))
     if not verifying and recipe.claims is not None:
         console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
     job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), skip_verify=opts.skip_verify,
                     repo_id=opts.repo_id, private=opts.private, progress=opts.progress)
     measure = _Measure(selected, report_path, opts.limit, opts.progress, opts.prefix_cache,
-                       opts.baseline_cache) if verifying else None
+                       cache) if verifying else None
     report, manifest = _execute(p, measure, job, stream=opts.stream, progress=opts.progress)
     _exported(out, manifest, "streamed, " if opts.stream else "")
     result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest.to_json())

@@ -14,7 +14,6 @@ Forms accepted for ``source``:
 from __future__ import annotations
 
 from .errors import InputError
-import hashlib
 import importlib.util
 import json
 import os
@@ -237,49 +236,6 @@ def check_safetensors_file(path: Path) -> dict:
             f"model.source: {path} is truncated or corrupt: its header announces {8 + n + end} bytes, the file has {size}"
         )
     return header
-
-
-def weights_identity(source: "ResolvedSource | str", revision: str | None = None) -> str:
-    """A short content identity of a source's weights, to key caches and resumable results.
-
-    Hashes, per weights file (safetensors or GGUF; sorted by name): its name, size, header (the
-    safetensors JSON header, or the first 1 MiB of a GGUF, which holds its metadata and tensor
-    table) and 16 evenly spaced 64 KiB samples of its data, plus ``config.json``. New weights at the
-    same path give a new identity; copying or touching the files does not. Reads at most ~2 MiB per
-    file. A Hub source not in the local cache is identified by ``hub:ID@REVISION``.
-    """
-    src = resolve_source(source, revision) if isinstance(source, str) else source
-    files: list[Path] = []
-    if src.gguf_file:
-        files = [Path(src.location) / src.gguf_file]
-        folder = None
-    else:
-        folder = Path(src.location)
-        if src.kind == "hub":
-            try:
-                from huggingface_hub import snapshot_download
-
-                folder = Path(snapshot_download(src.location, revision=src.revision, local_files_only=True))
-            except Exception:  # noqa: BLE001 - not cached: the id and revision are all we know
-                return hashlib.sha256(f"hub:{src.location}@{src.revision or 'main'}".encode()).hexdigest()[:32]
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.gguf")) + sorted(folder.glob("*.bin"))
-    h = hashlib.sha256()
-    if folder is not None and (folder / "config.json").is_file():
-        h.update(b"config.json\0" + (folder / "config.json").read_bytes())
-    for file in files:
-        size = file.stat().st_size
-        h.update(f"{file.name}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if file.suffix == ".safetensors":
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                h.update(head + f.read(min(n, 100 << 20)))
-            else:
-                h.update(f.read(1 << 20))
-            for i in range(16):
-                f.seek(size * i // 16)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()[:32]
 
 
 def _package_file(spec: str) -> tuple[str, str]:

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from .benchmarks import BenchmarkError, examples_sha256, load_split
 from . import answer_balance, metrics as metrics_table
-from .evaluate import paired_bootstrap, score, scorer_for
+from .selection import score, scorer_for
+from .stats import paired_bootstrap
 from .metrics import format_value
 from .errors import CheckFailed
 from .pipeline import Loaded, Plan
@@ -65,15 +66,21 @@ def check_scorable(p: Plan) -> str:
         raise BenchmarkError(str(err)) from None
 
 
-def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict:
-    from .baseline_cache import model_identity, scorer_version
+def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict, memo_dir=None) -> dict:
+    """What the baseline scores depend on, by content (:mod:`laser_export.identity`): the model's files (or
+    its Hub commit), the load dtype and device type, library versions, the examples' SHA-256, the scorer."""
+    from .baseline_cache import scorer_version
     from .evaluate import _model_device
+    from .identity import library_versions, model_identity
 
+    m = p.recipe.model
     return {
-        "model": model_identity(p.source, loaded.model.config),
-        "dtype": p.recipe.model.dtype,
+        "model": model_identity(p.source, getattr(loaded.model.config, "_commit_hash", None), memo_dir),
+        "trust_remote_code": bool(m.trust_remote_code),
+        "dtype": m.dtype,
         **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
         "device": _model_device(loaded.model).type,
+        "libraries": library_versions(),
         "benchmark": info["name"],
         "examples_sha256": info["examples_sha256"],
         "batch_size": p.recipe.benchmark.batch_size,
@@ -129,40 +136,55 @@ def _score_baseline(p: Plan, loaded: Loaded, passes: PairedPasses, info, *, base
 
     With a baseline cache, a hit needs the stored prefix too when the reduced pass would replay one
     (``passes.cache``): it is loaded into ``passes``; without it the baseline is scored again as the
-    capture pass, and both are stored. A hit whose prefix is skipped (over the budget, no prefix cache)
-    leaves ``passes`` without a recording: the reduced model is then scored with full forwards."""
-    if baseline_cache is None:
-        return passes.baseline(), None
+    capture pass, and both are stored. A hit whose prefix is skipped (over the budget, no prefix cache,
+    a replay that is not the model's forward) leaves ``passes`` without a recording: the reduced model is
+    then scored with full forwards. The report names the entry by key and file name (never a local path)."""
+    if baseline_cache is None or not baseline_cache.enabled:
+        base = passes.baseline()
+        _drop_inexact(passes)
+        return base, None
     from .baseline_cache import PrefixStatus, prefix_identity
 
     no_prefix = "no prefix cache (--no-prefix-cache or a non-causal scorer)"
-    identity = _baseline_identity(p, loaded, info, extra)
+    identity = _baseline_identity(p, loaded, info, extra, baseline_cache.memo_dir())
     key = baseline_cache.key(identity)
-    path = str(baseline_cache.path(key))
+    name = baseline_cache.path(key).name
     pid = None if passes.cache is None else prefix_identity(passes.cache)
-    base, why = baseline_cache.load(key), "no cached baseline"
+    base, why = baseline_cache.load(key, identity, [ex.id for ex in passes.examples])
     if base is not None:
         pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
                else baseline_cache.load_prefix(key, pid, passes.cache))
         if pre.status != "miss":
             if pre.status == "hit":
-                console.print(f"baseline and prefix from cache {path} ({pre.bytes / 2**20:.1f} MiB prefix; "
+                console.print(f"baseline and prefix from cache entry {key} ({pre.bytes / 2**20:.1f} MiB prefix; "
                               "--no-cache scores again)")
             else:  # the reduced model is scored with full forwards
-                console.print(f"baseline from cache {path}; prefix {pre.reason}: full forwards (--no-cache scores again)")
+                console.print(f"baseline from cache entry {key}; prefix {pre.reason}: full forwards "
+                              "(--no-cache scores again)")
                 passes.forget_prefix()
-            return base, {"hit": True, "key": key, "path": path, "prefix": pre.report()}
+            return base, {"hit": True, "status": "hit", "key": key, "path": name, "prefix": pre.report()}
         why = pre.reason
-        console.print(f"baseline cache: {why}; scoring the baseline again to capture it")
+    console.print(f"baseline cache: {why}; scoring the baseline" + ("" if passes.cache is None else " (capture)"))
     base = passes.baseline()
-    stored = baseline_cache.store(key, identity, base)
+    stored, not_stored = baseline_cache.store(key, identity, base)
+    if not_stored:
+        console.print(f"[yellow]warning:[/] baseline not cached: {not_stored}")
     pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
            else baseline_cache.store_prefix(key, pid, passes.cache))
     if pre.status == "skipped" and passes.cache is not None:
         console.print(f"prefix not cached: {pre.reason}")
     if pre.status == "miss":
         pre.reason = why
-    return base, {"hit": False, "key": key, "path": str(stored) if stored else None, "prefix": pre.report()}
+    _drop_inexact(passes)
+    return base, {"hit": False, "status": "stored" if stored else "miss", "key": key,
+                  "path": name if stored else None, "reason": not_stored, "prefix": pre.report()}
+
+
+def _drop_inexact(passes: PairedPasses) -> None:
+    """The capture found that replay is not the model's forward: the reduced pass runs full forwards."""
+    if passes.cache is not None and passes.cache.exact is False:
+        console.print(f"prefix cache: {passes.cache.inexact_reason}")
+        passes.forget_prefix()
 
 
 class ScoresNotFinite(CheckFailed):
@@ -192,11 +214,14 @@ def _check_finite(side: str, metrics: dict, model, dtype: str | None) -> None:
 
 def report_model(p: Plan) -> dict:
     """What identifies the measured model in a report: its public source, revision, weights identity, dtype."""
+    from .baseline_cache import memo_dir_if_present
     from .export.manifest import public_source
-    from .sources import weights_identity
+    from .identity import digest, model_identity
 
-    return {"source": public_source(p.source), "revision": p.source.revision,
-            "weights": weights_identity(p.source), "dtype": p.loaded_dtype or p.recipe.model.dtype}
+    # a Hub source: the commit its config came from (the same on any machine, whatever is cached there)
+    identity = model_identity(p.source, commit=getattr(p.config, "_commit_hash", None), memo_dir=memo_dir_if_present())
+    return {"source": public_source(p.source), "revision": p.source.revision, "weights": digest(identity),
+            "dtype": p.loaded_dtype or p.recipe.model.dtype}
 
 
 class Measurement:
@@ -306,7 +331,7 @@ def _perplexity_report(opts, base: dict | None, red: dict | None) -> dict | None
         return None
     return {
         **{k: v for k, v in vars(opts).items() if k != "max_tokens"},
-        "path": None if opts.path is None else str(opts.path),
+        "path": None if opts.path is None else Path(opts.path).name,  # a report is published: no local path
         "n_tokens": base["n_tokens"],
         "baseline": base["perplexity"],
         "reduced": red["perplexity"],

@@ -36,6 +36,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
 import shutil
 import threading
@@ -178,7 +179,10 @@ class HubServer:
             target = folder / path
             target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(blob, LfsObject):
-                shutil.copyfile(blob.path, target)  # streamed copy
+                try:
+                    os.link(blob.path, target)  # no second copy of a multi-GB object
+                except OSError:
+                    shutil.copyfile(blob.path, target)  # streamed copy
             else:
                 target.write_bytes(blob)
 

@@ -6,7 +6,8 @@ import torch
 
 import laser_export.evaluate as ev
 from laser_export.benchmarks import Example
-from laser_export.evaluate import ScoreResult, article_token_ids, paired_bootstrap, score_examples, strip_leading_article
+from laser_export.evaluate import ScoreResult, article_token_ids, score_examples, strip_leading_article
+from laser_export.stats import paired_bootstrap
 
 CORPUS = [
     "The mother tongue of Danielle Darrieux is French",

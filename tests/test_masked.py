@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from laser_export.benchmarks import Example
-from laser_export.evaluate import score, score_examples, score_masked
+from laser_export.evaluate import score_examples, score_masked
+from laser_export.selection import score
 from tinymodels import V, save_tiny, tiny_mlm_tokenizer, tiny_model
 
 WORDS = [f"w{i}" for i in range(4, 100)]
@@ -200,7 +201,7 @@ def test_roberta_verifies_and_exports_end_to_end(ws, tmp_path):
 def test_roberta_on_hotpot_uses_masked_generation(ws, tmp_path, capsys):
     from laser_export.benchmarks import BENCHMARKS
     from laser_export.cli import main
-    from laser_export.evaluate import scorer_for
+    from laser_export.selection import scorer_for
     from laser_export.architectures import family_for
 
     assert scorer_for(family_for("roberta"), BENCHMARKS["hotpot_qa"]) == "masked_generate"
@@ -227,7 +228,7 @@ def test_masked_generation_batched_equals_one_and_reads_the_masks():
 def test_the_metric_picks_the_scorer():
     from laser_export.architectures import family_for
     from laser_export.benchmarks import BENCHMARKS
-    from laser_export.evaluate import scorer_for
+    from laser_export.selection import scorer_for
 
     cf, wiki, hot = BENCHMARKS["counterfact"], BENCHMARKS["qa_wikidata"], BENCHMARKS["hotpot_qa"]
     llama, roberta = family_for("llama"), family_for("roberta")

@@ -343,3 +343,27 @@ def _seed(hub: HubServer, repo_id: str, folder: Path) -> None:
     repo = Repo(repo_id=repo_id, private=False)
     hub.repos[repo_id] = repo
     hub.new_commit(repo, "seed", {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+
+
+def test_a_xet_backed_file_credits_the_deadline_for_its_size(hub_online):
+    """Xet downloads run outside httpx: the requests after one must not be refused for the time it took."""
+    from laser_export import net
+
+    def xet_head(req):
+        req.send_response(200)
+        req.send_header("X-Xet-Hash", "ab" * 32)
+        req.send_header("X-Linked-Size", str(100 * net.MIN_RATE))
+        req.send_header("Content-Length", "0")
+        req.end_headers()
+
+    server = _Serve(xet_head)
+    try:
+        with net.deadline(0.5):
+            net.session().get(server.url + "/a")
+            time.sleep(0.8)  # "the Xet download"
+            assert net.session().get(server.url + "/b").status_code == 200
+        with net.deadline(0.5), pytest.raises(Exception, match="deadline"):  # without the header: refused
+            time.sleep(0.8)
+            net.session().get(server.url + "/c")
+    finally:
+        server.close()

@@ -9,7 +9,7 @@ import yaml
 
 from laser_export.benchmarks import BENCHMARKS
 from laser_export.cli import main
-from laser_export.evaluate import scorer_for
+from laser_export.selection import scorer_for
 from laser_export.pipeline import plan
 from laser_export.recipe import load_recipe
 

@@ -43,21 +43,24 @@ class ExportFormat(Protocol):
 
 
 class OnnxFormat:
-    """``onnx/model.onnx`` (+ external data), checked against onnxruntime (:func:`export.onnx.export_onnx`)."""
+    """``onnx/model.onnx`` or ``model_fp16.onnx`` (+ external data, + ``model_quantized.onnx`` on request), checked
+    against onnxruntime (:func:`export.onnx.export_onnx`)."""
 
     name, needs_model = "onnx", True
 
     def write(self, x: FormatInput) -> OnnxInfo:
-        from .onnx import export_onnx
+        from .onnx import export_onnx, write_transformers_js_config
 
         export = x.plan.recipe.export
         quiet = contextlib.redirect_stdout(io.StringIO()) if not x.progress else contextlib.nullcontext()
         with status("exporting ONNX and checking parity with onnxruntime", x.progress), quiet:  # torch.onnx prints
             info = export_onnx(x.model, x.tokenizer, x.folder / "onnx", with_past=export.onnx_with_past,
-                               tolerance=export.onnx_tolerance)
-        for key in ("file", "external_data"):  # the layout transformers.js and optimum expect
-            if info.get(key):
-                info[key] = f"onnx/{info[key]}"
+                               tolerance=export.onnx_tolerance, quantized=export.onnx_quantized)
+        write_transformers_js_config(x.folder, info)  # transformers.js_config in config.json (external data, fp16)
+        for entry in (info, info.get("quantized") or {}):  # the layout transformers.js and optimum expect
+            for key in ("file", "external_data"):
+                if entry.get(key):
+                    entry[key] = f"onnx/{entry[key]}"
         console.print(f"ONNX parity: max |Δlogits| {info['max_abs_diff']:.2e} ≤ {info['tolerance']:.0e} "
                       "(onnxruntime vs torch, padded batch + decode step)")
         return OnnxInfo.model_validate(info)

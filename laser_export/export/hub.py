@@ -11,6 +11,7 @@ import fnmatch
 import os
 import shlex
 import stat
+import warnings
 from pathlib import Path
 
 from ..errors import CheckFailed
@@ -196,8 +197,10 @@ def _commit(root: Path, files: list[str], repo_id: str, *, private, token, endpo
     if not xet:  # the LFS batch call needs every sha256: hash here (local work) rather than on the clock
         for operation in operations:
             operation.upload_info.sha256  # noqa: B018 - computed and cached by huggingface_hub
-    with deadline(None if xet else timeout) as op:
+    with deadline(None if xet else timeout) as op, warnings.catch_warnings():
         steps.append(op)
+        # huggingface_hub's own LFS PUT passes a file as data=: httpx2's deprecation notice is not the user's
+        warnings.filterwarnings("ignore", message="Use 'content=", category=DeprecationWarning)
         api.preupload_lfs_files(repo_id, additions=operations, repo_type="model", revision=revision)
     with deadline(timeout) as op:
         steps.append(op)

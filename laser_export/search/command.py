@@ -15,16 +15,17 @@ from functools import partial
 from pathlib import Path
 from typing import Sequence
 
-from .. import evaluate
+from .. import stats
 from ..architectures import num_layers
 from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
-from .options import SearchOptions
+from ..options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
-from ..sources import weights_identity
+from ..baseline_cache import memo_dir_if_present
+from ..identity import library_versions, weights_identity
 from .results import ResultsLog, run_key
 from .sweep import KEPT_METRICS, evaluate_recipe, run_search
 
@@ -144,7 +145,7 @@ def _check_scorer(p) -> None:
     metric that another scorer serves (masked LMs, generation metrics) is refused here, before any weights
     load, rather than scored wrongly."""
     from ..benchmarks import BENCHMARKS
-    from ..evaluate import scorer_for
+    from ..selection import scorer_for
 
     scorer = scorer_for(p.family, BENCHMARKS[p.recipe.benchmark.name], p.recipe.benchmark.metric)
     if scorer != "causal":
@@ -185,8 +186,9 @@ def prepare(opts: SearchOptions) -> _Prepared:
         raise RecipeError([f"benchmark: the split has {len(validation)} validation and {len(split.test)} test examples"])
 
     with console.status("identifying the weights"):
-        identity = weights_identity(p.source)
-    key = run_key(weights=identity, dtype=p.recipe.model.dtype, benchmark=bench["name"],
+        identity = weights_identity(p.source, memo_dir=memo_dir_if_present())
+    key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
+                  trust_remote_code=p.recipe.model.trust_remote_code, benchmark=bench["name"],
                   validation=examples_sha256(validation), storage=p.recipe.storage,
                   reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)
@@ -246,10 +248,10 @@ def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
         "n": len(pr.split.test),
         "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
         "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
-        "delta_top1_bootstrap": evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1")),
+        "delta_top1_bootstrap": stats.paired_bootstrap(base.hits("top1"), red.hits("top1")),
     }
     if "top1_no_article" in base.metrics:
-        test["delta_top1_no_article_bootstrap"] = evaluate.paired_bootstrap(
+        test["delta_top1_no_article_bootstrap"] = stats.paired_bootstrap(
             base.hits("top1_no_article"), red.hits("top1_no_article"))
     from ..answer_balance import paired
 

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-PLOT_METRICS = ("top1", "logloss", "both")
+from ..options import PLOT_METRICS
+
 
 _VIEW = {
     # metric -> (row key, scale, label, colormap: good change is blue in both)
@@ -114,4 +115,4 @@ def heatmap_grid(result, matrix: str, key: str = "delta_top1") -> tuple[list[int
     return layers, rhos, grid
 
 
-__all__: Sequence[str] = ["PLOT_METRICS", "heatmap_grid", "plot_sweep"]
+__all__: Sequence[str] = ["heatmap_grid", "plot_sweep"]

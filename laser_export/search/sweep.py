@@ -36,7 +36,7 @@ from ..prefix import PrefixCache
 from ..progress import bar as progress_bar
 from ..recipe import RecipeError
 from .compose import compose_greedy, selection_key
-from .grid import Candidate, set_key
+from .grid import Candidate, candidate_id, set_id
 from .results import ResultsLog
 from .snr import snr, spearman
 
@@ -97,6 +97,13 @@ class Swapper:
             decs.append(self.svd.get(name, w, min(w.shape)))
         return decs[0]
 
+    def rank(self, c: Candidate) -> int:
+        return rank_for(c.rho, self.shape(c.layer, c.matrix))
+
+    def ident(self, c: Candidate) -> str:
+        """The candidate's exact id in the results log (:func:`~laser_export.search.grid.candidate_id`)."""
+        return candidate_id(c, self.rank(c))
+
     def shape(self, layer: int, alias: str) -> tuple[int, int]:
         _, w = target_matrix(self.model, self.family, self.targets(0, layer, alias)[0])
         return int(w.shape[0]), int(w.shape[1])
@@ -146,6 +153,11 @@ class LocalScorer:
             r = self._score(self.cache.capture)
             self.timings["capture_s"] += time.perf_counter() - t
             self.baseline_metrics = self.baseline_metrics or metrics_of(r)
+            if self.cache.exact is False:  # the capture ran full forwards; the recording is never replayed
+                self.cache.batches = []
+                from ..progress import console
+
+                console.print(f"prefix cache: {self.cache.inexact_reason}")
         return self.cache
 
     def baseline(self) -> dict:
@@ -159,6 +171,8 @@ class LocalScorer:
     def score_set(self, cands: Sequence[Candidate]) -> dict:
         start = min(c.layer for c in cands)
         pc = self._ensure_cache(start)
+        if pc is not None and pc.exact is False:  # replay is not this model's forward: full forwards
+            pc = None
         undo = self.swap.apply(cands)
         try:
             r = self._score(pc.replay(start) if pc else None)
@@ -238,16 +252,19 @@ def run_search(
     baseline = base_row["metrics"]
 
     grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
-    todo = [c for c in grid if results.get(c.key) is None]
+    todo, queued = [], set()  # two ρ keeping the same rank: one measurement
+    for c in grid:
+        if results.get(swap.ident(c)) is None and swap.ident(c) not in queued:
+            todo.append(c)
+            queued.add(swap.ident(c))
     with progress_bar("search", enabled=progress, unit="candidates") as bar:
         task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
         for c, metrics in scorer.score_candidates(todo, baseline):
-            k = rank_for(c.rho, swap.shape(c.layer, c.matrix))
-            results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=k)
+            results.add(swap.ident(c), "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=swap.rank(c))
             bar.update(task, description=c.key)
             bar.advance(task)
 
-    single: dict[Candidate, dict] = {c: results.get(c.key)["metrics"] for c in grid}
+    single: dict[Candidate, dict] = {c: results.get(swap.ident(c))["metrics"] for c in grid}
     rows = [
         {
             **c.as_intervention(),
@@ -268,7 +285,7 @@ def run_search(
     ranked = list(per_site.values())
 
     def evaluate_set(cands: list[Candidate]) -> dict:
-        ident = "set:" + set_key(cands)
+        ident = set_id([swap.ident(c) for c in cands])
         row = results.get(ident)
         if row is None:
             row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
@@ -331,6 +348,8 @@ def evaluate_recipe(
     passes = PairedPasses("causal", model, tokenizer, family, examples, start=min(c.layer for c in chosen),
                           batch_size=batch_size, progress=progress, prefix_cache=use_prefix_cache)
     base = passes.baseline("test: baseline")
+    if passes.cache is not None and passes.cache.exact is False:  # replay is not the model's forward
+        passes.forget_prefix()
     undo = swap.apply(chosen)
     try:
         red = passes.reduced("test: reduced")
