@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# This machine (and CI) has no route to the Hub: without offline mode a test that merely *could* reach it
+# waits for connection timeouts (25 s for a missing CounterFact file). Tests against the local Hub server
+# switch it off with the `hub_online` fixture. Set before huggingface_hub is imported (it reads it once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
