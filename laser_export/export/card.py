@@ -182,8 +182,8 @@ def _public_name(value: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(value))) or value
 
 
-def _public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
-    """The recipe as the card shows it: local paths (model source, data, offload folder) by their file or folder
+def public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
+    """The recipe as the card and the export's ``recipe.yaml`` show it: local paths (model source, data, offload folder) by their file or folder
     name only — a card is published, the local layout is not."""
     recipe = recipe.model_copy(deep=True)
     for obj, name in ((recipe.model, "source"), (recipe.model, "offload_folder"), (recipe.benchmark, "path"),
@@ -198,7 +198,7 @@ def _public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
 
 def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> CardContext:
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
-    recipe, recipe_yaml = _public_recipe(recipe, recipe_yaml or "")
+    recipe, recipe_yaml = public_recipe(recipe, recipe_yaml or "")
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest or {})
     if manifest.model is not None and _is_local(manifest.model.source):  # manifests written before public sources
         manifest = manifest.model_copy(update={"model": manifest.model.model_copy(

@@ -22,6 +22,7 @@ from ..policy import atomic_folder
 from ..progress import status
 from .formats import FormatInput, formats_of
 from .manifest import build_manifest, source_info
+from .card import public_recipe
 from .checkpoint import ExportError
 
 MANIFEST = "manifest.json"
@@ -135,7 +136,7 @@ def write_export(job: ExportJob, weights: Weights) -> Manifest:
         if job.report is not None:
             check_report_matches(job.report, manifest)
             write_json(tmp / REPORT, job.report)
-        write_text(tmp / RECIPE, p.yaml_text)
+        write_text(tmp / RECIPE, public_recipe(p.recipe, p.yaml_text)[1])  # published: no local paths
         write_json(tmp / MANIFEST, manifest.to_json())
         write_text(tmp / CARD, _card(job, manifest))
         _check_manifest_readable(tmp)
