@@ -132,7 +132,8 @@ class Reduction(_Strict):
 class BenchmarkSpec(_Strict):
     name: str = Field(description="a benchmark of laser_export.benchmarks.BENCHMARKS (README: Benchmarks and metrics)")
     path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
-    split: Literal["validation", "test"] = "test"
+    split: Literal["validation", "test", "all"] = Field(
+        "test", description="all: score every example (no validation part; validation_fraction is not used)")
     seed: Int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
     validation_fraction: Float = Field(0.2, gt=0, lt=1)
     subsample: Int | None = Field(

@@ -277,7 +277,7 @@ def _warnings(ctx: CardContext) -> list[str]:
                 "> recipe author's, not measurements of this checkpoint, and the card's metadata carries no `model-index`",
                 "> results. Re-run the export without `--skip-verify` to measure them on the held-out split.", ""]
     out = []
-    if not report.passed:
+    if not report.passed and report.claims:
         failed = [c.name for c in report.claims if not c.passed]
         out += ["> [!CAUTION]",
                 f"> **Verification FAILED** for: {', '.join(failed) or 'one or more claims'}. The measured numbers",
@@ -394,8 +394,8 @@ def _claims(ctx: CardContext) -> list[str]:
         for which, claim in (("baseline", claims.baseline), ("reduced", claims.reduced)):
             rows.append(f"| {which}.accuracy | `{ctx.headline}` | {_f(claim.accuracy)} | — | ±{claims.tolerance} "
                         "| not verified |")
-    if not rows:
-        return []
+    if not rows:  # a verify report without claims: measured only
+        return ["### Claims", "", "Measured, no claims: the recipe makes none.", ""] if ctx.verified else []
     return ["### Claims", "", "| Claim | Metric | Claimed | Measured | Tolerance | Status |",
             "|---|---|---:|---:|---:|---|", *rows, ""]
 
