@@ -42,6 +42,13 @@ def _size(v):
     return v
 
 
+def _rank(v):
+    """An explicit rank: a positive integer, or ``auto`` (the Marchenko–Pastur rule)."""
+    if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"expected a positive integer or auto, got {v!r}")
+
+
 #: int fields refuse booleans and strings ("3"); float fields refuse booleans (ints are fine).
 Int = Annotated[StrictInt, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
@@ -105,7 +112,10 @@ class Intervention(_Strict):
     layer: Int = Field(ge=0)
     matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
     rho: Float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
-    rank: Int | None = Field(None, ge=1, description="explicit rank instead of rho")
+    rank: Annotated[int | Literal["auto"] | None, BeforeValidator(_rank)] = Field(
+        None,
+        description="explicit rank instead of rho, or auto: the singular values above the Marchenko–Pastur "
+        "noise edge of the matrix")
 
     @field_validator("rho")
     @classmethod

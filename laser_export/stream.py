@@ -268,8 +268,9 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
         return t.dtype if want == "auto" or not t.dtype.is_floating_point else want
 
     # target → checkpoint key, matrix shape (out, in), rank; all checked before anything is written
-    plans, problems = {}, []
+    plans, problems, targets = {}, [], []
     prefix = getattr(model, "base_model_prefix", "")
+    auto_reader = _Reader()  # rank: auto reads its matrix once here (one target at a time)
     for t in p.targets:
         name = module_name(model, p.family, t.layer, t.alias)
         module = model.get_submodule(name)
@@ -282,11 +283,17 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
         src = by_key[key]
         conv = is_conv1d(module)
         shape = (src.shape[1], src.shape[0]) if conv else (src.shape[0], src.shape[1])
+        if t.is_auto:
+            w = auto_reader.get(src).to(out_dtype(src))
+            t = t.with_auto_rank(w.t() if conv else w)
+            del w
+        targets.append(t)
         k = t.rank_for(shape)
         if k > min(shape):
             problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
         bias_key = f"{key[: -len('.weight')]}.bias"
         plans[key] = (t, name, conv, shape, k, bias_key if bias_key in by_key else None)
+    auto_reader.close()
     if problems:
         raise RecipeError(problems)
 
@@ -375,7 +382,7 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
         write_text(out_folder / gen.name, gen.read_text())
 
     ordered = []
-    for t in p.targets:
+    for t in targets:
         e = entries.get(id(t))
         if e is None or e.get("full"):
             key = next(k for k, v in plans.items() if v[0] is t)

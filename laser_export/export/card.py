@@ -332,6 +332,12 @@ def _intro(ctx: CardContext) -> list[str]:
     return out
 
 
+def _rho_cell(m) -> str:
+    """ρ, or for ``rank: auto`` the Marchenko–Pastur edge that chose the rank."""
+    edge = (m.model_extra or {}).get("mp_edge")
+    return f"auto (σ > MP edge {edge:.4g})" if edge is not None else str(m.rho)
+
+
 def _what_changed(ctx: CardContext) -> list[str]:
     out = ["## What changed", "",
            "ρ is the fraction of the matrix's maximum rank that is kept (rank = ⌊ρ · max rank⌋). Relative error is "
@@ -340,7 +346,7 @@ def _what_changed(ctx: CardContext) -> list[str]:
            "|---:|---|---|---|---:|---:|---:|---|---:|"]
     for m in ctx.manifest.matrices:
         out.append(f"| {m.layer} | `{_cell(m.matrix)}` | `{_cell(m.name)}` | {'×'.join(map(str, m.shape))} "
-                   f"| {m.rho} | {m.rank} / {m.max_rank} | {_f(m.relative_error)} | {m.storage} "
+                   f"| {_rho_cell(m)} | {m.rank} / {m.max_rank} | {_f(m.relative_error)} | {m.storage} "
                    f"| {_bytes(m.bytes_saved)} |")
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."

@@ -20,7 +20,8 @@ from .options import SearchOptions
 from .plot import PLOT_METRICS, plot_sweep
 from .recipe_writer import build_recipe_dict, recipe_name, write_recipe
 from .results import ResultsLog, run_key, weights_identity
-from .snr import mp_median, snr, spearman
+from ..lowrank import mp_median
+from .snr import snr, spearman
 from .sweep import KEPT_METRICS, LocalScorer, SearchResult, Swapper, evaluate_recipe, run_search
 
 __all__ = [

@@ -19,7 +19,7 @@ from ..architectures import num_layers
 from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
-from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
+from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label, set_key
 from .options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
@@ -196,7 +196,7 @@ def _print_validation(result) -> None:
         m = r["metrics"]
         # choice tasks (FEVER, TruthfulQA, ...) score top-1 only: no answer log-prob / log-loss
         extra = "".join(f" {k} {m[k]:.3f}" for k in ("logprob", "logloss") if k in m)
-        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={r['rho']:<5g} k={r['rank']:<4} top1 {m['top1']:.4f} "
+        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={rho_label(r['rho']):<5} k={r['rank']:<4} top1 {m['top1']:.4f} "
                       f"({r['delta_top1'] * 100:+.2f} pts){extra}")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 

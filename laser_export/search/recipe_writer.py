@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..atomic import write_text
-from .grid import Candidate
+from .grid import Candidate, rho_label
 
 
 def model_stem(source: str) -> str:
@@ -42,7 +42,7 @@ def header_comments(*, source: str, benchmark: str, n_validation: int, n_candida
     lines = [
         f"# Found by `laser-export search` on {source} / {benchmark}: validation split n={n_validation}, "
         f"{n_candidates} candidates (layers {layers[0]}-{layers[-1]}, {','.join(matrices)}, "
-        f"rho {','.join(f'{r:g}' for r in rhos)}), composition up to {compose}.",
+        f"rho {','.join(rho_label(r) for r in rhos)}), composition up to {compose}.",
         f"# Claims measured once on the held-out test split (n={test['n']}): top1 "
         f"{test['baseline']['top1']:.4f} -> {test['reduced']['top1']:.4f} ({_ci(test['delta_top1_bootstrap'])}).",
     ]

@@ -30,13 +30,13 @@ from typing import Callable, Iterator, Sequence
 from .. import evaluate, intervene
 from ..architectures import Family, module_name
 from ..intervene import SVDCache, Target, matrix_of
-from ..lowrank import rank_for
+from ..lowrank import AutoRank, auto_rank, rank_for, singular_values
 from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
 from ..progress import bar as progress_bar
 from ..recipe import RecipeError
 from .compose import compose_greedy, selection_key
-from .grid import Candidate, set_key
+from .grid import AUTO, Candidate, set_key
 from .results import ResultsLog
 from .snr import snr, spearman
 
@@ -80,6 +80,26 @@ class Swapper:
 
     def __init__(self, model, family: Family, svd: SVDCache, storage: str):
         self.model, self.family, self.svd, self.storage = model, family, svd, storage
+        self._auto: dict[tuple[int, str], AutoRank] = {}
+
+    def auto(self, layer: int, alias: str) -> AutoRank:
+        """``rank: auto`` of a matrix, from the same full decomposition every ρ uses (exact SVD), else
+        from its exact singular values."""
+        if (layer, alias) not in self._auto:
+            dec = self.decomposition(layer, alias)
+            S = dec.S if dec.exact and dec.components == min(dec.shape) else singular_values(
+                matrix_of(self.model.get_submodule(self.name(layer, alias))))
+            self._auto[(layer, alias)] = auto_rank(S, dec.shape)
+        return self._auto[(layer, alias)]
+
+    def rank(self, c: Candidate) -> int:
+        return self.auto(c.layer, c.matrix).rank if c.rho == AUTO else rank_for(c.rho, self.shape(c.layer, c.matrix))
+
+    def target(self, i: int, c: Candidate) -> Target:
+        if c.rho == AUTO:
+            found = self.auto(c.layer, c.matrix)
+            return Target(i, c.layer, c.matrix, None, found.rank, auto=found)
+        return Target(i, c.layer, c.matrix, c.rho)
 
     def name(self, layer: int, alias: str) -> str:
         return module_name(self.model, self.family, layer, alias)
@@ -96,7 +116,7 @@ class Swapper:
     def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
         """Reduce ``cands`` in the model; returns the undo. A full-rank candidate is the model itself
         (left unchanged)."""
-        targets = [Target(i, c.layer, c.matrix, c.rho) for i, c in enumerate(cands)]
+        targets = [self.target(i, c) for i, c in enumerate(cands)]
         return intervene.apply(self.model, targets, family=self.family, storage=self.storage, cache=self.svd,
                                full_svd=True)
 
@@ -161,7 +181,7 @@ class LocalScorer:
     def score_candidates(self, cands: Sequence[Candidate], baseline: dict) -> Iterator[tuple[Candidate, dict]]:
         for c in cands:
             shape = self.swap.shape(c.layer, c.matrix)
-            yield c, (dict(baseline) if rank_for(c.rho, shape) >= min(shape) else self.score_set([c]))
+            yield c, (dict(baseline) if self.swap.rank(c) >= min(shape) else self.score_set([c]))
 
 
 def run_search(
@@ -234,7 +254,7 @@ def run_search(
     with progress_bar("search", enabled=progress, unit="candidates") as bar:
         task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
         for c, metrics in scorer.score_candidates(todo, baseline):
-            k = rank_for(c.rho, swap.shape(c.layer, c.matrix))
+            k = swap.rank(c)
             results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=k)
             bar.update(task, description=c.key)
             bar.advance(task)
@@ -243,7 +263,8 @@ def run_search(
     rows = [
         {
             **c.as_intervention(),
-            "rank": rank_for(c.rho, swap.shape(c.layer, c.matrix)),
+            "rho": c.rho,  # a number, or "auto"
+            "rank": swap.rank(c),
             "metrics": m,
             "delta_top1": m["top1"] - baseline["top1"],
             **({"delta_logloss": m["logloss"] - baseline["logloss"]} if "logloss" in m and "logloss" in baseline else {}),
