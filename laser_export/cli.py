@@ -7,6 +7,7 @@
     laser-export push FOLDER --repo-id ORG/NAME     push an existing export (retry after a failed push)
     laser-export apply RECIPE [--out DIR]           reduce + export a verified recipe, shard by shard (no scoring)
     laser-export search --model SRC --benchmark NAME --out recipe.yaml
+    laser-export scan SOURCE --out scan.json        data-free spectrum scan (SNR, MP edge, auto rank) + heatmap
 
 `laser-export COMMAND --help` lists a command's options. `--debug` (any command) shows the traceback
 of an unexpected error.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, InputError, exit_code_for
 
-COMMANDS = ("run", "check", "verify", "push", "apply", "search")
+COMMANDS = ("run", "check", "verify", "push", "apply", "search", "scan")
 
 
 def _say(text: str) -> None:
@@ -238,7 +239,16 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
                         "and recomputed when needed again (default 2)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_progress(search)
-    return {"run": run, "check": check, "verify": verify, "push": push, "search": search, "apply": apply_}
+    scan = _Parser(prog="laser-export scan", description="Data-free spectrum scan, one matrix at a time without "
+                   "loading the model: top singular values, Marchenko-Pastur edge, SNR, auto rank, energy kept per rho "
+                   "(JSON, plus a PNG heatmap of SNR by layer x matrix next to it).")
+    scan.add_argument("source", help="model source: safetensors folder, Hub id[@revision] or .gguf file")
+    scan.add_argument("--layers", type=_layers, help="e.g. 20-29 or 24,26,28 (default: every layer)")
+    scan.add_argument("--matrices", default="mlp,attn", help="aliases or groups, comma separated (default: mlp,attn)")
+    scan.add_argument("--out", required=True, help="scan JSON to write (the heatmap is <out stem>.png)")
+    _add_progress(scan)
+    return {"run": run, "check": check, "verify": verify, "push": push, "search": search, "apply": apply_,
+            "scan": scan}
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -331,8 +341,18 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
+def cmd_scan(args) -> int:
+    from .pipeline import console
+    from .scan import ScanOptions, scan
+
+    result = scan(ScanOptions(source=args.source, out=args.out, layers=args.layers, matrices=args.matrices,
+                              progress=not args.no_progress))
+    console.print(f"wrote {args.out} ({len(result['matrices'])} matrices) and {result.get('plot')}")
+    return EXIT_OK
+
+
 HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cmd_push, "apply": cmd_apply,
-            "search": cmd_search}
+            "search": cmd_search, "scan": cmd_scan}
 
 
 def main(argv: list[str] | None = None) -> int:
