@@ -56,6 +56,7 @@ class SearchResult:
     snr_report: dict
     timings: dict = field(default_factory=dict)
     n_scored: int = 0  # scoring calls actually made (not resumed)
+    halving: dict | None = None  # --strategy halving: rungs, survivors, examples scored vs the grid's
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -168,20 +169,158 @@ class LocalScorer:
                 self.baseline_metrics = metrics_of(self._score())
         return self.baseline_metrics
 
-    def score_set(self, cands: Sequence[Candidate]) -> dict:
+    def baseline_result(self):
+        """The unreduced model's ScoreResult: the capture pass of a fresh prefix cache (or a full pass)."""
+        if not self.use_prefix_cache:
+            r = self._score()
+        else:
+            self.cache = PrefixCache(self.model, self.family, self.cache_start or 0, lazy_capture=True)
+            t = time.perf_counter()
+            r = self._score(self.cache.capture)
+            self.timings["capture_s"] += time.perf_counter() - t
+        self.baseline_metrics = metrics_of(r)
+        return r
+
+    def score_result(self, cands: Sequence[Candidate]):
+        """The ScoreResult of ``cands`` swapped in together (replayed from the prefix cache), then undone."""
         start = min(c.layer for c in cands)
         pc = self._ensure_cache(start)
         undo = self.swap.apply(cands)
         try:
-            r = self._score(pc.replay(start) if pc else None)
+            return self._score(pc.replay(start) if pc else None)
         finally:
             undo()
-        return metrics_of(r)
+
+    def score_set(self, cands: Sequence[Candidate]) -> dict:
+        return metrics_of(self.score_result(cands))
 
     def score_candidates(self, cands: Sequence[Candidate], baseline: dict) -> Iterator[tuple[Candidate, dict]]:
         for c in cands:
             shape = self.swap.shape(c.layer, c.matrix)
             yield c, (dict(baseline) if self.swap.rank(c) >= min(shape) else self.score_set([c]))
+
+
+def _site_snr(swap: Swapper, layers, matrices, scan_snr: dict | None) -> list[dict]:
+    """Data-free SNR per (layer, matrix): from a scan when given (no SVD here), else from the SVDs the sweep
+    needs anyway."""
+    rows = []
+    for layer in layers:
+        for alias in matrices:
+            if scan_snr is not None:
+                if (layer, alias) not in scan_snr:
+                    raise RecipeError([f"--from-scan: the scan has no L{layer}.{alias}; scan those layers/matrices"])
+                rows.append({"layer": layer, "matrix": alias, **scan_snr[(layer, alias)]})
+            else:
+                dec = swap.decomposition(layer, alias)
+                rows.append({"layer": layer, "matrix": alias, **snr(dec.S, dec.shape)})
+    return rows
+
+
+def _site_order(snr_rows, layers, matrices, prune_snr, rank_by_snr) -> tuple[list, set]:
+    """(every site by SNR descending, the sites swept in sweep order)."""
+    sites = [(r["layer"], r["matrix"]) for r in sorted(snr_rows, key=lambda r: -r["snr"])]
+    if prune_snr is not None:
+        if not 0 < prune_snr <= 1:
+            raise RecipeError([f"--prune-snr: a fraction in (0, 1], got {prune_snr}"])
+        keep = set(sites[: max(1, math.ceil(prune_snr * len(sites)))])
+    else:
+        keep = set(sites)
+    # latest layers first: the cheapest to score and the paper's usual winners, so a cut-short sweep
+    # (resumable) has the most useful part done
+    order = sites if rank_by_snr else [(l, a) for l in sorted(layers, reverse=True) for a in matrices]
+    return sites, [s for s in order if s in keep]
+
+
+def _grid_scores(scorer, swap: Swapper, grid, baseline, results: ResultsLog, progress: bool) -> dict:
+    todo = [c for c in grid if results.get(c.key) is None]
+    with progress_bar("search", enabled=progress, unit="candidates") as bar:
+        task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
+        for c, metrics in scorer.score_candidates(todo, baseline):
+            results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=swap.rank(c))
+            bar.update(task, description=c.key)
+            bar.advance(task)
+    return {c: results.get(c.key)["metrics"] for c in grid}
+
+
+def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+                    progress: bool):
+    """(baseline metrics on every example, metrics per candidate at its last rung, baseline on the same
+    examples per candidate, the halving result)."""
+    from .halving import Scores, successive_halving
+
+    def make(chunk):
+        return LocalScorer(local.model, local.tokenizer, local.family, chunk, batch_size=local.batch_size,
+                           storage=local.swap.storage, svd=local.swap.svd, use_prefix_cache=local.use_prefix_cache,
+                           cache_start=local.cache_start)
+
+    def identity(c):
+        shape = local.swap.shape(c.layer, c.matrix)
+        return local.swap.rank(c) >= min(shape)
+
+    kept = [k for k in KEPT_METRICS if k != "n"]
+    with progress_bar("halving", enabled=progress, unit="candidate scores") as bar:
+        task = bar.add_task("", total=None)
+        hv = successive_halving(local.examples, grid, make, kept_metrics=kept, results=results, eta=eta, seed=seed,
+                                min_examples=min_examples, is_identity=identity,
+                                on_scored=lambda c, i: (bar.update(task, description=f"rung {i} {c.key}"), bar.advance(task)))
+    single = {c: hv.scores[c].metrics for c in grid}
+    base_same = {c: Scores(hv.baseline.rows[: hv.scores[c].metrics["n"]]).metrics for c in grid}
+    return hv.baseline.metrics, single, base_same, hv
+
+
+def _snr_report(snr_rows, sites, single, baseline_of, grid, best, keep_n) -> dict:
+    gains = {}
+    for c in grid:
+        gains[c.site] = max(gains.get(c.site, -math.inf), single[c]["top1"] - baseline_of(c)["top1"])
+    snr_of = {(r["layer"], r["matrix"]): r["snr"] for r in snr_rows}
+    swept = [s for s in snr_of if s in gains]
+    report = {
+        "spearman_snr_vs_gain": spearman([snr_of[s] for s in swept], [gains[s] for s in swept]),
+        "n_matrices": len(swept),
+        "pruned_to": keep_n,
+    }
+    if best is not None:
+        pos = sites.index(best.site) + 1
+        report.update(winner=best.key, winner_snr_rank=pos, winner_snr_rank_of=len(sites),
+                      winner_in_top_quarter_by_snr=pos <= max(1, math.ceil(len(sites) / 4)))
+    return report
+
+
+def _rows(grid, single, baseline_of, swap: Swapper, extra: dict | None = None) -> list[dict]:
+    rows = []
+    for c in grid:
+        m, b = single[c], baseline_of(c)
+        rows.append({
+            **c.as_intervention(),
+            "rho": c.rho,  # a number, or "auto"
+            "rank": swap.rank(c),
+            "metrics": m,
+            "delta_top1": m["top1"] - b["top1"],
+            **({"delta_logloss": m["logloss"] - b["logloss"]} if "logloss" in m and "logloss" in b else {}),
+            **((extra or {}).get(c, {})),
+        })
+    return rows
+
+
+def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, compose, compose_tries, best):
+    """Greedy composition of the helpful candidates (best ρ per site, best first)."""
+    per_site: dict[tuple[int, str], Candidate] = {}
+    for c in sorted(candidates_ok, key=lambda c: selection_key(single[c]), reverse=True):
+        if single[c]["top1"] > baseline["top1"] and c.site not in per_site:
+            per_site[c.site] = c
+    ranked = list(per_site.values())
+
+    def evaluate_set(cands: list[Candidate]) -> dict:
+        ident = "set:" + set_key(cands)
+        row = results.get(ident)
+        if row is None:
+            row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
+        return row["metrics"]
+
+    if ranked:
+        return compose_greedy(ranked, evaluate_set, single, compose, compose_tries)
+    # nothing beats the baseline on validation: report the best anyway, flagged by delta <= 0
+    return ([best], single[best], []) if best else ([], {}, [])
 
 
 def run_search(
@@ -204,9 +343,17 @@ def run_search(
     progress: bool = True,
     use_prefix_cache: bool = True,
     pool=None,
+    strategy: str = "grid",
+    eta: int = 3,
+    halving_seed: int = 0,
+    halving_min_examples: int = 24,
+    scan_snr: dict | None = None,
 ) -> SearchResult:
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
+    ``strategy``: ``grid`` scores every candidate on every example; ``halving`` runs successive halving
+    (:mod:`.halving`, rate ``eta``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
+    {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
     ``pool``: an object with ``baseline()``, ``score_candidates(cands, baseline)`` (yielding
     ``(candidate, metrics)`` as they finish) and ``score_set(cands)`` — e.g. a
     :class:`~laser_export.search.ray_pool.RayPool` — scores instead of this process; ``model`` is then
@@ -215,116 +362,55 @@ def run_search(
     """
     if not layers or not matrices or not rhos:
         raise RecipeError(["search: the grid is empty (no layers, matrices or ρ)"])
+    if strategy not in ("grid", "halving"):
+        raise RecipeError([f"--strategy: grid or halving, got {strategy!r}"])
+    if strategy == "halving" and pool is not None:
+        raise RecipeError(["--strategy halving runs in this process: drop --ray"])
     results = results or ResultsLog(None, "ephemeral")
     svd = SVDCache() if svd is None else svd
     local = LocalScorer(model, tokenizer, family, examples, batch_size=batch_size, storage=storage, svd=svd,
                         use_prefix_cache=use_prefix_cache, cache_start=min(layers))
     scorer = pool if pool is not None else local
     swap = local.swap
-    timings = {"svd_s": 0.0, "capture_s": 0.0, "score_s": 0.0}
     n_before = pool.n_scored if pool is not None else 0
 
-    # data-free SNR per matrix (the SVDs are needed for the sweep anyway)
-    snr_rows = []
     t0 = time.perf_counter()
-    for layer in layers:
-        for alias in matrices:
-            dec = swap.decomposition(layer, alias)
-            snr_rows.append({"layer": layer, "matrix": alias, **snr(dec.S, dec.shape)})
-    timings["svd_s"] = time.perf_counter() - t0
-    sites = [(r["layer"], r["matrix"]) for r in sorted(snr_rows, key=lambda r: -r["snr"])]
-    if prune_snr is not None:
-        if not 0 < prune_snr <= 1:
-            raise RecipeError([f"--prune-snr: a fraction in (0, 1], got {prune_snr}"])
-        keep = set(sites[: max(1, math.ceil(prune_snr * len(sites)))])
-    else:
-        keep = set(sites)
-    # latest layers first: the cheapest to score and the paper's usual winners, so a cut-short sweep
-    # (resumable) has the most useful part done
-    site_order = sites if rank_by_snr else [(l, a) for l in sorted(layers, reverse=True) for a in matrices]
-    site_order = [s for s in site_order if s in keep]
-
-    base_row = results.get("baseline")
-    if base_row is None:
-        base_row = results.add("baseline", "baseline", scorer.baseline())
-    baseline = base_row["metrics"]
-
+    snr_rows = _site_snr(swap, layers, matrices, scan_snr)
+    timings = {"svd_s": time.perf_counter() - t0, "capture_s": 0.0, "score_s": 0.0}
+    sites, site_order = _site_order(snr_rows, layers, matrices, prune_snr, rank_by_snr or scan_snr is not None)
     grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
-    todo = [c for c in grid if results.get(c.key) is None]
-    with progress_bar("search", enabled=progress, unit="candidates") as bar:
-        task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
-        for c, metrics in scorer.score_candidates(todo, baseline):
-            k = swap.rank(c)
-            results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=k)
-            bar.update(task, description=c.key)
-            bar.advance(task)
 
-    single: dict[Candidate, dict] = {c: results.get(c.key)["metrics"] for c in grid}
-    rows = [
-        {
-            **c.as_intervention(),
-            "rho": c.rho,  # a number, or "auto"
-            "rank": swap.rank(c),
-            "metrics": m,
-            "delta_top1": m["top1"] - baseline["top1"],
-            **({"delta_logloss": m["logloss"] - baseline["logloss"]} if "logloss" in m and "logloss" in baseline else {}),
-        }
-        for c, m in single.items()
-    ]
-    best = max(grid, key=lambda c: selection_key(single[c])) if grid else None
-
-    # composition: helpful candidates, best ρ per site, best first
-    per_site: dict[tuple[int, str], Candidate] = {}
-    for c in sorted(grid, key=lambda c: selection_key(single[c]), reverse=True):
-        if single[c]["top1"] > baseline["top1"] and c.site not in per_site:
-            per_site[c.site] = c
-    ranked = list(per_site.values())
-
-    def evaluate_set(cands: list[Candidate]) -> dict:
-        ident = "set:" + set_key(cands)
-        row = results.get(ident)
-        if row is None:
-            row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
-        return row["metrics"]
-
-    if ranked:
-        chosen, chosen_metrics, trace = compose_greedy(ranked, evaluate_set, single, compose, compose_tries)
-    else:  # nothing beats the baseline on validation: report the best anyway, flagged by delta <= 0
-        chosen, chosen_metrics, trace = ([best], single[best], []) if best else ([], {}, [])
-
-    # how well did the data-free SNR predict the sweep?
-    gains = {}
-    for c in grid:
-        gains[c.site] = max(gains.get(c.site, -math.inf), single[c]["top1"] - baseline["top1"])
-    snr_of = {(r["layer"], r["matrix"]): r["snr"] for r in snr_rows}
-    swept = [s for s in snr_of if s in gains]
-    report = {
-        "spearman_snr_vs_gain": spearman([snr_of[s] for s in swept], [gains[s] for s in swept]),
-        "n_matrices": len(swept),
-        "pruned_to": len(keep) if prune_snr is not None else None,
-    }
-    if best is not None:
-        pos = sites.index(best.site) + 1
-        report.update(
-            winner=best.key,
-            winner_snr_rank=pos,
-            winner_snr_rank_of=len(sites),
-            winner_in_top_quarter_by_snr=pos <= max(1, math.ceil(len(sites) / 4)),
-        )
+    halving, extra = None, {}
+    if strategy == "grid":
+        base_row = results.get("baseline") or results.add("baseline", "baseline", scorer.baseline())
+        baseline = base_row["metrics"]
+        single = _grid_scores(scorer, swap, grid, baseline, results, progress)
+        baseline_of = lambda c: baseline  # noqa: E731
+        finalists = grid
+    else:
+        baseline, single, base_same, hv = _halving_scores(local, grid, results, eta, halving_seed,
+                                                            halving_min_examples, progress)
+        baseline_of = base_same.__getitem__
+        finalists = hv.survivors
+        reached = {c: max(i for i, t in enumerate(hv.trace) if hv.scores[c].metrics["n"] >= t["examples"]) for c in grid}
+        extra = {c: {"rung": reached[c]} for c in grid}
+        halving = {"eta": eta, "seed": halving_seed, "rungs": hv.trace, "scored_examples": hv.scored_examples,
+                   "grid_examples": len(examples) * (len(grid) + 1), "survivors": [c.key for c in finalists]}
+    best = max(finalists, key=lambda c: selection_key(single[c])) if finalists else None
+    chosen, chosen_metrics, trace = _compose(grid, single, baseline, finalists, results, scorer, compose,
+                                             compose_tries, best)
+    report = _snr_report(snr_rows, sites, single, baseline_of, grid, best,
+                         len(site_order) if prune_snr is not None else None)
     for k in ("capture_s", "score_s"):
         timings[k] = (pool.timings if pool is not None else local.timings).get(k, 0.0)
-    return SearchResult(
-        baseline=baseline,
-        candidates=rows,
-        best=best,
-        chosen=chosen,
-        chosen_metrics=chosen_metrics,
-        compose_trace=trace,
-        snr=snr_rows,
-        snr_report=report,
-        timings=timings,
-        n_scored=(pool.n_scored - n_before) if pool is not None else local.n_scored,
-    )
+    res = SearchResult(baseline=baseline, candidates=_rows(grid, single, baseline_of, swap, extra), best=best,
+                       chosen=chosen, chosen_metrics=chosen_metrics, compose_trace=trace, snr=snr_rows,
+                       snr_report=report, timings=timings,
+                       n_scored=(pool.n_scored - n_before) if pool is not None else local.n_scored,
+                       halving=halving)
+    if halving is not None:  # the chunk scorers count their own passes
+        res.n_scored = local.n_scored + hv.n_passes
+    return res
 
 
 def evaluate_recipe(
