@@ -215,7 +215,8 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--max-examples", type=_positive_int, help="sweep on only the first N validation examples")
     search.add_argument("--layers", type=_layers, help="e.g. 20-29 or 24,26,28 (default: last third)")
     search.add_argument("--matrices", default="fc_in,fc_up,fc_out", help="aliases or groups, comma separated")
-    search.add_argument("--rhos", default="0.01,0.05,0.1,0.25", help="comma separated fractions of rank kept")
+    search.add_argument("--rhos", default="0.01,0.05,0.1,0.25",
+                        help="comma separated fractions of rank kept; auto: the Marchenko-Pastur rank")
     search.add_argument("--seed", type=int, help="split seed (default 0)")
     search.add_argument("--validation-fraction", type=_fraction, help="in (0, 1); default 0.2")
     search.add_argument("--batch-size", type=_positive_int, help="default 32")
@@ -237,6 +238,12 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
     search.add_argument("--svd-cache-gb", type=_non_negative_float, default=2.0, metavar="GB",
                         help="memory budget of the SVD cache; least recently used matrices are dropped first "
                         "and recomputed when needed again (default 2)")
+    search.add_argument("--strategy", choices=["grid", "halving"], default="grid",
+                        help="grid: every candidate on every validation example; halving: successive halving "
+                        "(all candidates on a small random part, the best 1/ETA on a part ETA times larger, ...)")
+    search.add_argument("--eta", type=_positive_int, default=3, help="halving rate (default 3)")
+    search.add_argument("--from-scan", metavar="SCAN_JSON",
+                        help="order the matrices by the SNR of a `laser-export scan` (and --prune-snr by it)")
     search.add_argument("--out", required=True, help="recipe YAML to write")
     _add_progress(search)
     scan = _Parser(prog="laser-export scan", description="Data-free spectrum scan, one matrix at a time without "

@@ -219,15 +219,17 @@ def plot_scan(result: dict, path: Path) -> Path:
         ranks[(i, j)] = r["auto_rank"]
     fig, ax = plt.subplots(figsize=(1.2 * len(mats) + 2.5, 0.28 * len(layers) + 2.0))
     try:
-        im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")  # SNR 0: nothing above the edge
+        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", origin="lower", cmap=cmap)
         ax.set_xticks(range(len(mats)), mats, fontsize=9)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=7 if len(layers) > 24 else 9)
         ax.set_xlabel("matrix")
         ax.set_ylabel("layer")
         for (i, j), k in ranks.items():
-            ax.text(j, i, str(k), ha="center", va="center", fontsize=6 if len(layers) > 24 else 8, color="white")
+            ax.text(j, i, str(k), ha="center", va="center", fontsize=6 if len(layers) > 24 else 8,
+                    color="black" if np.isnan(grid[i, j]) else "white")
         ax.set_title(f"spectrum scan: {Path(str(result['source'])).name or result['source']}\n"
-                     "colour log10 SNR (MP edge), number: auto rank", fontsize=10)
+                     "colour: log10 SNR above the MP edge (grey: none above it); number: auto rank", fontsize=10)
         fig.colorbar(im, ax=ax, label="log10 SNR")
         fig.tight_layout()
         with open_atomic(path, "wb") as f:

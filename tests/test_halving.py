@@ -71,3 +71,36 @@ def test_halving_matches_grid_on_survivors_and_scores_fewer(tmp_path):
                        results=ResultsLog(log, "k"), **kw)
     assert again.n_scored == 0 and again.best == hv.best
     assert again.halving["rungs"] == info["rungs"]
+
+
+def test_cli_search_halving_from_scan_with_auto_rank(tmp_path):
+    from laser_export import cli
+    from laser_export.recipe import load_recipe
+    from tinymodels import save_tiny
+
+    folder = tmp_path / "tiny"
+    save_tiny("llama", folder)
+    _bench(tmp_path / "b.jsonl", n=80)
+    scan_json = tmp_path / "scan.json"
+    assert cli.main(["scan", str(folder), "--matrices", "fc_in,fc_out", "--out", str(scan_json), "--no-progress"]) == 0
+    out = tmp_path / "found.yaml"
+    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(tmp_path / "b.jsonl"),
+                   "--layers", "1-2", "--matrices", "fc_in,fc_out", "--rhos", "0.25,auto", "--strategy", "halving",
+                   "--from-scan", str(scan_json), "--prune-snr", "0.75", "--compose", "1", "--batch-size", "8",
+                   "--validation-fraction", "0.5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    sweep = json.loads((tmp_path / "found.sweep.json").read_text())
+    assert sweep["halving"]["eta"] == 3 and sweep["halving"]["rungs"][-1]["examples"] == 40
+    assert len({(r["layer"], r["matrix"]) for r in sweep["candidates"]}) == 3  # pruned by the scan's SNR
+    scan = json.loads(scan_json.read_text())
+    assert {r["snr"] for r in sweep["snr"]} <= {r["snr"] for r in scan["matrices"]}
+    assert any(r["rho"] == "auto" for r in sweep["candidates"])
+    load_recipe(out)  # a valid recipe (rank: auto when chosen)
+    # a scan of another model type is refused before any weights load
+    bad = json.loads(scan_json.read_text())
+    bad["model_type"] = "gpt2"
+    scan_json.write_text(json.dumps(bad))
+    rc = cli.main(["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(tmp_path / "b.jsonl"),
+                   "--layers", "1-2", "--matrices", "fc_in", "--from-scan", str(scan_json), "--out", str(out),
+                   "--no-progress"])
+    assert rc == 2

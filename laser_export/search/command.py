@@ -102,6 +102,7 @@ class _Prepared:
     log: ResultsLog
     out: Path
     stem: Path
+    scan: dict | None = None  # --from-scan: {(layer, matrix): SNR row}
 
 
 def _check_scorer(p) -> None:
@@ -154,7 +155,8 @@ def prepare(opts: SearchOptions) -> _Prepared:
                   validation=examples_sha256(validation), storage=p.recipe.storage,
                   reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)
-    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem)
+    scan = scan_snr(opts.from_scan, p.config.model_type) if opts.from_scan else None
+    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem, scan)
 
 
 def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
@@ -176,7 +178,8 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
             model, tokenizer, p.family, pr.validation, layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
             batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
             prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
-            progress=opts.progress, pool=pool,
+            progress=opts.progress, pool=pool, strategy=opts.strategy, eta=opts.eta,
+            scan_snr=pr.scan,
         )
     finally:
         if pool is not None:
@@ -187,10 +190,24 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
     return result
 
 
+def scan_snr(path: str, model_type: str) -> dict:
+    """{(layer, matrix): SNR row} from a ``laser-export scan`` JSON of a model of the same type."""
+    from ..scan import ScanError, load_scan
+
+    data = load_scan(path)
+    if data.get("model_type") != model_type:
+        raise ScanError(f"--from-scan: {path} scanned a {data.get('model_type')!r} model, this is {model_type!r}")
+    return {(r["layer"], r["matrix"]): {"snr": r["snr"], "noise_std": r["noise_std"], "threshold": r["mp_edge"],
+                                        "n_signal": r["n_signal"], "sigma_max": r["sigma_max"]}
+            for r in data["matrices"]}
+
+
 def _print_validation(result) -> None:
     from ..pipeline import console
 
-    top = sorted(result.candidates, key=lambda r: selection_key(r["metrics"]), reverse=True)[:10]
+    # halving: the candidates scored on every example first
+    top = sorted(result.candidates, key=lambda r: (r["metrics"].get("n", 0), selection_key(r["metrics"])),
+                 reverse=True)[:10]
     console.print(f"validation baseline top1 {result.baseline['top1']:.4f} (n={int(result.baseline['n'])})")
     for r in top:
         m = r["metrics"]
@@ -198,6 +215,11 @@ def _print_validation(result) -> None:
         extra = "".join(f" {k} {m[k]:.3f}" for k in ("logprob", "logloss") if k in m)
         console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={rho_label(r['rho']):<5} k={r['rank']:<4} top1 {m['top1']:.4f} "
                       f"({r['delta_top1'] * 100:+.2f} pts){extra}")
+    if result.halving:
+        h = result.halving
+        cuts = " → ".join(f"{t['candidates']}@{t['examples']}" for t in h["rungs"])
+        console.print(f"halving (eta {h['eta']}): candidates@examples {cuts}; {h['scored_examples']} examples scored, "
+                      f"{h['scored_examples'] / h['grid_examples']:.2f} of the grid's {h['grid_examples']}")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 
 

@@ -36,6 +36,9 @@ class SearchOptions:
     ray: str | None = None  # None: in process; "": a local Ray; else a Ray cluster address
     ray_workers: int | None = None
     svd_cache_gb: float = 2.0  # byte budget of the SVD cache (least recently used matrices dropped first)
+    strategy: str = "grid"  # grid: every candidate on every example; halving: successive halving
+    eta: int = 3  # halving: keep the best 1/eta at each cut, next part eta times larger
+    from_scan: str | None = None  # a `laser-export scan` JSON: its SNR orders (and --prune-snr prunes) the sites
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -59,5 +62,8 @@ class SearchOptions:
         check(self.plot_metric in PLOT_METRICS, f"--plot-metric: one of {', '.join(PLOT_METRICS)}, got {self.plot_metric!r}")
         check(self.ray_workers is None or self.ray_workers >= 1, f"--ray-workers: at least 1, got {self.ray_workers}")
         check(self.svd_cache_gb >= 0, f"--svd-cache-gb: at least 0, got {self.svd_cache_gb}")
+        check(self.strategy in ("grid", "halving"), f"--strategy: grid or halving, got {self.strategy!r}")
+        check(self.eta >= 2, f"--eta: at least 2, got {self.eta}")
+        check(self.strategy == "grid" or self.ray is None, "--strategy halving runs in this process: drop --ray")
         if problems:
             raise RecipeError(problems)
