@@ -206,11 +206,14 @@ def build_parser() -> dict[str, argparse.ArgumentParser]:
         "test and write a recipe (plus <out>.sweep.json, <out>.sweep.png and a resumable <out>.search.jsonl).",
     )
     search.add_argument("--model", help="model source (as model.source in a recipe)")
-    search.add_argument("--benchmark", help="benchmark name (as benchmark.name)")
+    search.add_argument("--benchmark", help="benchmark name (as benchmark.name); a,b,...: several tasks at once, "
+                        "objective the mean paired top-1 gain, the first the primary (the recipe's benchmark)")
+    search.add_argument("--task-weights", help="weights of the tasks of --benchmark a,b (default equal)")
     search.add_argument("--template", help="recipe to take model (revision, dtype, device, trust_remote_code), "
                         "benchmark, storage, reduction and export from; its name, comments, interventions and "
                         "claims are replaced")
-    search.add_argument("--benchmark-path", help="benchmark data file or archive")
+    search.add_argument("--benchmark-path", help="benchmark data file or archive (several tasks: comma separated, "
+                        "in --benchmark order, empty for a task's default)")
     search.add_argument("--subsample", type=_positive_int, help="draw N examples (seeded) before splitting")
     search.add_argument("--max-examples", type=_positive_int, help="sweep on only the first N validation examples")
     search.add_argument("--layers", type=_layers, help="e.g. 20-29 or 24,26,28 (default: last third)")

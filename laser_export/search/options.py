@@ -39,6 +39,7 @@ class SearchOptions:
     strategy: str = "grid"  # grid: every candidate on every example; halving: successive halving
     eta: int = 3  # halving: keep the best 1/eta at each cut, next part eta times larger
     from_scan: str | None = None  # a `laser-export scan` JSON: its SNR orders (and --prune-snr prunes) the sites
+    task_weights: str | None = None  # several --benchmark a,b: weights of the mean paired gain (default equal)
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -65,8 +65,27 @@ class SearchResult:
         return d
 
 
-def metrics_of(result) -> dict:
-    return {k: float(v) for k, v in result.metrics.items() if k in KEPT_METRICS}
+def metrics_of(result, tasks: Sequence[tuple[str, int, float]] | None = None) -> dict:
+    """The kept metrics of a ScoreResult. ``tasks`` — (name, number of examples, weight) of consecutive
+    parts of the examples (several benchmarks searched at once): each part's means are kept as
+    ``task:<name>:<metric>``, and each metric itself is the weighted mean over the tasks (weights summing
+    to 1), so that the selection's top-1 is the mean paired gain over the tasks plus a constant (the
+    baselines' weighted mean)."""
+    if not tasks:
+        return {k: float(v) for k, v in result.metrics.items() if k in KEPT_METRICS}
+    out: dict = {"n": float(len(result.per_example))}
+    lo, per_task = 0, []
+    for name, n, weight in tasks:
+        rows = result.per_example[lo : lo + n]
+        lo += n
+        means = {k: sum(float(r[k]) for r in rows if k in r) / max(1, sum(1 for r in rows if k in r))
+                 for k in KEPT_METRICS if k != "n" and any(k in r for r in rows)}
+        out.update({f"task:{name}:{k}": v for k, v in means.items()})
+        per_task.append((weight, means))
+    for k in KEPT_METRICS:
+        if k != "n" and all(k in m for _, m in per_task):
+            out[k] = sum(w * m[k] for w, m in per_task)
+    return out
 
 
 class Swapper:
@@ -130,7 +149,8 @@ class LocalScorer:
 
     def __init__(self, model, tokenizer, family: Family, examples: Sequence, *, batch_size: int = 32,
                  storage: str = "dense", svd: SVDCache | None = None, use_prefix_cache: bool = True,
-                 cache_start: int | None = None):
+                 cache_start: int | None = None, tasks: Sequence[tuple[str, int, float]] | None = None):
+        self.tasks = tasks  # several benchmarks: see metrics_of
         self.model, self.tokenizer, self.family, self.examples = model, tokenizer, family, examples
         self.batch_size, self.use_prefix_cache = batch_size, use_prefix_cache
         self.swap = Swapper(model, family, svd if svd is not None else SVDCache(), storage)
@@ -158,7 +178,7 @@ class LocalScorer:
             t = time.perf_counter()
             r = self._score(self.cache.capture)
             self.timings["capture_s"] += time.perf_counter() - t
-            self.baseline_metrics = self.baseline_metrics or metrics_of(r)
+            self.baseline_metrics = self.baseline_metrics or metrics_of(r, self.tasks)
         return self.cache
 
     def baseline(self) -> dict:
@@ -166,7 +186,7 @@ class LocalScorer:
             if self.use_prefix_cache:
                 self._ensure_cache(self.cache_start if self.cache_start is not None else 0)
             else:
-                self.baseline_metrics = metrics_of(self._score())
+                self.baseline_metrics = metrics_of(self._score(), self.tasks)
         return self.baseline_metrics
 
     def baseline_result(self):
@@ -178,7 +198,7 @@ class LocalScorer:
             t = time.perf_counter()
             r = self._score(self.cache.capture)
             self.timings["capture_s"] += time.perf_counter() - t
-        self.baseline_metrics = metrics_of(r)
+        self.baseline_metrics = metrics_of(r, self.tasks)
         return r
 
     def score_result(self, cands: Sequence[Candidate]):
@@ -192,7 +212,7 @@ class LocalScorer:
             undo()
 
     def score_set(self, cands: Sequence[Candidate]) -> dict:
-        return metrics_of(self.score_result(cands))
+        return metrics_of(self.score_result(cands), self.tasks)
 
     def score_candidates(self, cands: Sequence[Candidate], baseline: dict) -> Iterator[tuple[Candidate, dict]]:
         for c in cands:
@@ -348,6 +368,7 @@ def run_search(
     halving_seed: int = 0,
     halving_min_examples: int = 24,
     scan_snr: dict | None = None,
+    tasks: Sequence[tuple[str, int, float]] | None = None,
 ) -> SearchResult:
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
@@ -366,10 +387,12 @@ def run_search(
         raise RecipeError([f"--strategy: grid or halving, got {strategy!r}"])
     if strategy == "halving" and pool is not None:
         raise RecipeError(["--strategy halving runs in this process: drop --ray"])
+    if tasks and (strategy != "grid" or pool is not None):
+        raise RecipeError(["--benchmark: several tasks are searched with --strategy grid, in this process (no --ray)"])
     results = results or ResultsLog(None, "ephemeral")
     svd = SVDCache() if svd is None else svd
     local = LocalScorer(model, tokenizer, family, examples, batch_size=batch_size, storage=storage, svd=svd,
-                        use_prefix_cache=use_prefix_cache, cache_start=min(layers))
+                        use_prefix_cache=use_prefix_cache, cache_start=min(layers), tasks=tasks)
     scorer = pool if pool is not None else local
     swap = local.swap
     n_before = pool.n_scored if pool is not None else 0
