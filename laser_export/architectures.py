@@ -15,6 +15,16 @@ model-type strings: ``task`` (causal-lm | masked-lm), ``auto_class``, ``pipeline
 overrides any of ``layers``, ``final_norm``, ``gguf_arch`` for one model type of the family
 (Gemma-3's multimodal checkpoint keeps its blocks under ``language_model.layers``).
 
+A matrix alias names a module (``"mlp.gate_proj"``: its ``weight``) or, for fused tensors, a
+:class:`MatrixSpec` object: ``{"module": "mlp.gate_up_proj", "split": [1, 1], "part": 0}`` is the first
+of two equal row blocks of that Linear's weight (Phi-3's gate rows); ``split`` entries are integers or
+config attribute names (``["num_attention_heads", "num_key_value_heads", "num_key_value_heads"]`` splits a
+fused q/k/v by head counts). ``{"module": "mlp.experts", "tensor": "gate_up_proj", "experts":
+"num_local_experts", ...}`` names a fused 3-D expert tensor ``[experts, out, in]`` (transformers 5's
+Mixtral/Qwen3-MoE layout): the alias means one (out, in) matrix per expert, the config attribute gives
+their number. A spec alias is reduced block by block (:mod:`laser_export.fused`), dense write-back.
+The ``router`` alias (the MoE gate) belongs to no group: it is reduced only when named.
+
 Adding an architecture = adding one ``families/<name>.json`` file (and one row of the tiny-model
 table in ``tests/tinymodels.py``).
 """
@@ -32,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 #: Matrix aliases a family may define (the paper's names).
-ALIASES = ("fc_in", "fc_up", "fc_out", "q", "k", "v", "qkv", "o")
+ALIASES = ("fc_in", "fc_up", "fc_out", "q", "k", "v", "qkv", "o", "router")
 
 #: Groups of aliases; each expands to the members the family actually has.
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -52,6 +62,26 @@ _TASK_CLASSES = {
 }
 
 
+class MatrixSpec(BaseModel):
+    """A matrix that is part of a parameter: a row block of a fused 2-D weight and/or one expert's
+    slice of a fused 3-D ``[experts, out, in]`` tensor (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    module: str = Field(description="module path relative to one block")
+    tensor: str = Field("weight", description="parameter of that module")
+    split: tuple[int | str, ...] | None = Field(None, min_length=2, description="row-block weights: ints or config attributes")
+    part: int | None = Field(None, ge=0, description="which row block of `split`")
+    experts: str | None = Field(None, description="config attribute with the number of experts (dim 0 of the tensor)")
+
+    @model_validator(mode="after")
+    def _split_part(self):
+        if (self.split is None) != (self.part is None):
+            raise ValueError("split and part go together")
+        if self.split is not None and self.part >= len(self.split):
+            raise ValueError(f"part {self.part} out of range for a split into {len(self.split)} blocks")
+        return self
+
+
 class _Override(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     layers: str | None = None
@@ -67,7 +97,7 @@ class Family(BaseModel):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
     model_types: tuple[str, ...] = Field(min_length=1)
     layers: str = Field(description="ModuleList of blocks, relative to the base model")
-    matrices: dict[str, str] = Field(description="alias -> module path relative to one block")
+    matrices: dict[str, str | MatrixSpec] = Field(description="alias -> module path relative to one block (or a MatrixSpec)")
     final_norm: str | None = Field(description="relative to the base model (null: post-LN models)")
     task: Literal["causal-lm", "masked-lm"]
     auto_class: Literal["AutoModelForCausalLM", "AutoModelForMaskedLM"]
@@ -201,8 +231,50 @@ def base_prefix(model: nn.Module) -> str:
     return f"{prefix}." if prefix and hasattr(model, prefix) else ""
 
 
+def matrix_spec(family: Family, alias: str) -> MatrixSpec:
+    """The alias as a :class:`MatrixSpec` (a plain module path becomes ``MatrixSpec(module=path)``)."""
+    spec = family.matrices[alias]
+    return MatrixSpec(module=spec) if isinstance(spec, str) else spec
+
+
+def is_fused(family: Family, alias: str) -> bool:
+    """True when the alias is given as a :class:`MatrixSpec` (a row block, experts, or a module such as a
+    router that is not a plain linear layer): reduced by :mod:`laser_export.fused`, dense write-back only."""
+    return not isinstance(family.matrices[alias], str)
+
+
+def _config_int(config, attr: str, what: str) -> int:
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, attr, None)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArchitectureError(f"{what}: config of model_type {config.model_type!r} has no positive integer {attr!r}")
+    return value
+
+
+def num_experts(family: Family, alias: str, config) -> int | None:
+    """How many experts the alias has in this config (None: not an expert tensor)."""
+    spec = matrix_spec(family, alias)
+    return None if spec.experts is None else _config_int(config, spec.experts, f"{family.name} {alias}")
+
+
+def row_block(family: Family, alias: str, config, rows: int) -> tuple[int, int] | None:
+    """(start, stop) of the alias's row block in a fused matrix of ``rows`` rows (None: every row)."""
+    spec = matrix_spec(family, alias)
+    if spec.split is None:
+        return None
+    what = f"{family.name} {alias}"
+    weights = [w if isinstance(w, int) else _config_int(config, w, what) for w in spec.split]
+    total = sum(weights)
+    if rows % total:
+        raise ArchitectureError(f"{what}: {rows} rows do not split as {list(spec.split)} = {weights}")
+    unit = rows // total
+    start = unit * sum(weights[: spec.part])
+    return start, start + unit * weights[spec.part]
+
+
 def module_name(model: nn.Module, family: Family, layer: int, alias: str) -> str:
-    return f"{base_prefix(model)}{family.layers}.{layer}.{family.matrices[alias]}"
+    """Qualified name of the module holding the alias's matrix (for a fused alias, the fused module)."""
+    return f"{base_prefix(model)}{family.layers}.{layer}.{matrix_spec(family, alias).module}"
 
 
 def layer_modules(model: nn.Module, family: Family) -> nn.ModuleList:

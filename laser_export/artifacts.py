@@ -112,6 +112,8 @@ class BenchmarkInfo(_Artifact):
     hub_dataset: str | None = Field(None, description="Hub dataset id the examples correspond to")
     hub_config: str | None = None
     hub_revision: str | None = None
+    hub_split: str | None = Field(None, description="the Hub dataset's split(s) the examples are drawn from")
+    examples_from: str | None = Field(None, description="where the examples were read")
 
 
 class Delta(_Artifact):

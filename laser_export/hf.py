@@ -64,14 +64,15 @@ def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> 
 
     transformers would otherwise leave a missing factor as uninitialised memory (it does not know how
     to initialise a LowRankLinear) and load without an error. Raises ValueError listing the problems."""
-    from .export.safetensors import read_safetensors_header
+    from safetensors import safe_open
 
     stored: dict[str, list[int]] = {}
     files = [str(f) for f in (checkpoint_files or [])]
     if not files or not all(f.endswith(".safetensors") for f in files):
         return  # only safetensors checkpoints carry a header to check (laser-export writes safetensors)
     for f in files:
-        stored.update({k: v["shape"] for k, v in read_safetensors_header(f).items()})
+        with safe_open(f, framework="pt") as sf:  # reads the header only
+            stored.update({k: list(sf.get_slice(k).get_shape()) for k in sf.keys()})
     prefix = getattr(model, "base_model_prefix", "")
     problems = []
     for name, rank in ranks.items():

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .architectures import ArchitectureError, Family, expand_matrix, module_name, num_layers
+from .architectures import ArchitectureError, Family, expand_matrix, is_fused, module_name, num_experts, num_layers
 from .lowrank import (
     SVD_DTYPES,
     AutoRank,
@@ -42,6 +42,7 @@ class Target:
     alias: str
     rho: float | None = None
     rank: int | str | None = None  # "auto": the Marchenko–Pastur rule, resolved by :meth:`with_auto_rank`
+    expert: int | None = None  # MoE: the expert whose matrix this is
     auto: AutoRank | None = field(default=None, compare=False)  # how an auto rank was found
 
     @property
@@ -65,8 +66,10 @@ class Target:
         return replace(self, rank=found.rank, auto=found)
 
 
-def plan_targets(interventions: Iterable[Intervention], config, family: Family) -> list[Target]:
-    """Expand groups and check layers/aliases against the config. Raises RecipeError naming fields."""
+def plan_targets(interventions: Iterable[Intervention], config, family: Family,
+                 storage: str | None = None) -> list[Target]:
+    """Expand groups (and MoE experts) and check layers/aliases against the config; with ``storage``, also
+    that the storage applies to every alias. Raises RecipeError naming fields."""
     n = num_layers(config)
     problems, targets, seen = [], [], {}
     for i, iv in enumerate(interventions):
@@ -79,17 +82,47 @@ def plan_targets(interventions: Iterable[Intervention], config, family: Family) 
             problems.append(f"interventions[{i}].matrix: {err}")
             continue
         for alias in aliases:
-            key = (iv.layer, alias)
-            if key in seen:
-                problems.append(
-                    f"interventions[{i}]: layer {iv.layer} {alias} is already reduced by interventions[{seen[key]}]"
-                )
-                continue
-            seen[key] = i
-            targets.append(Target(i, iv.layer, alias, iv.rho, iv.rank))
+            experts = _experts(i, iv, family, alias, config, problems)
+            for expert in experts:
+                key = (iv.layer, alias, expert)
+                if key in seen:
+                    what = f"layer {iv.layer} {alias}" + (f" expert {expert}" if expert is not None else "")
+                    problems.append(f"interventions[{i}]: {what} is already reduced by interventions[{seen[key]}]")
+                    continue
+                seen[key] = i
+                targets.append(Target(i, iv.layer, alias, iv.rho, iv.rank, expert))
+    if storage is not None and not problems:
+        from .fused import refuse_factorised
+
+        problems += refuse_factorised(targets, family, storage)
     if problems:
         raise RecipeError(problems)
     return targets
+
+
+def _experts(i: int, iv: Intervention, family: Family, alias: str, config, problems: list[str]) -> list[int | None]:
+    """The experts an intervention selects for ``alias`` ([None] for a matrix without experts)."""
+    try:
+        n = num_experts(family, alias, config)
+    except ArchitectureError as err:
+        if not hasattr(config, "to_dict"):  # `check` from model_type/num_layers hints: the count is unknown
+            chosen = getattr(iv, "experts", None)
+            return list(chosen) if isinstance(chosen, list) else [None]
+        problems.append(f"interventions[{i}].matrix: {err}")
+        return []
+    chosen = getattr(iv, "experts", None)
+    if n is None:
+        if isinstance(chosen, list):
+            problems.append(f"interventions[{i}].experts: {alias} of {family.name} has no experts")
+            return []
+        return [None]
+    if chosen is None or chosen == "all":
+        return list(range(n))
+    bad = [e for e in chosen if e >= n]
+    if bad:
+        problems.append(f"interventions[{i}].experts: the model has {n} experts (0..{n - 1}), got {bad}")
+        return []
+    return list(chosen)
 
 
 @dataclass
@@ -273,6 +306,7 @@ def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, i
         "bytes_dense": dense_bytes,
         "bytes_stored": stored,
         "bytes_saved": dense_bytes - stored,
+        **({"expert": target.expert} if target.expert is not None else {}),
     }
 
 
@@ -297,6 +331,24 @@ def truncation_error(matrix: torch.Tensor, svd: TruncatedSVD, k: int, chunk_rows
     return math.sqrt(err), frobenius_norm(matrix, chunk_rows)
 
 
+def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCache, full_svd: bool,
+                  undoable: bool) -> tuple[Undo | None, dict]:
+    """Reduce one fused block (:mod:`laser_export.fused`): SVD of that block only, W_k written back into
+    the fused tensor. Returns (undo or None, manifest entry)."""
+    from .fused import block_ref
+
+    ref = block_ref(model, family, t.layer, t.alias, t.expert)
+    matrix = ref.matrix(model)
+    itemsize = matrix.element_size()
+    if k == min(shape):  # full rank: left bit-exact
+        return None, _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix))
+    svd = cache.get(ref.name, matrix, min(shape) if full_svd else k)
+    err, norm = truncation_error(matrix, svd, k)
+    restore = ref.write(model, svd.reconstruct(k, dtype=matrix.dtype), undoable)
+    entry = _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, err, norm)
+    return (Undo(restore) if undoable else None), entry
+
+
 class Applied(Undo):
     """What :func:`apply` returns: call it to undo every change (reverse order, bit-exact);
     ``entries`` holds one manifest entry per matrix."""
@@ -310,13 +362,24 @@ class Applied(Undo):
             self.undos.pop()()
 
 
+def target_matrix(model: nn.Module, family: Family, t: Target) -> tuple[str, torch.Tensor]:
+    """(unique name, (out, in) matrix) of a target: a module's weight (also offloaded), or a view of a
+    fused block (:mod:`laser_export.fused`; a meta view on a weightless skeleton)."""
+    if is_fused(family, t.alias):
+        from .fused import block_ref
+
+        ref = block_ref(model, family, t.layer, t.alias, t.expert)
+        return ref.name, ref.matrix(model)
+    name = module_name(model, family, t.layer, t.alias)
+    return name, matrix_of(model.get_submodule(name))
+
+
 def resolve(model: nn.Module, family: Family, targets: Sequence[Target]) -> list[tuple[Target, str, tuple[int, int], int]]:
     """(target, module name, (out, in) shape, rank) per target; RecipeError naming the fields when a
     rank exceeds the matrix's maximum. Nothing is changed."""
     plan, problems = [], []
     for t in targets:
-        name = module_name(model, family, t.layer, t.alias)
-        mat = matrix_of(model.get_submodule(name))
+        name, mat = target_matrix(model, family, t)
         shape = (int(mat.shape[0]), int(mat.shape[1]))
         t = t.with_auto_rank(mat)
         k = t.rank_for(shape)
@@ -356,6 +419,11 @@ def apply(
     Returns :class:`Applied`: ``applied()`` restores the model bit-exactly, ``applied.entries`` is
     the per-matrix manifest (rank, shape, Frobenius error from the dropped singular values, bytes).
     """
+    from .fused import refuse_factorised
+
+    refused = refuse_factorised(targets, family, storage)
+    if refused:
+        raise RecipeError(refused)
     cache = SVDCache(max_bytes=0) if cache is None else cache
     plan = resolve(model, family, targets)
     undos: list[Undo] = []
@@ -364,6 +432,11 @@ def apply(
         for t, name, shape, k in plan:
             if progress:
                 progress(f"SVD {name} {shape[0]}×{shape[1]} → rank {k}")
+            if is_fused(family, t.alias):  # a row block / one expert of a fused tensor: dense, in place
+                undo, entry = _reduce_block(model, family, t, shape, k, cache, full_svd, undoable)
+                undos += [undo] if undo is not None else []
+                entries.append(entry)
+                continue
             module = model.get_submodule(name)
             matrix = matrix_of(module)
             itemsize = matrix.element_size()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .benchmarks.base import BenchmarkError
+from .inputs import read_text
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ def load_text(opts: PerplexityOptions) -> str:
     if opts.path is not None:
         p = Path(opts.path).expanduser()
         if p.is_file():
-            return p.read_text(encoding="utf-8")
+            return read_text(p, "perplexity.path")
         if p.is_dir():
             txt = sorted(p.glob("*.txt"))
             if txt:
-                return "\n\n".join(f.read_text(encoding="utf-8") for f in txt)
+                return "\n\n".join(read_text(f, "perplexity.path") for f in txt)
         elif not p.exists():
             raise BenchmarkError(f"perplexity.path: {p} does not exist")
     from .benchmarks.hub import load_rows

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from . import __version__
 from .architectures import Family, family_for
 from .intervene import SVDCache, Target, apply, plan_targets
-from .progress import bar, console, status  # noqa: F401 - console and status are used from here too
+from .progress import bar, status
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
@@ -26,6 +26,7 @@ class Plan:
     targets: list[Target]
     config_from_hints: bool = False
     loaded_dtype: str | None = None  # the dtype the weights were loaded in (model.dtype "auto" resolved)
+    compute_dtype: str | None = None  # the dtype the forward passes run in (model.compute_dtype resolved)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
         raise RecipeError([f"model.source: {err}"]) from None
     if not from_hints:
         _check_hints(recipe, config)
-    targets = plan_targets(recipe.interventions, config, family)
+    targets = plan_targets(recipe.interventions, config, family, storage=recipe.storage)
     if not from_hints:
         check_ranks_without_weights(config, family, targets, trust_remote_code=recipe.model.trust_remote_code)
     _check_formats(recipe, family, config)
@@ -124,16 +125,15 @@ def check_ranks_without_weights(config, family: Family, targets: list[Target], t
         import torch
         import transformers
 
-        from .architectures import module_name
-        from .lowrank import as_matrix
+        from .intervene import target_matrix
 
         auto = getattr(transformers, family.auto_class)
         with torch.device("meta"):
             skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
         shapes = {}
         for t in targets:
-            name = module_name(skeleton, family, t.layer, t.alias)
-            shapes[t] = (name, tuple(int(d) for d in as_matrix(skeleton.get_submodule(name)).shape))
+            name, matrix = target_matrix(skeleton, family, t)
+            shapes[t] = (name, tuple(int(d) for d in matrix.shape))
     except Exception:  # noqa: BLE001 - an unusual config: leave the check to after loading
         return
     problems = []
@@ -159,6 +159,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
         if fmt in recipe.export.formats and not ok:
             problems.append(f"export.formats: {fmt.upper()} export supports {', '.join(able)}; not {family.name} "
                             f"(model_type {config.model_type!r})")
+    from .export import ort_runtime
+
+    if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
+        problems.append(f"export.formats: onnx: {why}")
     if problems:
         raise RecipeError(problems)
 
@@ -170,9 +174,26 @@ def load_model(p: Plan, progress: bool = True) -> Loaded:
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
                                     device_map=m.device_map, offload_folder=m.offload_folder)
     p.loaded_dtype = str(model.dtype).removeprefix("torch.")
+    _set_compute_dtype(p, model)
     densify_targets(p, model)
     check_finite_targets(p, model)
     return Loaded(model, tokenizer)
+
+
+def _set_compute_dtype(p: Plan, model) -> None:
+    """Resolve ``model.compute_dtype`` (see :mod:`laser_export.compute_dtype`); say it in one line."""
+    from . import compute_dtype
+    from .evaluate import _model_device
+
+    if p.recipe.model.device_map is not None:  # accelerate's offload hooks own the parameters
+        p.compute_dtype = p.loaded_dtype
+        return
+    dtype, notice = compute_dtype.resolve(p.recipe.model.compute_dtype, model.dtype, _model_device(model))
+    if notice:
+        console.print(notice)
+    p.compute_dtype = str(dtype).removeprefix("torch.")
+    if dtype != model.dtype:
+        compute_dtype.install(model, dtype)
 
 
 def densify_targets(p: Plan, model) -> list[str]:
@@ -215,13 +236,11 @@ def check_finite_targets(p: Plan, model) -> None:
     a LinAlgError). A SourceError naming the module, raised before anything is written."""
     import torch
 
-    from .architectures import module_name
-    from .intervene import matrix_of
+    from .intervene import target_matrix
 
     problems = []
     for t in p.targets:
-        name = module_name(model, p.family, t.layer, t.alias)
-        w = matrix_of(model.get_submodule(name))  # also an accelerate-offloaded weight
+        name, w = target_matrix(model, p.family, t)  # also an accelerate-offloaded weight, or a fused block
         bad = int((~torch.isfinite(w)).sum())
         if bad:
             problems.append(
@@ -247,6 +266,12 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
                              undoable=False, progress=step).entries
             pbar.advance(task)
     loaded.entries = entries
+    if p.compute_dtype not in (None, p.loaded_dtype):  # the reduced modules compute like the rest
+        import torch
+
+        from .compute_dtype import install
+
+        install(loaded.model, getattr(torch, p.compute_dtype))
     return loaded
 
 
@@ -275,6 +300,7 @@ def build_manifest(p: Plan, entries: list[dict]) -> dict:
             "base_model": m.base_model,
             "license": m.license,
             "dtype": p.loaded_dtype or m.dtype,
+            **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
             **_source_format(p),
         },
         "storage": p.recipe.storage,

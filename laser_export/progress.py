@@ -49,6 +49,7 @@ def status(text: str, enabled: bool = True):
 def quiet_third_party_bars() -> None:
     """--no-progress: also silence transformers' and huggingface_hub's own tqdm bars."""
     import os
+    import sys
 
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     # bars that transformers draws with plain tqdm (GGUF de-quantization): tqdm reads TQDM_* defaults when
@@ -60,9 +61,17 @@ def quiet_third_party_bars() -> None:
         disable_progress_bars()
     except Exception:  # noqa: BLE001
         pass
+    if "transformers" not in sys.modules:
+        return  # transformers takes its default from huggingface_hub's switch when it is imported (no import here:
+        # it would load torch before the command has checked its input)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except Exception:  # noqa: BLE001
         pass
+
+
+def count(n: int, one: str, many: str | None = None) -> str:
+    """``1 matrix`` / ``3 matrices``: a number with the noun it counts, singular or plural."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"

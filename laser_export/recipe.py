@@ -30,16 +30,24 @@ def _no_bool(v):
     return v
 
 
-def _size(v):
+def _size(v) -> int:
+    """``max_shard_size`` as bytes: an integer, or <number><unit> with B, KB, MB, GB, TB (powers of 1000) or
+    KiB, MiB, GiB, TiB (powers of 1024), case-insensitive. Converted here, once, so that every writer gets
+    the same integer (transformers' own parser refuses "1.5GB" and reads "5Gb" as bits)."""
+    want = f"expected a size such as 500MB, 2GB or 5GiB (or bytes as an integer), got {v!r}"
     if isinstance(v, bool) or not isinstance(v, (int, str)):
-        raise ValueError(f"expected a size such as 500MB, 2GB or 5GiB (or bytes as an integer), got {v!r}")
+        raise ValueError(want)
     if isinstance(v, int):
         if v < 1:
             raise ValueError(f"must be a positive number of bytes, got {v}")
         return v
-    if not _SIZE.match(v) or float(re.match(r"\s*([\d.]+)", v).group(1)) <= 0:
-        raise ValueError(f"expected a size such as 500MB, 2GB or 5GiB (or bytes as an integer), got {v!r}")
-    return v
+    m = _SIZE.match(v)
+    if not m:
+        raise ValueError(want)
+    size = int(float(m["n"]) * _UNITS[(m["unit"] or "B").upper()])
+    if size < 1:
+        raise ValueError(f"must be a positive number of bytes, got {v!r}")
+    return size
 
 
 def _rank(v):
@@ -54,10 +62,25 @@ Int = Annotated[StrictInt, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
 Bool = StrictBool
 
-#: transformers' ``convert_file_size_to_int`` accepts an int (bytes) or <number><unit>
-_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB|KBIT|MBIT|GBIT)?\s*$", re.I)
+_SIZE = re.compile(r"^\s*(?P<n>\d+(\.\d+)?)\s*(?P<unit>B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.I)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 #: a Hub repo id: namespace/name (huggingface_hub.utils.validate_repo_id rules, with the namespace required)
 _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}(?<![.-])$")
+
+
+#: a recipe name: it names out/<name>/ and reports/<name>.verify.json, so it is a safe, short file name
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_MAX = 200
+
+
+def check_name(name: str) -> str | None:
+    """None when ``name`` can name a recipe (and its files); else why not."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        return f"{name!r} should be letters, digits, '.', '_' and '-', starting with a letter or digit"
+    if len(name) > NAME_MAX:
+        return f"{len(name)} characters; at most {NAME_MAX} (it names files)"
+    return None
 
 
 def check_repo_id(repo_id: str) -> str | None:
@@ -92,6 +115,13 @@ class ModelSpec(_Strict):
         description="dtype the weights are loaded (and exported) in; auto: the checkpoint's own "
         "(no whole-model copy; a GGUF file is de-quantized to float32)",
     )
+    compute_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="dtype the forward passes (scoring) run in, module by module; the weights stay in `dtype` "
+        "and are reduced and exported as such. auto: the weights' dtype, except float16 on a CPU (no native "
+        "fp16 arithmetic): float32, which keeps every fp16 value exact. bfloat16 rounds fp16 weights while "
+        "computing (fast on CPUs with AVX512-BF16). Recorded in the report, manifest and card",
+    )
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
     trust_remote_code: Bool = False
@@ -116,6 +146,19 @@ class Intervention(_Strict):
         None,
         description="explicit rank instead of rho, or auto: the singular values above the Marchenko–Pastur "
         "noise edge of the matrix")
+    experts: Literal["all"] | list[Int] | None = Field(
+        None, description="MoE: which experts' matrices to reduce (each on its own): all (the default) or a list of indices"
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _experts(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one expert index (or all)")
+            if any(e < 0 for e in v) or len(set(v)) != len(v):
+                raise ValueError(f"expert indices must be distinct and >= 0, got {v}")
+        return v
 
     @field_validator("rho")
     @classmethod
@@ -199,16 +242,30 @@ class ExportSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of the exported tensors (default: the dtype the model is loaded in, model.dtype)"
     )
-    max_shard_size: Annotated[str | int, BeforeValidator(_size)] = "2GB"
+    max_shard_size: Annotated[int, BeforeValidator(_size)] = Field(
+        2 * 10**9, description="safetensors shard size: bytes, or 500MB / 2GB / 5GiB (read as bytes)"
+    )
     onnx_with_past: Bool = True
     onnx_tolerance: Float = Field(
         1e-4, gt=0, description="max |logit difference| onnxruntime vs torch (fp32) for the export to pass"
     )
+    onnx_quantized: Bool = Field(False, description="also write onnx/model_quantized.onnx (8-bit dynamic, "
+                                 "onnxruntime's quantizer): the file transformers.js loads by default")
+    gguf_types: list[Literal["Q8_0", "Q4_0"]] = Field(
+        [], description="quantized GGUF variants written next to the export-dtype file (<name>-Q8_0.gguf)")
     hub: HubSpec | None = None
+
+    @model_validator(mode="after")
+    def _variants_need_their_format(self):
+        if self.gguf_types and "gguf" not in self.formats:
+            raise ValueError("export.gguf_types needs gguf in export.formats")
+        if self.onnx_quantized and "onnx" not in self.formats:
+            raise ValueError("export.onnx_quantized needs onnx in export.formats")
+        return self
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     description: str | None = None
     model: ModelSpec
     interventions: list[Intervention] = Field(min_length=1)
@@ -268,11 +325,14 @@ def parse_recipe(data: object, file: str | Path | None = None) -> Recipe:
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
     """Read and validate a recipe file; returns (recipe, yaml_text)."""
+    from .inputs import InputFileError, read_regular
+
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise RecipeError([f"<file>: cannot read recipe: {err.strerror}"], path) from None
+        raw = read_regular(path, "recipe", limit=16 << 20)
+    except InputFileError as err:
+        reason = err.reason.replace("cannot read:", "cannot read recipe:")
+        raise RecipeError([f"<file>: {reason}"], path) from None
     if b"\0" in raw:
         raise RecipeError(["<file>: not a text file (binary data); a recipe is a YAML file"], path)
     try:

@@ -17,11 +17,11 @@ from .errors import CheckFailed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Plan, build_manifest, console, load_model, plan, reduce_loaded, status
+from .pipeline import Plan, build_manifest, load_model, plan, reduce_loaded
+from .options import ApplyOptions, PushOptions, RunOptions, VerifyOptions
+from .policy import check_report_path, report_path as _report_path
+from .progress import console, count, status
 from .recipe import RecipeError, check_repo_id, load_recipe
-
-#: default seconds for every Hub request (connect and read), see export/hub.py
-HUB_TIMEOUT = 60.0
 
 
 class ClaimsFailed(CheckFailed):
@@ -31,56 +31,6 @@ class ClaimsFailed(CheckFailed):
         super().__init__(message)
         self.report = report
         self.report_path = report_path
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    recipe: Path
-    limit: int | None = None
-    report: Path | None = None  # default reports/<name>.verify.json
-    progress: bool = True
-    prefix_cache: bool = True
-    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    recipe: Path
-    out: Path | None = None  # default out/<name>
-    overwrite: bool = False
-    skip_verify: bool = False
-    limit: int | None = None
-    report: Path | None = None  # default reports/<name>.verify.json
-    push: bool = False
-    repo_id: str | None = None
-    private: bool = False
-    endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
-    progress: bool = True
-    prefix_cache: bool = True
-    baseline_cache: bool = True  # read/write the baseline cache (--no-cache: score the baseline again)
-    dry_run: bool = False
-    stream: bool = False  # reduce shard by shard, no verify (laser_export.stream)
-
-
-@dataclass(frozen=True)
-class ApplyOptions:
-    recipe: Path
-    out: Path | None = None  # default out/<name>
-    overwrite: bool = False
-    report: Path | None = None  # the passing verify report of this recipe, carried into the export
-    in_memory: bool = False  # load the whole model instead of streaming
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class PushOptions:
-    folder: Path
-    repo_id: str
-    private: bool = False
-    endpoint: str | None = None
-    hub_timeout: float = HUB_TIMEOUT
 
 
 @dataclass
@@ -97,36 +47,16 @@ class RunResult:
 
 
 def _protected(p: Plan) -> list[Path]:
-    """Local paths that an export must never replace: the model source and the benchmark data."""
-    held = []
-    if p.source.kind != "hub":
-        held.append(Path(p.source.location))
-    bench = p.recipe.benchmark
-    if bench is not None and bench.path and not str(bench.path).startswith(("http://", "https://")):
-        held.append(Path(bench.path).expanduser())
-    return held
+    from .policy import protected
 
-
-def check_report_path(path: Path, flag: str) -> Path:
-    """The report can be written at ``path`` (not a folder, parent creatable and writable)."""
-    from .atomic import OutputError, check_parent_writable
-
-    if path.is_dir():
-        raise OutputError(f"{flag} {path}: is a folder; give a file path such as {path / 'report.json'}")
-    check_parent_writable(path.expanduser().resolve(), f"{flag} {path}")
-    return path
-
-
-def _report_path(recipe_name: str, report: Path | None) -> tuple[Path, str]:
-    if report is not None:
-        return Path(report), "--report"
-    return Path("reports") / f"{recipe_name}.verify.json", "report path"
+    return protected(p)
 
 
 def _write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report;
     an unwritable path is an OutputError."""
-    from .atomic import OutputError, write_json
+    from .atomic import write_json
+    from .policy import OutputError
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +92,7 @@ def _no_stdout(on: bool):
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
     targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
-    lines = [f"plan: {p.family.name} from {p.source.describe()}; {len(p.targets)} matrices ({targets}); "
+    lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
 
@@ -190,7 +120,7 @@ def verify(opts: VerifyOptions) -> RunResult:
         raise RecipeError(["benchmark: the recipe names no benchmark to measure on"], opts.recipe)
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
-    check_report_path(path, flag)
+    check_report_path(path, flag, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
@@ -212,7 +142,7 @@ def run(opts: RunOptions) -> RunResult:
 
     Raises :class:`ClaimsFailed` (nothing exported), ``OnnxExportError`` (nothing exported) or
     ``PushError`` (the export is written and intact) for checks that fail."""
-    from .export.safetensors import check_output, clean_debris
+    from .policy import check_output, clean_debris
 
     recipe, text = load_recipe(opts.recipe)
     hub = recipe.export.hub
@@ -234,8 +164,8 @@ def run(opts: RunOptions) -> RunResult:
     report_path = None
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
-        check_report_path(report_path, flag)
-    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {len(p.targets)} matrices, "
+        check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
+    console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
     selected = _select(p, opts.limit, opts.progress) if verifying else None
 
@@ -272,7 +202,7 @@ def run(opts: RunOptions) -> RunResult:
     manifest = build_manifest(p, loaded.entries)
     _export(p, loaded, out, opts, manifest, report, protect=_protected(p))
     saved = manifest["totals"]["bytes_saved"]
-    console.print(f"[green]exported[/] {out} ({len(loaded.entries)} matrices, {saved / 2**20:.2f} MiB saved)")
+    console.print(f"[green]exported[/] {out} ({count(len(loaded.entries), 'matrix', 'matrices')}, {saved / 2**20:.2f} MiB saved)")
     result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest)
     if opts.push:
         result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
@@ -292,7 +222,7 @@ def _run_streamed(p: Plan, out: Path, opts: RunOptions, repo_id: str | None, hub
         progress=opts.progress, protect=_protected(p)))
     if p.recipe.claims is not None:
         console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
-    console.print(f"[green]exported[/] {out} (streamed, {len(manifest['matrices'])} matrices, "
+    console.print(f"[green]exported[/] {out} (streamed, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
                   f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
     result = RunResult(out=out, manifest=manifest)
     if opts.push:
@@ -311,7 +241,7 @@ def apply(opts: ApplyOptions) -> RunResult:
     (:func:`laser_export.stream.streamable`); otherwise (GGUF source, ONNX/GGUF format, device_map, or
     ``opts.in_memory``) loads the model and writes the same export as :func:`run`. ``opts.report``: the
     passing verify report of this recipe, carried into the export and the card."""
-    from .export.safetensors import check_output, clean_debris
+    from .policy import check_output, clean_debris
     from .stream import StreamExportOptions, export_streamed, load_report, streamable
 
     recipe, text = load_recipe(opts.recipe)
@@ -323,7 +253,7 @@ def apply(opts: ApplyOptions) -> RunResult:
     check_output(out, overwrite=opts.overwrite, protect=_protected(p))
     reason = "--in-memory" if opts.in_memory else streamable(p)
     if reason is None:
-        console.print(f"[bold]{recipe.name}[/]: streaming {len(p.targets)} matrices shard by shard into {out}")
+        console.print(f"[bold]{recipe.name}[/]: streaming {count(len(p.targets), 'matrix', 'matrices')} shard by shard into {out}")
         manifest = export_streamed(p, StreamExportOptions(out, overwrite=opts.overwrite, report=report,
                                                           skip_verify=report is None, progress=opts.progress,
                                                           protect=_protected(p)))
@@ -336,7 +266,7 @@ def apply(opts: ApplyOptions) -> RunResult:
                               progress=opts.progress)
         _export(p, loaded, out, run_opts, manifest, report, protect=_protected(p))
     how = "streamed" if manifest.get("streamed") else "in memory"
-    console.print(f"[green]exported[/] {out} ({how}, {len(manifest['matrices'])} matrices, "
+    console.print(f"[green]exported[/] {out} ({how}, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
                   f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
     return RunResult(out=out, report=report, manifest=manifest)
 
@@ -344,7 +274,8 @@ def apply(opts: ApplyOptions) -> RunResult:
 def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report: dict | None,
             protect: list[Path]) -> None:
     """Write every export format into a temporary folder, then rename it to ``out``."""
-    from .atomic import atomic_folder, write_text
+    from .atomic import write_text
+    from .policy import atomic_folder
     from .export.dtype import cast_for_export
     from .export.safetensors import write_checkpoint
 
@@ -406,7 +337,8 @@ def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = Tr
         reference = auto.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
         manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
                                       dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
-                                      reference=reference)
+                                      reference=reference, tokenizer=loaded.tokenizer,
+                                      quantized=p.recipe.export.gguf_types, provenance=manifest.get("model"))
 
 
 # -------------------------------------------------------------------------------------------------- push
@@ -415,7 +347,7 @@ def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = Tr
 def push(opts: PushOptions) -> str:
     """Push an export folder as one commit; return the commit URL. Raises ``PushError``."""
     from .export.hub import push_folder
-    from .export.safetensors import OutputError
+    from .policy import OutputError
 
     folder = Path(opts.folder)
     if not (folder / "config.json").is_file():

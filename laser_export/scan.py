@@ -23,6 +23,7 @@ import torch
 
 from .errors import InputError
 from .lowrank import auto_rank, rank_for, singular_values
+from .options import layers as layers_syntax, no_progress, non_empty, option, validate
 
 #: the ρ at which the kept Frobenius energy is reported (the search's default grid)
 SCAN_RHOS = (0.01, 0.05, 0.1, 0.25, 0.5)
@@ -36,15 +37,21 @@ class ScanError(InputError):
 
 @dataclass
 class ScanOptions:
-    source: str
-    out: str  # scan JSON; the heatmap goes next to it (<stem>.png)
-    layers: str | None = None  # as search's --layers; default: every layer
-    matrices: str = "mlp,attn"  # every MLP and attention matrix the family names
-    rhos: tuple[float, ...] = SCAN_RHOS
-    revision: str | None = None
+    """Options of ``laser-export scan`` (its flags are generated from the fields that carry one)."""
+
+    source: str = option(help="model source: safetensors folder, Hub id[@revision] or .gguf file", positional=True,
+                         check=non_empty)
+    out: str = option(help="scan JSON to write (the heatmap is <out stem>.png)", check=non_empty, metavar="SCAN_JSON")
+    layers: str | None = option(None, "e.g. 20-29 or 24,26,28 (default: every layer)", check=layers_syntax)
+    matrices: str = option("mlp,attn", "aliases or groups, comma separated", check=non_empty)
+    revision: str | None = option(None, "Hub revision of the source")
+    rhos: tuple[float, ...] = SCAN_RHOS  # where the kept Frobenius energy is reported
     trust_remote_code: bool = False
-    progress: bool = True
     plot: bool = True
+    progress: bool = no_progress()
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass

@@ -409,6 +409,10 @@ def streamable(p) -> str | None:
         return "export.dtype (a cast after loading) applies to the in-memory path"
     if p.recipe.model.device_map is not None:
         return "model.device_map applies to the in-memory path"
+    from .architectures import is_fused
+
+    if any(is_fused(p.family, t.alias) for t in p.targets):
+        return "row blocks of fused tensors and MoE experts are reduced in memory"
     if p.source.kind == "folder" and not list(Path(p.source.location).glob("*.safetensors")):
         return "the source folder has no *.safetensors files"
     if p.source.kind == "folder" and json.loads((Path(p.source.location) / "config.json").read_text()).get(
@@ -439,7 +443,7 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
     shards + index, config, generation config, tokenizer, recipe.yaml, manifest.json, README.md
     (and verify_report.json when a report is given). Returns the manifest."""
     from .export.card import render_card
-    from .atomic import atomic_folder
+    from .policy import atomic_folder
     from .export.safetensors import MANIFEST, RECIPE, checkpoint_tensor_bytes
     from .pipeline import build_manifest
     from .progress import bar as progress_bar
@@ -484,10 +488,9 @@ def export_streamed(p, options: StreamExportOptions) -> dict:
 
 def load_report(path: Path, recipe) -> dict:
     """A verify report for ``recipe`` whose claims passed, else RecipeError naming the file."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise RecipeError([f"--report: cannot read {path}: {err}"]) from None
+    from .inputs import read_json_object
+
+    report = read_json_object(path, "--report")
     if report.get("recipe") != recipe.name:
         raise RecipeError([f"--report: {path} is the report of recipe {report.get('recipe')!r}, not {recipe.name!r}"])
     if report.get("claims") and not report.get("passed"):  # no claims: measured only

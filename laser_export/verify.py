@@ -16,7 +16,8 @@ from .benchmarks import BenchmarkError, examples_sha256, load_split
 from . import answer_balance, metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
-from .pipeline import Loaded, Plan, console, reduce_loaded
+from .pipeline import Loaded, Plan, reduce_loaded
+from .progress import console
 from .prefix import PrefixCache, PrefixCacheError
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict
     return {
         "model": model_identity(p.source, loaded.model.config),
         "dtype": p.recipe.model.dtype,
+        **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
         "device": _model_device(loaded.model).type,
         "benchmark": info["name"],
         "examples_sha256": info["examples_sha256"],
@@ -236,6 +238,7 @@ def verify_loaded(
         "interventions": loaded.entries,
         "passed": bool(claims) and all(c["passed"] for c in claims),
         "scorer": scorer,
+        "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
         "perplexity": None if ppl_base is None else {
             **{k: v for k, v in vars(ppl_opts).items() if k != "max_tokens"},
             "path": None if ppl_opts.path is None else str(ppl_opts.path),

@@ -30,15 +30,30 @@ def test_every_family_file_is_loaded_and_named_after_its_file():
     assert files == {f"{name}.json" for name in FAMILIES}
 
 
+def plain_pair(fam) -> list[str]:
+    """Two aliases of whole linear modules (what the factorised form supports): fc_in/fc_out where the family
+    has them as plain modules, else attention ones (MoE experts and fused row blocks are dense-only)."""
+    from laser_export.architectures import is_fused
+
+    return [a for a in ("fc_in", "fc_out", "o", "q", "k") if a in fam.matrices and not is_fused(fam, a)][:2]
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_every_alias_resolves_to_a_linear_map(model_type):
+    from laser_export.architectures import is_fused, num_experts
+    from laser_export.intervene import Target, target_matrix
+
     model = tiny_model(model_type)
     fam = family_for(model.config.model_type)
     for alias in fam.matrices:
         for layer in range(num_layers(model.config)):
+            n = num_experts(fam, alias, model.config)
+            for expert in [None] if n is None else range(n):
+                name, m = target_matrix(model, fam, Target(0, layer, alias, expert=expert))
+                assert m.dim() == 2 and min(m.shape) >= (4 if alias == "router" else 8), (alias, m.shape)
+            if is_fused(fam, alias):
+                continue
             mod = model.get_submodule(module_name(model, fam, layer, alias))
-            m = as_matrix(mod)
-            assert m.dim() == 2 and min(m.shape) >= 8, (alias, m.shape)
             # the family's declared weight layout is the module's
             assert (type(mod).__name__ == "Conv1D") == (fam.weight_layout == "conv1d"), (alias, type(mod))
 
@@ -75,11 +90,13 @@ def test_factorised_round_trip_every_family(tmp_path, model_type):
     """reduce (factorised) -> save -> from_pretrained with the family's auto class -> same logits."""
     import transformers
 
-    from laser_export.export.safetensors import atomic_folder, write_checkpoint
+    from laser_export.export.safetensors import write_checkpoint
+    from laser_export.policy import atomic_folder
 
     model = tiny_model(model_type)
     fam = family_for(model_type)
-    iv = [Intervention(layer=1, matrix="fc_in", rho=0.25), Intervention(layer=2, matrix="fc_out", rank=3)]
+    a, b = plain_pair(fam)
+    iv = [Intervention(layer=1, matrix=a, rho=0.25), Intervention(layer=2, matrix=b, rank=3)]
     entries = reduce_model(model, fam, plan_targets(iv, model.config, fam), storage="factorised")
     assert [e["storage"] for e in entries] == ["factorised", "factorised"]
     with atomic_folder(tmp_path / "out") as tmp:
@@ -122,14 +139,23 @@ def test_reduce_every_family(model_type, storage):
     fam = family_for(model.config.model_type)
     x = tiny_inputs()
     before = model(x).logits
+    from laser_export.architectures import is_fused
+
     targets = plan_targets([Intervention(layer=1, matrix="mlp", rho=0.25)], model.config, fam)
     assert {t.alias for t in targets} == {a for a in GROUPS["mlp"] if a in fam.matrices}
+    if storage == "factorised" and any(is_fused(fam, t.alias) for t in targets):
+        with pytest.raises(RecipeError, match=r"interventions\[0\].matrix: .* part of a fused tensor .* storage: dense"):
+            reduce_model(model, fam, targets, storage=storage)
+        torch.testing.assert_close(model(x).logits, before, rtol=0, atol=0)
+        return
     entries = reduce_model(model, fam, targets, storage=storage)
     after = model(x).logits
     assert not torch.allclose(before, after)
     for e in entries:
-        mod = model.get_submodule(e["name"])
-        assert isinstance(mod, LowRankLinear) == (e["storage"] == "factorised")
+        if is_fused(fam, e["matrix"]):
+            assert e["storage"] == "dense" and ("[" in e["name"])
+        else:
+            assert isinstance(model.get_submodule(e["name"]), LowRankLinear) == (e["storage"] == "factorised")
         assert e["rank"] == max(1, int(0.25 * min(e["shape"])))
         assert 0 < e["relative_error"] < 1
 
@@ -141,7 +167,8 @@ def test_factorised_and_dense_give_identical_logits(model_type):
     for storage in ("dense", "factorised"):
         model = tiny_model(model_type)
         fam = family_for(model.config.model_type)
-        iv = [Intervention(layer=2, matrix="fc_in", rho=0.2), Intervention(layer=0, matrix="fc_out", rank=3)]
+        a, b = plain_pair(fam)
+        iv = [Intervention(layer=2, matrix=a, rho=0.2), Intervention(layer=0, matrix=b, rank=3)]
         entries = reduce_model(model, fam, plan_targets(iv, model.config, fam), storage=storage)
         assert all(e["storage"] == storage for e in entries)
         logits[storage] = model(x).logits

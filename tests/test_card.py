@@ -131,7 +131,12 @@ def test_factorised_verified_card_metadata_and_model_index():
     assert result["dataset"]["config"] == "qa_wikidata"
     assert meta["base_model_relation"] == "finetune"
     assert meta["pipeline_tag"] == "text-generation"
-    assert result["dataset"]["split"] == "test"
+    # the split that Hub dataset has (its train + validation hold the task's examples); ours is in args
+    assert result["dataset"]["split"] == "train+validation"
+    assert result["dataset"]["args"]["laser_export_split"] == "test"
+    assert result["dataset"]["args"]["examples_from"].startswith("bigbench==1.0.0 sdist")
+    assert result["source"]["name"].startswith("laser-export verify report")
+    assert result["source"]["url"] == "https://huggingface.co/you/smollm2-135m-laser-wikidataqa/blob/main/verify_report.json"
     assert result["dataset"]["args"]["seed"] == 0
     assert result["dataset"]["args"]["n_examples"] == 4000
     assert result["dataset"]["args"]["examples_sha256"] == "ab12cd34" * 8
@@ -143,7 +148,7 @@ def test_factorised_verified_card_metadata_and_model_index():
     assert name == "smollm2-wikidataqa"
     assert all(isinstance(e, EvalResult) for e in evals)
     assert [(e.metric_type, e.metric_value, e.dataset_split) for e in evals] == [
-        ("accuracy", 0.2405, "test"), ("accuracy", 0.2562, "test")]
+        ("accuracy", 0.2405, "train+validation"), ("accuracy", 0.2562, "train+validation")]
     assert eval_results_to_model_index(name, evals) == meta["model-index"]
     assert back.data.eval_results[0].metric_value == 0.2405
 
@@ -404,3 +409,14 @@ def test_every_hub_benchmark_names_its_hub_dataset_for_the_model_index():
     from laser_export.benchmarks import BENCHMARKS
 
     assert sorted(n for n, b in BENCHMARKS.items() if b.hub_dataset is None) == ["jsonl"]
+
+
+def test_no_model_index_for_data_without_a_hub_id():
+    """A user's JSONL has no Hub dataset id: the card shows its numbers but publishes no model-index
+    (never `dataset.type: json`)."""
+    report = make_report()
+    report["benchmark"]["name"] = "jsonl"
+    card = render_card(make_recipe(), RECIPE_YAML, make_manifest(), report)
+    _, meta = parse(card)
+    assert "model-index" not in meta
+    assert '"json"' not in str(card) and "type: json" not in str(card)

@@ -110,7 +110,7 @@ def test_library_takes_typed_options_not_argparse():
 
 
 def test_library_raises_typed_errors_that_the_cli_maps_to_exit_codes(tiny, tmp_path):
-    from laser_export.export.safetensors import OutputError
+    from laser_export.policy import OutputError
     from laser_export.runner import RunOptions, run
 
     (tmp_path / "x").mkdir()

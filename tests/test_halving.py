@@ -104,3 +104,19 @@ def test_cli_search_halving_from_scan_with_auto_rank(tmp_path):
                    "--layers", "1-2", "--matrices", "fc_in", "--from-scan", str(scan_json), "--out", str(out),
                    "--no-progress"])
     assert rc == 2
+
+
+def test_beam_finds_a_pair_greedy_misses():
+    from laser_export.search.compose import compose_beam, compose_greedy
+
+    a, b, c = Candidate(1, "fc_in", 0.1), Candidate(2, "fc_in", 0.1), Candidate(3, "fc_in", 0.1)
+    single = {a: {"top1": 0.30, "logprob": -1}, b: {"top1": 0.29, "logprob": -1}, c: {"top1": 0.28, "logprob": -1}}
+    pairs = {frozenset({a, b}): 0.25, frozenset({a, c}): 0.26, frozenset({b, c}): 0.40}
+
+    def evaluate_set(cands):
+        return {"top1": pairs.get(frozenset(cands), 0.1), "logprob": -1}
+
+    greedy, gm, _ = compose_greedy([a, b, c], evaluate_set, single, 2, 6)
+    beam, bm, trace = compose_beam([a, b, c], evaluate_set, single, 2, width=2)
+    assert greedy == [a] and gm["top1"] == 0.30
+    assert set(beam) == {b, c} and bm["top1"] == 0.40 and len(trace) == 3

@@ -115,6 +115,7 @@ class Case:
     check: Callable[[Ctx], None] | None = None  # extra assertions afterwards
     new: tuple[str, ...] = ()  # paths under the test folder allowed to appear (relative)
     traceback: bool = False
+    env: dict = field(default_factory=dict)  # environment variables for the command (in-process and fresh)
 
 
 def M(**kw):
@@ -245,7 +246,7 @@ def _old_export_intact(c: Ctx):
 def _fail_second_replace(c: Ctx):
     """os.replace fails when the new export is renamed into place (after the old one moved aside)."""
     c.copy_export()
-    import laser_export.atomic as st  # where atomic_folder lives (moved from export/safetensors.py)
+    import laser_export.policy as st  # where atomic_folder lives
 
     real, calls = os.replace, []
 
@@ -575,6 +576,71 @@ CASES: list[Case] = [
     Case("search-prune-snr", X, "--prune-snr: expected a number in (0, 1], got 3.0", argv=lambda c: SEARCH(c, "--prune-snr", "3")),
     Case("search-compose-zero", X, "--compose: expected a positive integer, got 0", argv=lambda c: SEARCH(c, "--compose", "0")),
     Case("unknown-option", X, "unrecognized arguments: --frobnicate", argv=run_args("--frobnicate")),
+    # ---- issue 21: every path the tool writes goes through the output policy, refused before any weights load
+    Case("report-is-model-config", X, "is inside an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.ws / "llama" / "config.json")]),
+    Case("run-report-is-model-config", X, "is inside an input of this run", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.ws / "llama" / "config.json")]),
+    Case("report-is-benchmark-data", X, "is an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.ws / "data" / "bench.jsonl")]),
+    Case("report-is-the-recipe", X, "is an input of this run", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.recipe)]),
+    Case("report-is-a-fifo", X, "is not a regular file", recipe=B(), setup=lambda c: os.mkfifo(c.tmp / "fifo.json"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "fifo.json")]),
+    Case("report-inside-out", X, "is inside --out", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.out / "extra.json")]),
+    Case("out-is-the-reports-folder", X, "is inside --out reports", recipe=B(),
+         argv=lambda c: [str(c.recipe), "--out", "reports"]),
+    Case("out-name-too-long", X, "longer than 255 bytes", argv=lambda c: [str(c.recipe), "--out", str(c.tmp / ("a" * 300))]),
+    Case("out-symlink-loop", X, "cannot be resolved", setup=lambda c: os.symlink("out", c.out), new=("out",)),
+    Case("out-manifest-fifo-overwrite", X, "is not a laser-export export",
+         setup=lambda c: (c.out.mkdir(), os.mkfifo(c.out / "manifest.json")), argv=run_args("--overwrite"), new=("out/manifest.json",)),
+    Case("out-manifest-deeply-nested", X, "is not a laser-export export",
+         setup=lambda c: (c.out.mkdir(), (c.out / "manifest.json").write_text("[" * 100000 + "]" * 100000)), argv=run_args("--overwrite")),
+    Case("recipe-fifo", X, "is not a regular file (a FIFO", setup=lambda c: (c.recipe.unlink(), os.mkfifo(c.recipe)),
+         new=("r.yaml",)),
+    Case("recipe-name-too-long", X, "name: String should have at most 200 characters", recipe={"name": "n" * 256}),
+    Case("apply-report-not-an-object", X, "holds a JSON list, expected an object",
+         setup=lambda c: (c.tmp / "rep.json").write_text("[]"),
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
+    Case("apply-report-deeply-nested", X, "JSON nested too deeply",
+         setup=lambda c: (c.tmp / "rep.json").write_text("[" * 100000 + "]" * 100000),
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
+    Case("env-prefix-cache-word", X, "LASER_EXPORT_PREFIX_CACHE_GB='abc': expected a number >= 0", recipe=B(),
+         env={"LASER_EXPORT_PREFIX_CACHE_GB": "abc"}),
+    Case("env-prefix-cache-nan", X, "LASER_EXPORT_PREFIX_CACHE_GB='nan'", recipe=B(), env={"LASER_EXPORT_PREFIX_CACHE_GB": "nan"}),
+    Case("env-prefix-cache-inf", X, "LASER_EXPORT_PREFIX_CACHE_GB='inf'", recipe=B(), env={"LASER_EXPORT_PREFIX_CACHE_GB": "inf"}),
+    Case("env-hub-timeout-word", X, "LASER_EXPORT_HUB_TIMEOUT='abc': expected a positive number",
+         env={"LASER_EXPORT_HUB_TIMEOUT": "abc"}, argv=lambda c: ["push", str(c.ws / "export"), "--repo-id", "org/x"]),
+    Case("works-shard-size-decimal", 0, "exported", recipe={"export": {"max_shard_size": "1.5GB"}}, new=("out", "out/*")),
+    Case("works-shard-size-gib", 0, "exported", recipe={"export": {"max_shard_size": "5GiB"}}, new=("out", "out/*")),
+    Case("fail-write-checkpoint-safetensors-disk-full", X, "cannot write the export: No space left on device",
+         setup=_inject("laser_export.export.safetensors.write_checkpoint", lambda: __import__("safetensors").SafetensorError(
+             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')),
+         argv=run_args("--overwrite"), check=_old_export_intact, new=("out", "out/*")),
+    Case("verify-report-disk-full", X, "cannot write: No space left on device", recipe=B(),
+         setup=lambda c: c.mp.setattr(__import__("laser_export.atomic", fromlist=["x"]).os, "fdopen",
+                                      _raiser(lambda: OSError(errno.ENOSPC, "No space left on device"))),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json"), "--no-cache"]),
+    Case("perplexity-not-utf8", X, "p.txt: not UTF-8 text",
+         recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: (c.tmp / "p.txt").write_bytes(b"caf\xe9 w4 w5 w6\n"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("search-out-root", X, "--out /: is a folder", argv=lambda c: SEARCH(c)[:-2] + ["--out", "/"]),
+    Case("search-out-in-model", X, "is inside an input of this run",
+         argv=lambda c: SEARCH(c)[:-2] + ["--out", str(c.ws / "llama" / "config.json")]),
+    Case("search-results-in-model", X, "--results", argv=lambda c: SEARCH(c, "--results", str(c.ws / "llama" / "config.json"))),
+    Case("search-results-is-data", X, "is an input of this run",
+         argv=lambda c: SEARCH(c, "--results", str(c.ws / "data" / "bench.jsonl"))),
+    Case("search-results-foreign-file", X, "is not a laser-export search log",
+         setup=lambda c: (c.tmp / "notes.txt").write_text("my notes\n"), argv=lambda c: SEARCH(c, "--results", str(c.tmp / "notes.txt"))),
+    Case("search-template-is-out", X, "is an input of this run",
+         argv=lambda c: ["search", "--template", str(c.recipe), "--benchmark-path", str(c.ws / "data" / "bench.jsonl"),
+                         "--out", str(c.recipe)]),
+    Case("search-name-bad", X, "--name:", argv=lambda c: SEARCH(c, "--name", "../x")),
+    Case("search-name-too-long", X, "--name:", argv=lambda c: SEARCH(c, "--name", "n" * 300)),
+    Case("search-svd-cache-inf", X, "--svd-cache-gb: expected a finite number >= 0, got inf",
+         argv=lambda c: SEARCH(c, "--svd-cache-gb", "inf")),
 ]
 
 
@@ -582,7 +648,8 @@ CASES: list[Case] = [
 BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-too-big", "matrix-", "intervention-", "storage-",
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
-                  "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-", "push-", "run-", "dry-run")
+                  "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-no", "verify-report-is", "push-",
+                  "run-", "dry-run", "apply-", "env-", "search-")
 
 
 def SEARCH(c: Ctx, *extra):
@@ -620,6 +687,8 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
         else:
             recipe[k] = v
     ctx.write_recipe(recipe)
+    for name, value in case.env.items():
+        monkeypatch.setenv(name, value)
     if case.setup:
         case.setup(ctx)
     if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load

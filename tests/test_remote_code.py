@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from cleanenv import make_clean_venv, run_clean
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import atomic_folder, write_checkpoint
+from laser_export.export.safetensors import write_checkpoint
+from laser_export.policy import atomic_folder
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear
 from laser_export.recipe import Intervention
@@ -52,13 +53,14 @@ def clean_python(tmp_path_factory):
 def test_factorised_export_carries_auto_map_and_dense_does_not(tmp_path):
     _, manifest = _export("llama", "factorised", tmp_path / "f")
     config = json.loads((tmp_path / "f" / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_laser.LaserLlamaForCausalLM"}
+    assert config["auto_map"] == {"AutoConfig": "modeling_laser.LaserLlamaConfig",
+                                  "AutoModelForCausalLM": "modeling_laser.LaserLlamaForCausalLM"}
     assert manifest["auto_map"] == config["auto_map"]
     assert config["quantization_config"]["quant_method"] == "laser"  # laser-export's own path still works
     assert "class LaserLlamaForCausalLM(LaserLoadMixin, LlamaForCausalLM)" in (tmp_path / "f" / "modeling_laser.py").read_text()
     _export("roberta", "factorised", tmp_path / "r")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["auto_map"] == {
-        "AutoModelForMaskedLM": "modeling_laser.LaserRobertaForMaskedLM"}
+        "AutoConfig": "modeling_laser.LaserRobertaConfig", "AutoModelForMaskedLM": "modeling_laser.LaserRobertaForMaskedLM"}
     _export("llama", "dense", tmp_path / "d")
     assert "auto_map" not in json.loads((tmp_path / "d" / "config.json").read_text())
     assert not (tmp_path / "d" / "modeling_laser.py").exists()

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from laser_export.architectures import family_for
-from laser_export.export.safetensors import OutputError, atomic_folder, checkpoint_tensor_bytes, write_checkpoint
+from laser_export.export.safetensors import checkpoint_tensor_bytes, write_checkpoint
+from laser_export.policy import OutputError, atomic_folder
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear
 from laser_export.recipe import Intervention

@@ -326,12 +326,12 @@ def test_resume_is_keyed_by_the_weights_not_the_path(bench, tmp_path, monkeypatc
 
 
 def test_weights_identity_reads_content_not_path(tmp_path):
-    from laser_export.sources import resolve_source
+    from laser_export.sources import resolve_source, weights_identity
 
     a, b = tmp_path / "a", tmp_path / "b"
     save_tiny("llama", a, seed=0)
     save_tiny("llama", b, seed=0)
-    ident = lambda p: search.weights_identity(resolve_source(str(p)))  # noqa: E731
+    ident = lambda p: weights_identity(resolve_source(str(p)))  # noqa: E731
     assert ident(a) == ident(b)  # same content at two paths: same identity
     before = ident(a)
     save_tiny("llama", a, seed=2)  # same shapes and sizes, other values

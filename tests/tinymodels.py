@@ -25,6 +25,14 @@ TINY = {
     "bert": (tf.BertConfig, tf.BertForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64, pad_token_id=0)),
     "roberta": (tf.RobertaConfig, tf.RobertaForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
     "phi": (tf.PhiConfig, tf.PhiForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64)),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "modernbert": (tf.ModernBertConfig, tf.ModernBertForMaskedLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64, vocab_size=V, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, global_attn_every_n_layers=2, local_attention=16)),
+    # MoE (transformers 5 fused experts: mlp.experts.gate_up_proj [E, 2I, H], down_proj [E, H, I])
+    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, vocab_size=V, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, moe_intermediate_size=48, vocab_size=V, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, ffn_dim=64, vocab_size=V, max_position_embeddings=64, word_embed_proj_dim=H)),
 }
 
@@ -36,7 +44,7 @@ def tiny_model(model_type: str, seed: int = 0):
     # random init gives near-identical tiny weights in some families: make matrices full-rank-ish
     with torch.no_grad():
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() in (2, 3):  # 3-D: fused MoE experts [E, out, in]
                 p.normal_(0, 0.2)
     return model
 

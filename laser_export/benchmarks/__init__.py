@@ -46,6 +46,11 @@ class BenchmarkSpec:
     hub_dataset: str | None = None
     hub_config: str | None = None
     hub_revision: str | None = None
+    #: the split(s) of that Hub dataset the examples are drawn from (model-index dataset.split); our own seeded
+    #: validation/test split of them goes into dataset.args
+    hub_split: str | None = None
+    #: where the loader reads the examples (model-index dataset.args.examples_from)
+    origin: str | None = None
     max_new_tokens: int = 15  # generation scorers: new tokens per answer
 
 
@@ -56,6 +61,9 @@ _OPEN = dict(scorers=("causal", "masked", "generate", "masked_generate"),
 
 _CHOICE = dict(metrics=CHOICE_METRICS)
 
+#: the BigBench JSON tasks are read from the sdist; tasksource/bigbench holds the same examples as train + validation
+_BIGBENCH_ORIGIN = "bigbench==1.0.0 sdist (benchmark_tasks/*/task.json, every example)"
+
 BENCHMARKS: dict[str, BenchmarkSpec] = {
     "counterfact": BenchmarkSpec(
         "counterfact",
@@ -63,6 +71,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         counterfact.load,
         hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
         **_OPEN,
+        hub_split="train", origin="counterfact.json (rome.baulab.info; azhx/counterfact is its Hub copy)",
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",
@@ -71,6 +80,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
         hub_config="qa_wikidata",
         **_OPEN,
+        hub_split="train+validation", origin=_BIGBENCH_ORIGIN,
     ),
     "epistemic_reasoning": BenchmarkSpec(
         "epistemic_reasoning",
@@ -79,6 +89,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         **_CHOICE,
         hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
         hub_config="epistemic_reasoning",
+        hub_split="train+validation", origin=_BIGBENCH_ORIGIN,
     ),
     "fever": BenchmarkSpec(
         "fever",
@@ -87,6 +98,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         **_CHOICE,
         hub_dataset="tasksource/bigbench",  # BIG-bench as the paper's code loads it
         hub_config="fact_checker",
+        hub_split="train+validation", origin=_BIGBENCH_ORIGIN,
     ),
     "bios_gender": BenchmarkSpec(
         "bios_gender",
@@ -95,6 +107,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_dataset=paper.BIOS_REPO,
         hub_revision=paper.REVISIONS[paper.BIOS_REPO],
         **_CHOICE,
+        hub_split="dev", origin="LabHC/bias_in_bios dev",
     ),
     "bios_profession": BenchmarkSpec(
         "bios_profession",
@@ -103,6 +116,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_dataset=paper.BIOS_REPO,
         hub_revision=paper.REVISIONS[paper.BIOS_REPO],
         **_CHOICE,
+        hub_split="dev", origin="LabHC/bias_in_bios dev",
     ),
     "truthfulqa": BenchmarkSpec(
         "truthfulqa",
@@ -112,6 +126,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_config="multiple_choice",
         hub_revision=paper.REVISIONS[paper.TRUTHFULQA_REPO],
         **_CHOICE,
+        hub_split="validation", origin="truthfulqa/truthful_qa multiple_choice validation",
     ),
     "fever_paper": BenchmarkSpec(
         "fever_paper",
@@ -121,6 +136,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_config="v1.0",
         hub_revision=paper.REVISIONS[paper.FEVER_REPO],
         **_CHOICE,
+        hub_split="paper_dev+paper_test", origin="EleutherAI/fever v1.0 paper_dev + paper_test",
     ),
     "causal_judgement": BenchmarkSpec(
         "causal_judgement",
@@ -130,6 +146,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_config="causal_judgment",
         hub_revision=paper.REVISIONS["tasksource/bigbench"],
         **_CHOICE,
+        hub_split="validation+train", origin="tasksource/bigbench causal_judgment validation + train",
     ),
     "web_of_lies": BenchmarkSpec(
         "web_of_lies",
@@ -139,6 +156,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_config="web_of_lies",
         hub_revision=paper.REVISIONS["lighteval/big_bench_hard"],
         **_CHOICE,
+        hub_split="train", origin="lighteval/big_bench_hard web_of_lies",
     ),
     "hotpot_qa": BenchmarkSpec(
         "hotpot_qa",
@@ -149,6 +167,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         hub_revision=paper.REVISIONS[paper.HOTPOT_REPO],
         scorers=("generate", "masked_generate"),
         metrics=GENERATION_METRICS,
+        hub_split="validation+train", origin="hotpotqa/hotpot_qa fullwiki validation + head of train",
     ),
     "jsonl": BenchmarkSpec(
         "jsonl",

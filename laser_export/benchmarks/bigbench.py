@@ -25,8 +25,9 @@ ARCHIVE_NAME = "bigbench-1.0.0.tar.gz"
 ENV_VAR = "LASER_EXPORT_BIGBENCH"
 MEMBER_ROOT = "bigbench/benchmark_tasks/"
 HOW_TO_GET = (
-    "get it with `pip download --no-deps bigbench==1.0.0 -d ~/.cache/laser-export` "
-    f"(or point ${ENV_VAR} at the tarball, or pass its path)"
+    "the bigbench==1.0.0 sdist left PyPI (the index lists only 0.0.1 since late 2026): if you have "
+    f"bigbench-1.0.0.tar.gz, put it in ~/.cache/laser-export or point ${ENV_VAR} at it; or pass the task's "
+    "task.json from a google/BIG-bench checkout (bigbench/benchmark_tasks/<task>/task.json) as benchmark.path"
 )
 
 # benchmark name -> task directory inside bigbench/benchmark_tasks/

@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..architectures import Family, family_for
 from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
 from ..metrics import LABELS
+from ..progress import count
 from ..recipe import Recipe
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
@@ -174,8 +175,8 @@ def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> Card
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest or {})
     if report is not None and not isinstance(report, VerifyReport):
         report = VerifyReport.model_validate(report)
-    if report is not None and report.benchmark is not None and report.benchmark.hub_dataset is None:
-        report.benchmark = _with_hub_dataset(report.benchmark)  # reports written before the field existed
+    if report is not None and report.benchmark is not None:
+        report.benchmark = _with_hub_dataset(report.benchmark)  # the Hub id, config, split and origin of the examples
     verified = report is not None and not skip_verify and not report.skip_verify
     model_type = manifest.model.model_type if manifest.model else None
     family = family_for(model_type) if model_type else None
@@ -197,13 +198,15 @@ def _with_hub_dataset(bench: BenchmarkInfo) -> BenchmarkInfo:
                 if isinstance(src, dict) and src.get("repo") == spec.hub_dataset and src.get("sha")]
     revision = resolved[0] if len(set(resolved)) == 1 else spec.hub_revision
     return bench.model_copy(update={"hub_dataset": spec.hub_dataset, "hub_config": spec.hub_config,
-                                    "hub_revision": revision})
+                                    "hub_revision": revision, "hub_split": spec.hub_split,
+                                    "examples_from": spec.origin})
 
 
 # ---------------------------------------------------------------------------------------------- metadata
 def _dataset_args(bench: BenchmarkInfo) -> dict:
     n = bench.sizes.get(bench.split)
-    args = {"seed": bench.seed, "validation_fraction": bench.validation_fraction,
+    args = {"examples_from": bench.examples_from, "laser_export_split": bench.split,
+            "seed": bench.seed, "validation_fraction": bench.validation_fraction,
             "n_examples": n if bench.limit is None else min(n or bench.limit, bench.limit),
             "limit": bench.limit, "examples_sha256": bench.examples_sha256}
     return {k: v for k, v in args.items() if v is not None}
@@ -220,8 +223,12 @@ def _task_name(ctx: CardContext, reduced: dict) -> str:
 
 
 def _eval_results(ctx: CardContext) -> list[EvalResult]:
-    """model-index: only measured + verified numbers of THIS (reduced) model, on a Hub dataset id."""
-    if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None:
+    """model-index: only measured + verified numbers of THIS (reduced) model, on data that has a Hub dataset id.
+
+    ``dataset.split`` is the split of that Hub dataset the examples come from; laser-export's own seeded
+    validation/test split of them, their origin and SHA-256 are in ``dataset.args``. The ``source`` names
+    the verify report (a link when the repo id is known)."""
+    if not ctx.verified or not ctx.report.metrics.get("reduced") or ctx.bench is None or not ctx.bench.hub_dataset:
         return []
     bench, reduced = ctx.bench, ctx.report.metrics["reduced"]
     name = f"{bench.name} ({bench.split} split, seed {bench.seed})"
@@ -234,8 +241,11 @@ def _eval_results(ctx: CardContext) -> list[EvalResult]:
         results.append(EvalResult(
             task_type=ctx.family.pipeline_tag if ctx.family else "text-generation",
             task_name=_task_name(ctx, reduced),
-            dataset_type=bench.hub_dataset or "json", dataset_name=name, dataset_config=bench.hub_config,
-            dataset_revision=bench.hub_revision, dataset_split=bench.split, dataset_args=_dataset_args(bench),
+            dataset_type=bench.hub_dataset, dataset_name=name, dataset_config=bench.hub_config,
+            dataset_revision=bench.hub_revision, dataset_split=bench.hub_split, dataset_args=_dataset_args(bench),
+            # huggingface_hub wants a URL with a source name: both only when the repo id is known
+            source_name="laser-export verify report (verify_report.json)" if ctx.is_repo else None,
+            source_url=f"https://huggingface.co/{ctx.load_path}/blob/main/verify_report.json" if ctx.is_repo else None,
             metric_type="accuracy", metric_value=float(reduced[key]), metric_name=METRIC_LABELS.get(key, key),
             metric_config=key,
         ))
@@ -302,7 +312,9 @@ def _source_sentence(ctx: CardContext) -> str:
                 f"dequantized to **{s.dtype}** by transformers on load. All baseline numbers below are that "
                 "dequantized model's, not the original full-precision checkpoint's.")
     base = f" (base model `{ctx.base_model}`)" if ctx.base_model and ctx.base_model != s.source else ""
-    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}."
+    computed = getattr(s, "compute_dtype", None)  # model.compute_dtype, when it differs from the weights' dtype
+    how = f" and scored computing in **{computed}** (model.compute_dtype; weights kept as loaded)" if computed else ""
+    return f"**Source:** `{s.source}`{rev}{base}, loaded in {s.dtype or 'its own dtype'}{how}."
 
 
 def _dtype_note(ctx: CardContext) -> list[str]:
@@ -320,7 +332,7 @@ def _intro(ctx: CardContext) -> list[str]:
         out += [ctx.recipe.description.strip(), ""]
     dtype = ctx.manifest.export_dtype or ctx.source.dtype
     out += [
-        f"LASER applied to {len(ctx.manifest.matrices)} weight matrix(es), exported by laser-export "
+        f"LASER applied to {count(len(ctx.manifest.matrices), 'weight matrix', 'weight matrices')}, exported by laser-export "
         f"{ctx.manifest.laser_export_version} with `{ctx.storage}` storage" + (f" in {dtype}." if dtype else "."),
         "", _source_sentence(ctx), "", *_dtype_note(ctx),
         "## What LASER is", "",
@@ -350,7 +362,7 @@ def _what_changed(ctx: CardContext) -> list[str]:
                    f"| {_bytes(m.bytes_saved)} |")
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
-    out += ["", f"Total: {totals.n_matrices or len(ctx.manifest.matrices)} matrix(es), {_bytes(totals.bytes_saved)} "
+    out += ["", f"Total: {count(totals.n_matrices or len(ctx.manifest.matrices), 'matrix', 'matrices')}, {_bytes(totals.bytes_saved)} "
             "saved" + (dense_note if ctx.storage == "dense" else "."), ""]
     return out
 
@@ -476,8 +488,10 @@ def _formats(ctx: CardContext) -> list[str]:
         out += ["## GGUF", "",
                 f"`{gguf.file}`: {gguf.dtype} tensors, llama.cpp architecture `{gguf.arch}` (dense weights), for "
                 f"llama.cpp / Ollama, or `{ctx.auto_class}.from_pretrained(path, gguf_file=\"{gguf.file}\")`."
-                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the source was not a GGUF "
-                   "file): llama.cpp needs one; transformers can load the weights with the folder's tokenizer."), ""]
+                + "".join(f" `{v['file']}`: {v['type']} variant." for v in getattr(gguf, "variants", None) or [])
+                + ("" if gguf.tokenizer else " It carries **no tokenizer metadata** (the tokenizer is not one "
+                   "llama.cpp reads): llama.cpp needs one; transformers can load the weights with the folder's "
+                   "tokenizer."), ""]
     return out
 
 

@@ -21,29 +21,39 @@ from ..atomic import write_json, write_text
 MODELING_FILE = "modeling_laser.py"
 
 
-def modeling_source(model_class: str) -> str:
-    """The modeling file's text with the generated class for ``model_class`` (a transformers class name)."""
-    if not model_class.isidentifier():
-        raise ValueError(f"not a class name: {model_class!r}")
+def modeling_source(model_class: str, config_class: str) -> str:
+    """The modeling file's text with the generated classes for ``model_class`` and its ``config_class``.
+
+    The config subclass is named in ``auto_map["AutoConfig"]``: loading the config with
+    ``trust_remote_code=True`` imports this file, which registers the ``laser`` quantization method before
+    anything reads ``quantization_config`` (lm-eval's HFLM does so before it loads the model class)."""
+    for name in (model_class, config_class):
+        if not name.isidentifier():
+            raise ValueError(f"not a class name: {name!r}")
     base = resources.files("laser_export.remote").joinpath(MODELING_FILE).read_text()
     return base + (
-        f"from transformers import {model_class}  # noqa: E402\n\n\n"
+        f"from transformers import {config_class}, {model_class}  # noqa: E402\n\n\n"
+        f"class Laser{config_class}({config_class}):\n"
+        f'    """{config_class}; loading it registers the laser quantization method (above)."""\n\n\n'
         f"class Laser{model_class}(LaserLoadMixin, {model_class}):\n"
-        f'    """{model_class} whose factorised layers load from this checkpoint."""\n'
+        f'    """{model_class} whose factorised layers load from this checkpoint."""\n\n'
+        f"    config_class = Laser{config_class}\n"
     )
 
 
 def write_remote_code(folder: Path, model: nn.Module) -> dict[str, str]:
     """Write ``modeling_laser.py`` into ``folder`` and add ``auto_map`` to its ``config.json``.
 
-    The Auto class comes from the family's ``auto_class``. Returns the auto_map written."""
+    The Auto class comes from the family's ``auto_class``; ``AutoConfig`` maps to the generated config
+    subclass. Returns the auto_map written."""
     folder = Path(folder)
-    model_class = type(model).__name__
+    model_class, config_class = type(model).__name__, type(model.config).__name__
     auto_class = family_for(model.config.model_type).auto_class
-    write_text(folder / MODELING_FILE, modeling_source(model_class))
+    write_text(folder / MODELING_FILE, modeling_source(model_class, config_class))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    auto_map = {auto_class: f"{Path(MODELING_FILE).stem}.Laser{model_class}"}
+    stem = Path(MODELING_FILE).stem
+    auto_map = {"AutoConfig": f"{stem}.Laser{config_class}", auto_class: f"{stem}.Laser{model_class}"}
     config["auto_map"] = {**config.get("auto_map", {}), **auto_map}
     write_json(config_path, config, sort_keys=True)
     return auto_map

@@ -1,5 +1,5 @@
 """Atomic safetensors export: write into a temporary sibling folder, check it, then rename
-(:func:`laser_export.atomic.atomic_folder`, re-exported here).
+(:func:`laser_export.policy.atomic_folder`).
 
 The folder holds the transformers checkpoint (sharded above ``max_shard_size``), the tokenizer,
 ``recipe.yaml`` (the recipe as run) and ``manifest.json`` (what changed, per matrix). A failure at
@@ -8,26 +8,19 @@ any step removes the temporary folder and leaves an existing export untouched.
 
 from __future__ import annotations
 
+import math
+
 from ..errors import CheckFailed
 import json
 import struct
 from pathlib import Path
-from typing import Iterable
 
 from torch import nn
 
-from ..atomic import (  # noqa: F401 - re-exported: the folder-level atomic writes used to live here
-    OutputError,
-    atomic_folder,
-    check_parent_writable,
-    clean_debris,
-    find_debris,
-    write_json,
-    write_text,
-)
+from ..atomic import write_json, write_text
 from ..hf import mark_factorised
+from ..policy import MANIFEST
 
-MANIFEST = "manifest.json"
 RECIPE = "recipe.yaml"
 
 
@@ -57,60 +50,6 @@ def checkpoint_tensor_bytes(folder: str | Path) -> int:
     return sum(t["bytes"] for t in checkpoint_tensors(folder).values())
 
 
-def is_export(folder: str | Path) -> bool:
-    """True when ``folder`` holds a laser-export manifest (the only kind of folder --overwrite replaces)."""
-    try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and "laser_export_version" in data
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """``path`` is ``folder`` or below it."""
-    return path == folder or folder in path.parents
-
-
-def check_output(
-    out_dir: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = (), flag: str = "--out"
-) -> Path:
-    """Check that an export may be written to ``out_dir``; return its resolved path. No side effects.
-
-    Refused: the working directory or any parent of it, the home folder or any parent of it, a folder
-    that holds (or is) one of ``protect`` (the model source, the data), a file, a non-empty folder that
-    is not a laser-export export, an existing export without ``overwrite``, a parent that cannot be
-    written. Raises :class:`OutputError` naming ``flag`` and the folder.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    shown = f"{flag} {out_dir}" + ("" if str(out) == str(out_dir) else f" ({out})")
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if _inside(cwd, out):
-        raise OutputError(f"{shown}: is the working directory or a parent of it; never replaced, choose a new folder")
-    if _inside(home, out):
-        raise OutputError(f"{shown}: is the home folder or a parent of it; never replaced, choose a new folder")
-    for p in protect:
-        held = Path(p).expanduser().resolve()
-        if _inside(held, out):
-            raise OutputError(f"{shown}: holds the model source or data ({held}); never replaced, choose a new folder")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise OutputError(f"{shown}: exists and is not a folder")
-        try:
-            nonempty = any(out.iterdir())
-        except OSError as err:
-            raise OutputError(f"{shown}: cannot be read: {err.strerror}") from None
-        if nonempty:
-            if not is_export(out):
-                raise OutputError(
-                    f"{shown}: exists, is not empty and is not a laser-export export (no {MANIFEST}); "
-                    "it is never replaced, choose a new folder"
-                )
-            if not overwrite:
-                raise OutputError(f"{shown}: already holds an export; pass --overwrite to replace it")
-    check_parent_writable(out, shown)
-    return out
-
-
 def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
     """Module name -> tensor name in the files. transformers 5 saves some models under their legacy
     key names (Gemma-3's ``model.language_model.*`` is written as ``language_model.model.*``)."""
@@ -121,7 +60,8 @@ def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
     out = {}
     for k, t in state.items():
         renamed = revert_weight_conversion(model, {k: t})
-        out[k] = next(iter(renamed)) if len(renamed) == 1 else k
+        # one name, or several: a fused MoE expert tensor is saved as one tensor per expert (Hub layout)
+        out[k] = next(iter(renamed)) if len(renamed) == 1 else (tuple(renamed) or k)
     return out
 
 
@@ -136,11 +76,18 @@ def check_checkpoint(folder: Path, model: nn.Module) -> None:
     saved = _saved_names(model, state)
     for name, p in params.items():
         on_disk = saved.get(name, name)
+        if isinstance(on_disk, tuple):  # saved split (MoE experts): every part is there, numbers add up
+            parts = [stored.get(k) for k in on_disk]
+            if any(x is None for x in parts):
+                problems.append(f"missing {name} (as {', '.join(k for k, x in zip(on_disk, parts) if x is None)})")
+            elif sum(math.prod(x["shape"]) for x in parts) != p.numel():
+                problems.append(f"{name}: {len(parts)} parts on disk do not add up to {list(p.shape)}")
+            continue
         if on_disk not in stored:
             problems.append(f"missing {name}")
         elif list(p.shape) != stored[on_disk]["shape"]:
             problems.append(f"{name}: shape {stored[on_disk]['shape']} on disk, {list(p.shape)} in the model")
-    expected = set(saved.values())
+    expected = {k for v in saved.values() for k in (v if isinstance(v, tuple) else (v,))}
     problems += [f"unexpected tensor {k}" for k in stored if k not in expected]
     if problems:
         raise ExportError("exported checkpoint does not match the model: " + "; ".join(problems[:10]))

@@ -8,7 +8,11 @@ gives the reduced model. It needs only torch and transformers (>= 5). The checkp
 matrix W (out x in) as two factors, ``<module>.weight`` (k x in) and ``<module>.weight_out`` (out x k); the
 ranks are in ``config.json`` under ``quantization_config: {quant_method: laser, ranks: {module: k}}``.
 Importing this file registers that quantization method with transformers (unless laser-export already did),
-whose hook swaps each named linear layer for a :class:`LowRankLinear` before the weights load.
+whose hook swaps each named linear layer for a :class:`LowRankLinear` before the weights load. ``auto_map``
+also names the generated config class, so ``AutoConfig.from_pretrained(..., trust_remote_code=True)`` imports
+this file too: clients that read ``quantization_config`` before loading a model class (lm-eval's HFLM) find
+``laser`` registered. Without ``trust_remote_code`` they stop with "Unknown quantization type"; plain
+transformers stops on the factors' shapes: never a silently wrong model.
 
 A checkpoint that lacks a factor is refused (``LaserLoadError``) instead of loading random weights.
 Generated classes for this checkpoint are appended at the end of the file.

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 from .. import evaluate
 from ..architectures import num_layers
@@ -23,7 +24,8 @@ from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label
 from .options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
-from .results import ResultsLog, run_key, weights_identity
+from ..sources import weights_identity
+from .results import ResultsLog, run_key
 from .sweep import KEPT_METRICS, evaluate_recipe, run_search
 
 #: model fields that describe one particular checkpoint: dropped when --model replaces the template's
@@ -139,6 +141,39 @@ def _tasks(opts: SearchOptions, p, bench: dict, primary_split, primary_validatio
     return tasks
 
 
+def output_paths(opts: SearchOptions) -> dict[str, Path]:
+    """Every file a search writes: the recipe, the sweep JSON and heatmap next to it, the results log."""
+    out = Path(opts.out)
+    stem = out.with_suffix("")
+    results = Path(opts.results) if opts.results else stem.parent / f"{stem.name}.search.jsonl"
+    return {"out": out, "sweep": stem.parent / f"{stem.name}.sweep.json",
+            "plot": stem.parent / f"{stem.name}.sweep.png", "results": results}
+
+
+def check_outputs(opts: SearchOptions, protect: Sequence[str | Path] = ()) -> None:
+    """The output policy for every file a search writes, before anything loads (and before the sweep):
+    never the model source or a file in it, the benchmark data, the template; the results log appends
+    only to a search log; ``--name`` can name a recipe. Raises OutputError/RecipeError."""
+    from ..policy import check_file_output, check_search_log, protected_inputs
+    from ..recipe import check_name
+
+    if opts.name is not None and (why := check_name(opts.name)):
+        raise RecipeError([f"--name: {why}"])
+    held = [*protected_inputs(None, opts.template, *_names(opts.benchmark_path)), *protect]
+    if opts.model and Path(opts.model).expanduser().exists():
+        held.append(Path(opts.model).expanduser())
+    if opts.template:
+        held += protected_inputs(load_recipe(opts.template)[0])
+    check_file_output(opts.out, "--out", protect=held)  # first: "/" has no file name to derive the others from
+    paths = output_paths(opts)
+    for key in ("sweep", "plot"):
+        check_file_output(paths[key], f"--out ({paths[key].name})", protect=held)
+    check_search_log(paths["results"], "--results" if opts.results else f"--out ({paths['results'].name})",
+                     protect=held)
+    if paths["results"].expanduser().resolve() in {paths[k].expanduser().resolve() for k in ("out", "sweep", "plot")}:
+        raise RecipeError([f"--results {opts.results}: is one of the files --out {opts.out} writes"])
+
+
 def _load_for_worker(p):
     """Runs inside each Ray actor: the same loading as the driver (pipeline.load_model)."""
     from ..pipeline import load_model
@@ -187,7 +222,8 @@ def prepare(opts: SearchOptions) -> _Prepared:
     import yaml
 
     from ..benchmarks import examples_sha256, load_split
-    from ..pipeline import console, plan
+    from ..pipeline import plan
+    from ..progress import console
 
     template: dict = {}
     if opts.template:
@@ -195,15 +231,15 @@ def prepare(opts: SearchOptions) -> _Prepared:
         template = yaml.safe_load(t_text)
     data = _plan_recipe(opts, template)
     p = plan(parse_recipe(data, opts.template), yaml.safe_dump(data, sort_keys=False))
+    check_outputs(opts, [p.source.location] if p.source.kind != "hub" else [])
     _check_scorer(p)
     bench = p.recipe.benchmark.model_dump(exclude={"split"}, exclude_none=True)
     n_layers = num_layers(p.config)
     layers = parse_layers(opts.layers, n_layers)
     matrices = parse_matrices(opts.matrices, p.family)
     rhos = parse_rhos(opts.rhos)
-    out = Path(opts.out)
-    stem = out.with_suffix("")
-    results_path = Path(opts.results) if opts.results else stem.parent / f"{stem.name}.search.jsonl"
+    paths = output_paths(opts)
+    out, stem, results_path = paths["out"], paths["out"].with_suffix(""), paths["results"]
 
     with console.status(f"loading benchmark {bench['name']}"):
         split = load_split(bench["name"], path=bench.get("path"), seed=bench.get("seed"),
@@ -228,7 +264,7 @@ def prepare(opts: SearchOptions) -> _Prepared:
 
 
 def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
-    from ..pipeline import console
+    from ..progress import console
 
     p = pr.plan
     pool = None
@@ -247,7 +283,7 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
             batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
             prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
             progress=opts.progress, pool=pool, strategy=opts.strategy, eta=opts.eta,
-            scan_snr=pr.scan, tasks=[(t.name, len(t.validation), t.weight) for t in pr.tasks] if pr.tasks else None,
+            scan_snr=pr.scan, beam=opts.beam, tasks=[(t.name, len(t.validation), t.weight) for t in pr.tasks] if pr.tasks else None,
         )
     finally:
         if pool is not None:
@@ -271,7 +307,7 @@ def scan_snr(path: str, model_type: str) -> dict:
 
 
 def _print_validation(result) -> None:
-    from ..pipeline import console
+    from ..progress import console
 
     # halving: the candidates scored on every example first
     top = sorted(result.candidates, key=lambda r: (r["metrics"].get("n", 0), selection_key(r["metrics"])),
@@ -354,13 +390,14 @@ def _write_recipe(opts: SearchOptions, pr: _Prepared, result, test: dict, name: 
 def search(opts: SearchOptions) -> SearchOutcome:
     """The whole search; see the module docstring. Raises RecipeError/SourceError/... on bad input."""
     from ..intervene import SVDCache
-    from ..pipeline import console, load_model
+    from ..pipeline import load_model
+    from ..progress import console, count
 
     pr = prepare(opts)
     p = pr.plan
     ignored = f"; {pr.log.other_runs} rows of other runs (other weights or settings) ignored" if pr.log.other_runs else ""
     console.print(
-        f"search: {len(pr.layers)} layers × {len(pr.matrices)} matrices × {len(pr.rhos)} ρ on {len(pr.validation)} "
+        f"search: {count(len(pr.layers), 'layer')} × {count(len(pr.matrices), 'matrix', 'matrices')} × {len(pr.rhos)} ρ on {len(pr.validation)} "
         f"validation examples; {len(pr.log.rows)} results already in {pr.log.path}{ignored}"
     )
     loaded = load_model(p)
@@ -391,7 +428,7 @@ def search(opts: SearchOptions) -> SearchOutcome:
 
 def print_test_summary(test: dict) -> None:
     """Top-1 and article-excluded deltas on the test split, each with its bootstrap CI and a verdict."""
-    from ..pipeline import console
+    from ..progress import console
 
     def line(label: str, metric: str, ci: dict) -> str:
         b, r = test["baseline"][metric], test["reduced"][metric]

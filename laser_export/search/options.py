@@ -1,70 +1,79 @@
-"""Typed options of a search (what ``laser-export search`` builds from its command line)."""
+"""Typed options of a search: what ``laser-export search`` generates its flags from (field metadata,
+:func:`laser_export.options.option`), validated when built by any caller."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..recipe import RecipeError
+from ..options import (
+    at_least,
+    closed_unit,
+    fraction,
+    layers as layers_syntax,
+    non_empty,
+    non_negative_float,
+    no_progress,
+    option,
+    positive_int,
+    unit_interval,
+    validate,
+)
 from .plot import PLOT_METRICS
 
 
 @dataclass
 class SearchOptions:
-    out: str  # recipe YAML to write; sweep files go next to it
-    model: str | None = None  # model source (as model.source); default: the template's
-    benchmark: str | None = None  # benchmark name; default: the template's
-    template: str | None = None  # recipe to take model / benchmark / storage / export from
-    benchmark_path: str | None = None
-    subsample: int | None = None
-    max_examples: int | None = None  # sweep on only the first N validation examples
-    layers: str | None = None  # "20-29", "24,26,28", "-4"; None: the last third
-    matrices: str = "fc_in,fc_up,fc_out"
-    rhos: str = "0.01,0.05,0.1,0.25"
-    seed: int | None = None
-    validation_fraction: float | None = None
-    batch_size: int | None = None
-    storage: str | None = None
-    compose: int = 3
-    compose_tries: int = 6
-    rank_by_snr: bool = False
-    prune_snr: float | None = None
-    tolerance: float = 0.005
-    skip_test: bool = False
-    results: str | None = None  # resumable JSONL; default <out stem>.search.jsonl
-    name: str | None = None  # recipe name; default <model>-<benchmark>
-    plot_metric: str = "both"  # top1 | logloss | both
-    ray: str | None = None  # None: in process; "": a local Ray; else a Ray cluster address
-    ray_workers: int | None = None
-    svd_cache_gb: float = 2.0  # byte budget of the SVD cache (least recently used matrices dropped first)
-    strategy: str = "grid"  # grid: every candidate on every example; halving: successive halving
-    eta: int = 3  # halving: keep the best 1/eta at each cut, next part eta times larger
-    from_scan: str | None = None  # a `laser-export scan` JSON: its SNR orders (and --prune-snr prunes) the sites
-    task_weights: str | None = None  # several --benchmark a,b: weights of the mean paired gain (default equal)
-    progress: bool = True
+    out: str = option(help="recipe YAML to write; <out>.sweep.json, <out>.sweep.png and <out>.search.jsonl go "
+                      "next to it", check=non_empty, metavar="RECIPE")
+    model: str | None = option(None, "model source (as model.source in a recipe); default: the template's")
+    benchmark: str | None = option(None, "benchmark name (as benchmark.name); default: the template's; a,b,...: "
+                                   "several tasks at once, objective the mean paired top-1 gain, the first the "
+                                   "primary (the recipe's benchmark)")
+    template: str | None = option(None, "recipe to take model (revision, dtype, device, trust_remote_code), "
+                                  "benchmark, storage, reduction and export from; its name, comments, interventions "
+                                  "and claims are replaced", metavar="RECIPE")
+    benchmark_path: str | None = option(None, "benchmark data file or archive (several tasks: comma separated, "
+                                        "in --benchmark order, empty for a task's default)", metavar="PATH")
+    subsample: int | None = option(None, "draw N examples (seeded) before splitting", check=at_least(2), metavar="N")
+    max_examples: int | None = option(None, "sweep on only the first N validation examples", check=positive_int,
+                                      metavar="N")
+    layers: str | None = option(None, "e.g. 20-29 or 24,26,28 or -4 (default: the last third)", check=layers_syntax)
+    matrices: str = option("fc_in,fc_up,fc_out", "aliases or groups, comma separated", check=non_empty)
+    rhos: str = option("0.01,0.05,0.1,0.25", "comma separated fractions of the max rank kept; auto: the "
+                       "Marchenko-Pastur rank", check=non_empty)
+    seed: int | None = option(None, "split seed (default 0, or the template's)", check=at_least(0))
+    validation_fraction: float | None = option(None, "in (0, 1); default 0.2, or the template's", check=fraction)
+    batch_size: int | None = option(None, "default 32, or the template's", check=positive_int)
+    storage: str | None = option(None, "default dense (or the template's)", choices=("dense", "factorised"))
+    compose: int = option(3, "max interventions stacked greedily (1: no stacking)", check=positive_int)
+    compose_tries: int = option(6, "max stacking attempts", check=at_least(0))
+    rank_by_snr: bool = option(False, "sweep matrices in order of data-free SNR")
+    prune_snr: float | None = option(None, "sweep only the top FRACTION of matrices by SNR", check=unit_interval,
+                                     metavar="FRACTION")
+    tolerance: float = option(0.005, "claims tolerance written to the recipe", check=closed_unit)
+    skip_test: bool = option(False, "no test scoring (writes sweep files, no recipe)")
+    results: str | None = option(None, "JSONL of candidate results (resumable; default <out>.search.jsonl)",
+                                 metavar="PATH")
+    name: str | None = option(None, "recipe name (default: <model>-<benchmark>)")
+    plot_metric: str = option("both", "heatmap panels: Δ top-1, Δ validation log-loss (the paper's Figure 1), "
+                              "or both", choices=tuple(PLOT_METRICS))
+    ray: str | None = option(None, "score candidates on Ray actors (one per GPU, else 2 CPU workers); without "
+                             "ADDRESS a local Ray (or RAY_ADDRESS); needs pip install 'laser-export[ray]'",
+                             nargs="?", const="", metavar="ADDRESS")
+    ray_workers: int | None = option(None, "number of Ray actors (default: one per GPU, else 2)", check=positive_int)
+    svd_cache_gb: float = option(2.0, "memory budget of the SVD cache; least recently used matrices are dropped "
+                                 "first and recomputed when needed again", check=non_negative_float, metavar="GB")
+    strategy: str = option("grid", "grid: every candidate on every validation example; halving: successive halving "
+                           "(all candidates on a small random part, the best 1/ETA on a part ETA times larger, ...)",
+                           choices=("grid", "halving"))
+    eta: int = option(3, "halving rate (default 3)", check=at_least(2))
+    from_scan: str | None = option(None, "order the matrices by the SNR of a `laser-export scan` (and --prune-snr "
+                                   "by it)", metavar="SCAN_JSON")
+    beam: int = option(0, "compose by a beam search of width B over the helpful candidates instead of greedily "
+                       "(0: greedy)", check=at_least(0), metavar="B")
+    task_weights: str | None = option(None, "weights of the tasks of --benchmark a,b (default equal)",
+                                      metavar="W1,W2")
+    progress: bool = no_progress()
 
     def __post_init__(self) -> None:
-        problems = []
-
-        def check(ok: bool, msg: str) -> None:
-            if not ok:
-                problems.append(msg)
-
-        check(bool(self.out), "--out: give the recipe file to write")
-        check(self.subsample is None or self.subsample >= 2, f"--subsample: at least 2, got {self.subsample}")
-        check(self.max_examples is None or self.max_examples >= 1, f"--max-examples: at least 1, got {self.max_examples}")
-        check(self.validation_fraction is None or 0 < self.validation_fraction < 1,
-              f"--validation-fraction: between 0 and 1 (exclusive), got {self.validation_fraction}")
-        check(self.batch_size is None or self.batch_size >= 1, f"--batch-size: at least 1, got {self.batch_size}")
-        check(self.storage in (None, "dense", "factorised"), f"--storage: dense or factorised, got {self.storage!r}")
-        check(self.compose >= 1, f"--compose: at least 1 (1: no stacking), got {self.compose}")
-        check(self.compose_tries >= 0, f"--compose-tries: at least 0, got {self.compose_tries}")
-        check(self.prune_snr is None or 0 < self.prune_snr <= 1, f"--prune-snr: a fraction in (0, 1], got {self.prune_snr}")
-        check(0 <= self.tolerance <= 1, f"--tolerance: between 0 and 1, got {self.tolerance}")
-        check(self.plot_metric in PLOT_METRICS, f"--plot-metric: one of {', '.join(PLOT_METRICS)}, got {self.plot_metric!r}")
-        check(self.ray_workers is None or self.ray_workers >= 1, f"--ray-workers: at least 1, got {self.ray_workers}")
-        check(self.svd_cache_gb >= 0, f"--svd-cache-gb: at least 0, got {self.svd_cache_gb}")
-        check(self.strategy in ("grid", "halving"), f"--strategy: grid or halving, got {self.strategy!r}")
-        check(self.eta >= 2, f"--eta: at least 2, got {self.eta}")
-        check(self.strategy == "grid" or self.ray is None, "--strategy halving runs in this process: drop --ray")
-        if problems:
-            raise RecipeError(problems)
+        validate(self)

@@ -8,10 +8,6 @@ import hashlib
 import json
 from pathlib import Path
 
-# The identity of the weights (content hashes of headers, sizes and sampled data; never the path)
-# lives with the sources, where the baseline cache uses it too.
-from ..sources import weights_identity  # noqa: E402,F401
-
 
 def run_key(**parts) -> str:
     """A stable id for (weights identity, dtype, benchmark, split sha, ...): results of other runs are ignored."""

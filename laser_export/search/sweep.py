@@ -35,7 +35,7 @@ from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
 from ..progress import bar as progress_bar
 from ..recipe import RecipeError
-from .compose import compose_greedy, selection_key
+from .compose import compose_beam, compose_greedy, selection_key
 from .grid import AUTO, Candidate, set_key
 from .results import ResultsLog
 from .snr import snr, spearman
@@ -322,7 +322,8 @@ def _rows(grid, single, baseline_of, swap: Swapper, extra: dict | None = None) -
     return rows
 
 
-def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, compose, compose_tries, best):
+def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, compose, compose_tries, best,
+             beam: int = 0):
     """Greedy composition of the helpful candidates (best ρ per site, best first)."""
     per_site: dict[tuple[int, str], Candidate] = {}
     for c in sorted(candidates_ok, key=lambda c: selection_key(single[c]), reverse=True):
@@ -337,6 +338,8 @@ def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer,
             row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
         return row["metrics"]
 
+    if ranked and beam:
+        return compose_beam(ranked[: max(compose_tries, beam) + 1], evaluate_set, single, compose, beam)
     if ranked:
         return compose_greedy(ranked, evaluate_set, single, compose, compose_tries)
     # nothing beats the baseline on validation: report the best anyway, flagged by delta <= 0
@@ -369,12 +372,15 @@ def run_search(
     halving_min_examples: int = 24,
     scan_snr: dict | None = None,
     tasks: Sequence[tuple[str, int, float]] | None = None,
+    beam: int = 0,
 ) -> SearchResult:
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
     ``strategy``: ``grid`` scores every candidate on every example; ``halving`` runs successive halving
     (:mod:`.halving`, rate ``eta``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
     {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
+    ``tasks``: several benchmarks in ``examples`` (see :func:`metrics_of`). ``beam``: compose by a beam
+    search of that width (:func:`.compose.compose_beam`) instead of greedily.
     ``pool``: an object with ``baseline()``, ``score_candidates(cands, baseline)`` (yielding
     ``(candidate, metrics)`` as they finish) and ``score_set(cands)`` — e.g. a
     :class:`~laser_export.search.ray_pool.RayPool` — scores instead of this process; ``model`` is then
@@ -421,7 +427,7 @@ def run_search(
                    "grid_examples": len(examples) * (len(grid) + 1), "survivors": [c.key for c in finalists]}
     best = max(finalists, key=lambda c: selection_key(single[c])) if finalists else None
     chosen, chosen_metrics, trace = _compose(grid, single, baseline, finalists, results, scorer, compose,
-                                             compose_tries, best)
+                                             compose_tries, best, beam)
     report = _snr_report(snr_rows, sites, single, baseline_of, grid, best,
                          len(site_order) if prune_snr is not None else None)
     for k in ("capture_s", "score_s"):
