@@ -13,7 +13,9 @@ Arms (each with its own SVD cache, so both pay their SVDs):
 
 * grid — :func:`laser_export.search.run_search` ``strategy="grid"``: every candidate on every example;
 * halving — ``strategy="halving"``: every candidate on a random ``n/eta²``, the best third on ``n/eta``,
-  the best third of those (plus any whose paired CI includes the leader's) on all ``n``.
+  the best third of those (plus any whose paired CI includes the leader's) on all ``n``;
+* with ``--beam B``: greedy vs beam-search composition (up to ``--compose`` interventions) from one grid's
+  scores, each choice scored on the test split.
 
 "Scored examples" counts example scorings, the baseline passes included (grid: ``n`` + candidates × ``n``;
 halving: the chunk baselines, ``n`` in all, + the candidates' chunk scorings); candidates at full rank are the
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--benchmark", default="qa_wikidata")
     ap.add_argument("--benchmark-path")
     ap.add_argument("--validation-fraction", type=float, default=0.5)
+    ap.add_argument("--beam", type=int, default=0, help="also compare greedy and beam (width B) composition")
+    ap.add_argument("--compose", type=int, default=3, help="max interventions stacked (with --beam)")
     args = ap.parse_args()
     args.layers = [int(x) for x in args.layers.split(",")]
     args.matrices = args.matrices.split(",")
@@ -109,8 +113,31 @@ def main() -> None:
     ratio = h["scored_examples"] / grid_examples
     print(f"scored examples: grid {grid_examples}, halving {h['scored_examples']}; wall grid {grid_s:.1f} s, "
           f"halving {halving_s:.1f} s ({grid_s / halving_s:.2f}x)")
+    if args.beam:
+        _compose_arms(model, tok, family, val, test, args)
     print(f"halving: same winner as exhaustive: {'yes' if halving.best == grid.best else 'no'}; "
           f"scored examples ratio {ratio:.2f}")
+
+
+def _compose_arms(model, tok, family, val, test, args):
+    """Greedy vs beam composition (up to --compose interventions) from one grid's single scores (a shared
+    results log: the singles are scored once), each choice scored on the test split."""
+    import tempfile
+
+    from laser_export.search import ResultsLog
+
+    log = Path(tempfile.mkdtemp()) / "compose.jsonl"
+    for name, beam in (("greedy", 0), (f"beam {args.beam}", args.beam)):
+        t = time.perf_counter()
+        res = run_search(model, tok, family, val, layers=args.layers, matrices=args.matrices, rhos=args.rhos,
+                         batch_size=args.batch_size, compose=args.compose, progress=False, svd=SVDCache(),
+                         results=ResultsLog(log, "bench"), beam=beam)
+        wall = time.perf_counter() - t
+        base, red = evaluate_recipe(model, tok, family, test, res.chosen, batch_size=args.batch_size, progress=False)
+        ci = evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1"))
+        print(f"compose {name:<7} {wall:7.1f} s  {'+'.join(c.key for c in res.chosen)}  validation top1 "
+              f"{res.chosen_metrics['top1']:.4f}, {len(res.compose_trace)} sets scored; test Δtop1 "
+              f"{ci['estimate'] * 100:+.2f} pts [{ci['ci95'][0] * 100:+.2f}, {ci['ci95'][1] * 100:+.2f}]", flush=True)
 
 
 if __name__ == "__main__":
