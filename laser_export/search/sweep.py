@@ -288,6 +288,18 @@ def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, see
     return hv.baseline.metrics, single, base_same, hv
 
 
+def _halving_outcome(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+                     progress: bool):
+    """(baseline, metrics per candidate, its baseline on the same examples, survivors, the sweep JSON's
+    ``halving`` section, per-candidate extra row fields, the halving result)."""
+    baseline, single, base_same, hv = _halving_scores(local, grid, results, eta, seed, min_examples, progress)
+    reached = {c: max(i for i, t in enumerate(hv.trace) if hv.scores[c].metrics["n"] >= t["examples"]) for c in grid}
+    section = {"eta": eta, "seed": seed, "rungs": hv.trace, "scored_examples": hv.scored_examples,
+               "grid_examples": len(local.examples) * (len(grid) + 1), "survivors": [c.key for c in hv.survivors]}
+    return (baseline, single, base_same.__getitem__, hv.survivors, section, {c: {"rung": reached[c]} for c in grid},
+            hv)
+
+
 def _snr_report(snr_rows, sites, single, baseline_of, grid, best, keep_n) -> dict:
     gains = {}
     for c in grid:
@@ -346,6 +358,17 @@ def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer,
     return ([best], single[best], []) if best else ([], {}, [])
 
 
+def _check_run(layers, matrices, rhos, strategy: str, pool, tasks) -> None:
+    if not layers or not matrices or not rhos:
+        raise RecipeError(["search: the grid is empty (no layers, matrices or ρ)"])
+    if strategy not in ("grid", "halving"):
+        raise RecipeError([f"--strategy: grid or halving, got {strategy!r}"])
+    if strategy == "halving" and pool is not None:
+        raise RecipeError(["--strategy halving runs in this process: drop --ray"])
+    if tasks and (strategy != "grid" or pool is not None):
+        raise RecipeError(["--benchmark: several tasks are searched with --strategy grid, in this process (no --ray)"])
+
+
 def run_search(
     model,
     tokenizer,
@@ -387,14 +410,7 @@ def run_search(
     only read (SVDs for the SNR ranking, shapes). Model weights are unchanged when this returns
     (every swap is undone, also on errors).
     """
-    if not layers or not matrices or not rhos:
-        raise RecipeError(["search: the grid is empty (no layers, matrices or ρ)"])
-    if strategy not in ("grid", "halving"):
-        raise RecipeError([f"--strategy: grid or halving, got {strategy!r}"])
-    if strategy == "halving" and pool is not None:
-        raise RecipeError(["--strategy halving runs in this process: drop --ray"])
-    if tasks and (strategy != "grid" or pool is not None):
-        raise RecipeError(["--benchmark: several tasks are searched with --strategy grid, in this process (no --ray)"])
+    _check_run(layers, matrices, rhos, strategy, pool, tasks)
     results = results or ResultsLog(None, "ephemeral")
     svd = SVDCache() if svd is None else svd
     local = LocalScorer(model, tokenizer, family, examples, batch_size=batch_size, storage=storage, svd=svd,
@@ -409,22 +425,14 @@ def run_search(
     sites, site_order = _site_order(snr_rows, layers, matrices, prune_snr, rank_by_snr or scan_snr is not None)
     grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
 
-    halving, extra = None, {}
     if strategy == "grid":
         base_row = results.get("baseline") or results.add("baseline", "baseline", scorer.baseline())
         baseline = base_row["metrics"]
         single = _grid_scores(scorer, swap, grid, baseline, results, progress)
-        baseline_of = lambda c: baseline  # noqa: E731
-        finalists = grid
+        baseline_of, finalists, halving, extra, hv = (lambda c: baseline), grid, None, {}, None
     else:
-        baseline, single, base_same, hv = _halving_scores(local, grid, results, eta, halving_seed,
-                                                            halving_min_examples, progress)
-        baseline_of = base_same.__getitem__
-        finalists = hv.survivors
-        reached = {c: max(i for i, t in enumerate(hv.trace) if hv.scores[c].metrics["n"] >= t["examples"]) for c in grid}
-        extra = {c: {"rung": reached[c]} for c in grid}
-        halving = {"eta": eta, "seed": halving_seed, "rungs": hv.trace, "scored_examples": hv.scored_examples,
-                   "grid_examples": len(examples) * (len(grid) + 1), "survivors": [c.key for c in finalists]}
+        baseline, single, baseline_of, finalists, halving, extra, hv = _halving_outcome(
+            local, grid, results, eta, halving_seed, halving_min_examples, progress)
     best = max(finalists, key=lambda c: selection_key(single[c])) if finalists else None
     chosen, chosen_metrics, trace = _compose(grid, single, baseline, finalists, results, scorer, compose,
                                              compose_tries, best, beam)
@@ -432,14 +440,11 @@ def run_search(
                          len(site_order) if prune_snr is not None else None)
     for k in ("capture_s", "score_s"):
         timings[k] = (pool.timings if pool is not None else local.timings).get(k, 0.0)
-    res = SearchResult(baseline=baseline, candidates=_rows(grid, single, baseline_of, swap, extra), best=best,
-                       chosen=chosen, chosen_metrics=chosen_metrics, compose_trace=trace, snr=snr_rows,
-                       snr_report=report, timings=timings,
-                       n_scored=(pool.n_scored - n_before) if pool is not None else local.n_scored,
-                       halving=halving)
-    if halving is not None:  # the chunk scorers count their own passes
-        res.n_scored = local.n_scored + hv.n_passes
-    return res
+    # scoring passes run here (the halving's chunk scorers count their own)
+    n_scored = (pool.n_scored - n_before) if pool is not None else local.n_scored + (hv.n_passes if hv else 0)
+    return SearchResult(baseline=baseline, candidates=_rows(grid, single, baseline_of, swap, extra), best=best,
+                        chosen=chosen, chosen_metrics=chosen_metrics, compose_trace=trace, snr=snr_rows,
+                        snr_report=report, timings=timings, n_scored=n_scored, halving=halving)
 
 
 def evaluate_recipe(
