@@ -42,12 +42,31 @@ class MatrixEntry(_Artifact):
     bytes_dense: int | None = None
     bytes_stored: int | None = None
     bytes_saved: int = 0
+    expert: int | None = Field(None, description="MoE: the expert of a fused expert tensor (absent otherwise)")
+
+    def as_dict(self) -> dict:
+        """The entry as written to JSON: ``expert`` only for an expert's matrix."""
+        return self.model_dump(mode="json", exclude={"expert"} if self.expert is None else set())
+
+
+def matrix_entry(target, name: str, shape, k: int, storage: str, itemsize: int, err: float,
+                 norm: float) -> "MatrixEntry":
+    """The entry of one reduced matrix (``target``: an :class:`~laser_export.intervene.Target`): rank, shape,
+    Frobenius error, bytes in ``storage`` at ``itemsize`` bytes per element. The only place entries are built."""
+    m, n = (int(d) for d in shape)
+    dense_bytes = m * n * itemsize
+    stored = k * (m + n) * itemsize if storage == "factorised" else dense_bytes
+    return MatrixEntry(name=name, intervention=target.index, layer=target.layer, matrix=target.alias, shape=[m, n],
+                       rho=target.rho, rank=k, max_rank=min(m, n), frobenius_error=err,
+                       relative_error=err / norm if norm else 0.0, storage=storage, bytes_dense=dense_bytes,
+                       bytes_stored=stored, bytes_saved=dense_bytes - stored, expert=getattr(target, "expert", None),
+                       **(target.auto.manifest() if getattr(target, "auto", None) else {}))  # rank: auto's edge
 
 
 class SourceInfo(_Artifact):
     """Where the weights came from and in which form they were loaded."""
 
-    source: str = Field(description="model.source as written in the recipe")
+    source: str = Field(description="model.source as written in the recipe (a local path: its file or folder name)")
     revision: str | None = None
     architecture: str | None = Field(None, description="laser-export family name")
     model_type: str | None = None
@@ -57,6 +76,8 @@ class SourceInfo(_Artifact):
     format: Literal["gguf", "transformers"] | None = Field(None, description="file format of the source")
     gguf_file: str | None = None
     gguf_quantization: str | None = Field(None, description="GGUF file type, e.g. Q4_1 (dequantized on load)")
+    tensor_bytes: int | None = Field(None, description="bytes of the source's tensors as stored (the files "
+                                     "transformers loads), when known")
 
 
 class OnnxInfo(_Artifact):
@@ -81,6 +102,13 @@ class Totals(_Artifact):
     bytes_saved: int = 0
 
 
+class CheckpointInfo(_Artifact):
+    """The safetensors checkpoint of the export, as read back after writing."""
+
+    tensor_bytes: int
+    files: list[str]
+
+
 class Manifest(_Artifact):
     """``manifest.json`` of an export."""
 
@@ -92,10 +120,21 @@ class Manifest(_Artifact):
     reduction: dict[str, Any] | None = None
     matrices: list[MatrixEntry] = []
     totals: Totals = Totals()
-    checkpoint: dict[str, Any] | None = Field(None, description="tensor_bytes and files of the safetensors")
+    checkpoint: CheckpointInfo | None = Field(None, description="tensor_bytes and files of the safetensors")
     auto_map: dict[str, str] | None = Field(None, description="remote-code classes of a factorised export")
     onnx: OnnxInfo | None = None
     gguf: GgufInfo | None = None
+    streamed: bool | None = Field(None, description="written shard by shard (laser_export.stream) rather than "
+                                  "from a model loaded whole; the files are the same either way")
+
+    def to_json(self) -> dict:
+        """The manifest as written to ``manifest.json`` (unset optional sections left out)."""
+        data = self.model_dump(mode="json", exclude_none=False)
+        data["matrices"] = [m.as_dict() for m in self.matrices]
+        for key in ("checkpoint", "auto_map", "onnx", "gguf", "export_dtype", "streamed"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -33,7 +33,8 @@ def _replacing(path: str | Path) -> Iterator[Path]:
     an error it is fsynced, given :data:`FILE_MODE` and renamed onto ``path``; in every case no temporary
     is left behind, and on an error (or an interrupt) ``path`` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # the writer's pid in the name: a killed writer's .part is recognisable debris (baseline_cache cleans it)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".part")
     os.close(fd)
     try:
         yield Path(tmp)

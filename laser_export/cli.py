@@ -174,10 +174,15 @@ def cmd_check(args) -> int:
             console.print(f"[red]✗[/] {escape(named)}")
             status = EXIT_BAD_INPUT
             continue
+        from .intervene import describe_targets
+
         how = "recipe hints" if p.config_from_hints else "model config"
+        sites = describe_targets(p.targets, p.family)
+        # an MoE site from hints: its expert count is not known yet, so these are sites, not matrices
+        how_many = f"{len(p.targets)} sites" if "[all experts]" in sites else count(len(p.targets), "matrix", "matrices")
         console.print(
-            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {count(len(p.targets), 'matrix', 'matrices')} "
-            f"({', '.join(f'L{t.layer}.{t.alias}' for t in p.targets)}), checked against the {how}"
+            f"[green]✓[/] {escape(str(path))}: {p.family.name}, {how_many} "
+            f"({escape(sites)}), checked against the {how}"
         )
     return status
 

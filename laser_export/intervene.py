@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .artifacts import matrix_entry
 from .architectures import ArchitectureError, Family, expand_matrix, is_fused, module_name, num_experts, num_layers
 from .lowrank import (
     SVD_DTYPES,
@@ -123,6 +124,24 @@ def _experts(i: int, iv: Intervention, family: Family, alias: str, config, probl
         problems.append(f"interventions[{i}].experts: the model has {n} experts (0..{n - 1}), got {bad}")
         return []
     return list(chosen)
+
+
+def describe_targets(targets: Sequence[Target], family: Family) -> str:
+    """``L28.fc_in, L29.fc_out`` — an MoE site once, with its expert count (``L28.fc_in[8 experts]``;
+    ``[all experts]`` when the count is not known yet, from recipe hints)."""
+    from .architectures import matrix_spec
+
+    sites: dict[tuple[int, str], list] = {}
+    for t in targets:
+        sites.setdefault((t.layer, t.alias), []).append(t.expert)
+    out = []
+    for (layer, alias), experts in sites.items():
+        if experts != [None]:
+            tail = f"[{len(experts)} expert{'s' if len(experts) > 1 else ''}]"
+        else:
+            tail = "[all experts]" if matrix_spec(family, alias).experts is not None else ""
+        out.append(f"L{layer}.{alias}{tail}")
+    return ", ".join(out)
 
 
 @dataclass
@@ -287,27 +306,10 @@ def replace_weight(model: nn.Module, name: str, svd: TruncatedSVD, k: int, facto
     return Undo(_set_weight(module, new))
 
 
-def _matrix_entry(target: Target, name: str, shape, k: int, rho, storage: str, itemsize: int, err: float, norm: float):
-    m, n = shape
-    dense_bytes = m * n * itemsize
-    stored = k * (m + n) * itemsize if storage == "factorised" else dense_bytes
-    return {**(target.auto.manifest() if target.auto else {}),
-        "name": name,
-        "intervention": target.index,
-        "layer": target.layer,
-        "matrix": target.alias,
-        "shape": [m, n],
-        "rho": rho,
-        "rank": k,
-        "max_rank": min(m, n),
-        "frobenius_error": err,
-        "relative_error": err / norm if norm else 0.0,
-        "storage": storage,
-        "bytes_dense": dense_bytes,
-        "bytes_stored": stored,
-        "bytes_saved": dense_bytes - stored,
-        **({"expert": target.expert} if target.expert is not None else {}),
-    }
+def _matrix_entry(target: Target, name: str, shape, k: int, storage: str, itemsize: int, err: float,
+                  norm: float) -> dict:
+    """The manifest entry (:func:`laser_export.artifacts.matrix_entry`) as the dict ``Applied.entries`` holds."""
+    return matrix_entry(target, name, shape, k, storage, itemsize, err, norm).as_dict()
 
 
 def frobenius_norm(matrix: torch.Tensor, chunk_rows: int = 1024) -> float:
@@ -339,13 +341,16 @@ def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCac
 
     ref = block_ref(model, family, t.layer, t.alias, t.expert)
     matrix = ref.matrix(model)
+    if matrix.device.type == "meta":
+        raise ArchitectureError(f"{t.field}: {ref.name} is offloaded by the device_map; fused tensors (row blocks, "
+                                "MoE experts) are reduced only when they are loaded on a device")
     itemsize = matrix.element_size()
     if k == min(shape):  # full rank: left bit-exact
-        return None, _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix))
+        return None, _matrix_entry(t, ref.name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix))
     svd = cache.get(ref.name, matrix, min(shape) if full_svd else k)
     err, norm = truncation_error(matrix, svd, k)
     restore = ref.write(model, svd.reconstruct(k, dtype=matrix.dtype), undoable)
-    entry = _matrix_entry(t, ref.name, shape, k, t.rho, "dense", itemsize, err, norm)
+    entry = _matrix_entry(t, ref.name, shape, k, "dense", itemsize, err, norm)
     return (Undo(restore) if undoable else None), entry
 
 
@@ -441,7 +446,7 @@ def apply(
             matrix = matrix_of(module)
             itemsize = matrix.element_size()
             if k == min(shape):  # full rank: the truncated SVD is W itself, keep it bit-exact
-                entries.append(_matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, 0.0, frobenius_norm(matrix)))
+                entries.append(_matrix_entry(t, name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix)))
                 continue
             svd = cache.get(name, matrix, min(shape) if full_svd else k)
             err, norm = truncation_error(matrix, svd, k)
@@ -452,7 +457,7 @@ def apply(
             if undoable:
                 undos.append(undo)
             entries.append(
-                _matrix_entry(t, name, shape, k, t.rho, "factorised" if factorised else "dense", itemsize, err, norm)
+                _matrix_entry(t, name, shape, k, "factorised" if factorised else "dense", itemsize, err, norm)
             )
     except BaseException:
         for u in reversed(undos):

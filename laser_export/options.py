@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from .defaults import HUB_TIMEOUT
+from .defaults import HUB_TIMEOUT, hub_timeout
 from .errors import InputError
 
 
@@ -170,12 +170,6 @@ _RECIPE = dict(help="recipe YAML", positional=True)
 _OUT = "export folder (default: out/<recipe name>)"
 
 
-def _hub_timeout_from_env() -> float:
-    from .defaults import hub_timeout
-
-    return hub_timeout()
-
-
 def _checked(cls):
     """Frozen dataclass whose fields are validated when built (by the CLI or any other caller)."""
     cls.__post_init__ = validate
@@ -216,9 +210,9 @@ class VerifyOptions:
 _HUB = dict(
     private=lambda: option(False, "create the Hub repo private"),
     endpoint=lambda: option(None, "Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)", metavar="URL"),
-    hub_timeout=lambda: option(HUB_TIMEOUT, f"timeout of each Hub request, connect and read (default "
+    hub_timeout=lambda: option(HUB_TIMEOUT, f"deadline of each network step of a push (default "
                                f"{HUB_TIMEOUT:g}, or $LASER_EXPORT_HUB_TIMEOUT)", check=positive_float,
-                               metavar="SECONDS", default_from=_hub_timeout_from_env),
+                               metavar="SECONDS", default_from=hub_timeout),
 )
 
 

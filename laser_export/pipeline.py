@@ -1,7 +1,8 @@
-"""One path for data: recipe → model source → targets → reduction → (verify) → exporters.
+"""The steps of the run path: plan → load → reduce (→ measure → export, see :mod:`laser_export.runner`).
 
 :func:`plan` does everything that needs no weights (source resolution, config, architecture,
-layer/matrix checks). :func:`load_reduced` loads the weights and applies the interventions.
+layer/matrix checks). :func:`load_model` loads the weights; :func:`reduce_loaded` applies the
+interventions, an explicit step that sets the undo.
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from . import __version__
 from .architectures import Family, family_for
-from .intervene import SVDCache, Target, apply, plan_targets
-from .progress import bar, status
+from .intervene import Applied, SVDCache, Target, apply, plan_targets
+from .progress import bar, console, status
 from .recipe import Recipe, RecipeError
 from .sources import ResolvedSource, SourceError, check_config, resolve_source
 
@@ -33,7 +33,8 @@ class Plan:
 class Loaded:
     model: object
     tokenizer: object
-    entries: list[dict] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)  # set by the reduce step (reduce_loaded)
+    undo: object = None  # set by the reduce step: call it to restore the model (when reduced undoably)
 
 
 def _config_from_hints(recipe: Recipe):
@@ -251,21 +252,33 @@ def check_finite_targets(p: Plan, model) -> None:
         raise SourceError("\n".join(problems))
 
 
-def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True) -> Loaded:
-    # one matrix's SVD at a time: nothing is kept between matrices, originals are released as replaced
+def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progress: bool = True,
+                  undoable: bool = False) -> Loaded:
+    """The run path's reduce step: apply every target to ``loaded.model`` in place. Sets ``loaded.entries`` (one
+    manifest entry per matrix) and ``loaded.undo`` (restores the model bit-exactly when ``undoable``; otherwise
+    each original is released as it is replaced and the undo does nothing)."""
+    # one matrix's SVD at a time: nothing is kept between matrices
     cache = SVDCache(p.recipe.reduction, max_bytes=0) if cache is None else cache
+    undos, entries = [], []
     with bar("reduce", enabled=progress, unit="matrices", eta=False) as pbar:
         task = pbar.add_task("", total=len(p.targets))
 
         def step(msg: str) -> None:
             pbar.update(task, description=msg)
 
-        entries = []
-        for t in p.targets:
-            entries += apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
-                             undoable=False, progress=step).entries
-            pbar.advance(task)
+        try:
+            for t in p.targets:
+                applied = apply(loaded.model, [t], family=p.family, storage=p.recipe.storage, cache=cache,
+                                undoable=undoable, progress=step)
+                undos.append(applied)
+                entries += applied.entries
+                pbar.advance(task)
+        except BaseException:
+            for u in reversed(undos):
+                u()
+            raise
     loaded.entries = entries
+    loaded.undo = Applied(undos, entries)
     if p.compute_dtype not in (None, p.loaded_dtype):  # the reduced modules compute like the rest
         import torch
 
@@ -273,41 +286,3 @@ def reduce_loaded(p: Plan, loaded: Loaded, cache: SVDCache | None = None, progre
 
         install(loaded.model, getattr(torch, p.compute_dtype))
     return loaded
-
-
-def _source_format(p: Plan) -> dict:
-    """GGUF sources: the file and its quantization (the weights were dequantized on load)."""
-    if not p.source.gguf_file:
-        return {"format": "transformers"}
-    from pathlib import Path
-
-    from .export.gguf import gguf_quantization
-
-    path = Path(p.source.location) / p.source.gguf_file
-    return {"format": "gguf", "gguf_file": p.source.gguf_file, "gguf_quantization": gguf_quantization(path)}
-
-
-def build_manifest(p: Plan, entries: list[dict]) -> dict:
-    m = p.recipe.model
-    return {
-        "laser_export_version": __version__,
-        "recipe": p.recipe.name,
-        "model": {
-            "source": m.source,
-            "revision": p.source.revision,
-            "architecture": p.family.name,
-            "model_type": p.config.model_type,
-            "base_model": m.base_model,
-            "license": m.license,
-            "dtype": p.loaded_dtype or m.dtype,
-            **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
-            **_source_format(p),
-        },
-        "storage": p.recipe.storage,
-        "reduction": p.recipe.reduction.model_dump(),
-        "matrices": entries,
-        "totals": {
-            "n_matrices": len(entries),
-            "bytes_saved": sum(e["bytes_saved"] for e in entries),
-        },
-    }

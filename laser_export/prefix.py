@@ -10,6 +10,10 @@ batches (sorting, left padding, position ids) are exactly the scorer's own.
   block from ``start`` on (hidden states, attention mask, rotary position embeddings, ...). It returns
   the model's own logits (so the capture pass *is* the baseline); with ``lazy_capture=True`` it runs
   only the base model and applies the LM head lazily too (~20% less work on SmolLM2).
+* The first captured batch checks that replay is exactly the model's ``forward`` (replayed logits vs the
+  full forward's, within 1e-5): a model whose ``forward`` transforms the logits beyond the final norm, the LM
+  head and the family's soft-cap (remote code) is then captured with full forwards and never replayed
+  (:attr:`PrefixCache.exact` False, :attr:`PrefixCache.inexact_reason` says why).
 * :meth:`PrefixCache.replay(layer)` is a ``forward_fn`` that, for the same batches in the same order,
   runs blocks ``layer..L-1`` with the recorded inputs, then the final norm (``Family.final_norm``,
   relative to ``model.base_model``) and the LM head. The LM head is applied lazily, only to the
@@ -181,6 +185,9 @@ class PrefixCache:
         self.batches: list[_Batch] = []
         self._cursor = 0
         self._replay_layer: int | None = None
+        #: replay == the model's own forward? None until the first captured batch checks it (see :meth:`capture`)
+        self.exact: bool | None = None
+        self.inexact_reason: str | None = None
 
     # -- capture -------------------------------------------------------------------------------
     def capture(self, model, input_ids, attention_mask, position_ids):
@@ -204,7 +211,7 @@ class PrefixCache:
         for i in range(self.start, len(self.blocks)):
             handles.append(self.blocks[i].register_forward_pre_hook(make_hook(i), with_kwargs=True))
         try:
-            if self.lazy_capture:
+            if self.lazy_capture and self.exact:
                 # body only (its output is already final-normed); the LM head runs lazily, like replay
                 body = getattr(model, "base_model", model)
                 out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
@@ -218,8 +225,31 @@ class PrefixCache:
                 h.remove()
         if len(batch.inputs) != len(self.blocks) - self.start:
             raise PrefixCacheError("not every block from the start layer was called during the forward pass")
+        if self.exact is None:
+            self._check_exact(batch, logits)
         self.batches.append(batch)
         return logits
+
+    def _check_exact(self, batch: _Batch, logits: torch.Tensor) -> None:
+        """On the first batch: does replaying the recorded blocks (final norm, LM head, the family's soft-cap)
+        give the model's own ``forward`` logits within 1e-5 (relative to their scale; a few ulps for 16-bit
+        logits)? A model whose ``forward`` transforms the logits further (remote code: a scale, another cap)
+        fails: :attr:`exact` is False, every capture batch then runs the full forward (the baseline is the
+        model's), and :meth:`replay` refuses."""
+        layer = min(self.replay_layers)
+        replayed = self.run_from(batch, layer).materialize()
+        full = logits.detach()
+        if replayed.shape != full.shape:
+            diff, why = float("inf"), f"shape {tuple(replayed.shape)} vs {tuple(full.shape)}"
+        else:
+            diff = float((replayed.float() - full.float()).abs().max()) if full.numel() else 0.0
+            why = f"max |replay - forward| {diff:.3g}"
+        eps = torch.finfo(full.dtype).eps if full.dtype.is_floating_point else 0.0
+        scale = max(1.0, float(full.float().abs().max())) if full.numel() else 1.0
+        self.exact = diff <= max(1e-5, 4 * eps) * scale
+        if not self.exact:
+            self.inexact_reason = (f"replay from block {layer} is not {type(self.model).__name__}.forward "
+                                   f"({why} on the first batch): full forwards")
 
     # -- replay --------------------------------------------------------------------------------
     def replay(self, layer: int):
@@ -228,6 +258,8 @@ class PrefixCache:
             raise PrefixCacheError(f"layer {layer} is not cached (replay layers: {sorted(self.replay_layers)})")
         if not self.batches:
             raise PrefixCacheError("nothing captured yet: score once with forward_fn=cache.capture")
+        if self.exact is False:
+            raise PrefixCacheError(self.inexact_reason or "replay is not the model's forward")
         self._cursor = 0
 
         def forward_fn(model, input_ids, attention_mask, position_ids):

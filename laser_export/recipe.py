@@ -261,6 +261,9 @@ class ExportSpec(_Strict):
             raise ValueError("export.gguf_types needs gguf in export.formats")
         if self.onnx_quantized and "onnx" not in self.formats:
             raise ValueError("export.onnx_quantized needs onnx in export.formats")
+        if self.dtype == "bfloat16" and "onnx" in self.formats:
+            raise ValueError("export.dtype: bfloat16 ONNX does not run in onnxruntime's CPU provider (no bf16 "
+                             "kernels); use float16 or float32 with onnx")
         return self
 
 

@@ -8,7 +8,10 @@ failed raises :class:`ClaimsFailed`, ``OnnxExportError`` or ``PushError``.
 
 Order of a run (everything knowable without weights is checked before they load):
 recipe → plan (source files, config, layers, matrices, metric) → output folder and report path →
-leftovers of killed runs → benchmark data → weights (non-finite check) → verify → export → push.
+leftovers of killed runs → benchmark data → then the one run path, :func:`_execute`, shared by
+``verify``, ``run``, ``apply`` and streaming: load → baseline → reduce (an explicit step) → reduced
+→ report → export (:func:`laser_export.export.writer.write_export`) → push. A streamed export skips
+load and measure: reduce and export happen shard by shard.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from .errors import CheckFailed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .pipeline import Plan, build_manifest, load_model, plan, reduce_loaded
+from .pipeline import Plan, load_model, plan, reduce_loaded
 from .options import ApplyOptions, PushOptions, RunOptions, VerifyOptions
 from .policy import check_report_path, report_path as _report_path
 from .progress import console, count, status
@@ -53,11 +56,13 @@ def _protected(p: Plan) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report;
-    an unwritable path is an OutputError."""
+    """Write a report atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report; it
+    is valid JSON (no NaN); an unwritable path is an OutputError."""
     from .atomic import write_json
     from .policy import OutputError
+    from .verify import check_report_json
 
+    check_report_json(data, str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, data)
@@ -82,33 +87,98 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
     return examples, info
 
 
-def _no_stdout(on: bool):
-    """Swallow third-party progress printed to stdout (with --no-progress)."""
-    import contextlib
-    import io
+def _verify_writes(report: Path, n: int, cache) -> list[str]:
+    """What a verify writes, for --dry-run: the report, and the baseline cache entry (when the cache is used)."""
+    lines = [f"{report} (verify report; {count(n, 'example')} scored with the reduced model, and with the "
+             f"baseline unless the baseline cache holds it)"]
+    if cache is not None:
+        from .defaults import prefix_cache_gb
 
-    return contextlib.redirect_stdout(io.StringIO()) if on else contextlib.nullcontext()
+        lines.append(f"{cache.root}/ (on a cache miss: the baseline entry, and the inputs of the reduced blocks "
+                     f"for replay if at most {prefix_cache_gb():g} GB, $LASER_EXPORT_PREFIX_CACHE_GB; --no-cache "
+                     "writes nothing there)")
+    return lines
 
 
 def _plan_lines(p: Plan, writes: list[str]) -> list[str]:
-    targets = ", ".join(f"L{t.layer}.{t.alias}" for t in p.targets)
+    from .intervene import describe_targets
+
+    targets = describe_targets(p.targets, p.family)
     lines = [f"plan: {p.family.name} from {p.source.describe()}; {count(len(p.targets), 'matrix', 'matrices')} ({targets}); "
              f"storage {p.recipe.storage}"]
     return lines + [f"would write: {w}" for w in writes]
 
 
-# ------------------------------------------------------------------------------------------------ verify
+# ------------------------------------------------------------------------------------------- the run path
 
 
-def _verify(p: Plan, loaded, opts, selected) -> dict:
-    from .verify import print_report, verify_loaded
+@dataclass
+class _Measure:
+    """The verify part of a run: the examples, the options of the two passes, where the report goes."""
 
+    selected: tuple
+    path: Path
+    limit: int | None = None
+    progress: bool = True
+    prefix_cache: bool = True
+    baseline_cache: object = None  # the opened BaselineCache (None: --no-cache or an unusable folder)
+
+
+def _open_cache(enabled: bool, dry_run: bool):
+    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
     from .baseline_cache import BaselineCache
 
-    report = verify_loaded(p, loaded, limit=opts.limit, progress=opts.progress, selected=selected,
-                           prefix_cache=opts.prefix_cache, baseline_cache=BaselineCache() if opts.baseline_cache else None)
-    print_report(report)
-    return report
+    cache = BaselineCache.open(enabled, clean=not dry_run)
+    return cache if cache.enabled else None
+
+
+def _measure_reduce(p: Plan, loaded, m: _Measure | None, progress: bool) -> dict | None:
+    """baseline (when measuring) → reduce (the explicit step) → reduced; returns the report (None: no measure)."""
+    session = None
+    if m is not None:
+        from .verify import Measurement
+
+        session = Measurement(p, loaded, limit=m.limit, progress=m.progress, selected=m.selected,
+                              prefix_cache=m.prefix_cache, baseline_cache=m.baseline_cache)
+        session.baseline()
+    reduce_loaded(p, loaded, progress=progress)
+    return session.reduced() if session is not None else None
+
+
+def _execute(p: Plan, measure: _Measure | None, job, *, stream: bool = False, progress: bool = True):
+    """THE run path of ``verify`` (measure, no job), ``run`` (measure and/or job), ``apply`` (job) and streaming:
+    load → [baseline] → reduce → [reduced → report] → [export]. Returns (report, manifest)."""
+    from .export.writer import InMemoryWeights, write_export
+
+    if stream:  # reduce and export shard by shard: nothing is loaded whole, nothing measured
+        from .stream import export_streamed
+
+        return None, export_streamed(job)
+    loaded = load_model(p, progress=progress)
+    report = _measure_reduce(p, loaded, measure, progress)
+    if report is not None:
+        from .verify import print_report
+
+        print_report(report)
+        _write_json(measure.path, report)
+        console.print(f"{'verify report' if job else 'report'}: {measure.path}")
+        if report["claims"] and not report["passed"]:  # no claims: measured only
+            why = ("claims do not hold: nothing exported (see the report; --skip-verify exports anyway)" if job
+                   else f"claims do not hold (see {measure.path})")
+            raise ClaimsFailed(why, report, measure.path)
+        if job is not None:
+            job.report = report
+    if job is None:
+        return report, None
+    return report, write_export(job, InMemoryWeights(loaded))
+
+
+def _exported(out: Path, manifest, how: str) -> None:
+    console.print(f"[green]exported[/] {out} ({how}{count(len(manifest.matrices), 'matrix', 'matrices')}, "
+                  f"{manifest.totals.bytes_saved / 2**20:.2f} MiB saved)")
+
+
+# ------------------------------------------------------------------------------------------------ verify
 
 
 def verify(opts: VerifyOptions) -> RunResult:
@@ -121,30 +191,20 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
+    cache = _open_cache(opts.baseline_cache, opts.dry_run)
     selected = _select(p, opts.limit, opts.progress)
     if opts.dry_run:
-        return RunResult(report_path=path, planned=_plan_lines(p, [f"{path} (verify report, {len(selected[0])} "
-                                                                 "examples scored twice)"]))
-    loaded = load_model(p, progress=opts.progress)
-    report = _verify(p, loaded, opts, selected)
-    _write_json(path, report)
-    console.print(f"report: {path}")
-    if report["claims"] and not report["passed"]:
-        raise ClaimsFailed(f"claims do not hold (see {path})", report, path)
+        return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
+    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
+    report, _ = _execute(p, measure, None, progress=opts.progress)
     return RunResult(report_path=path, report=report)
 
 
 # --------------------------------------------------------------------------------------------------- run
 
 
-def run(opts: RunOptions) -> RunResult:
-    """Run a recipe end to end: reduce → verify → export (→ push).
-
-    Raises :class:`ClaimsFailed` (nothing exported), ``OnnxExportError`` (nothing exported) or
-    ``PushError`` (the export is written and intact) for checks that fail."""
-    from .policy import check_output, clean_debris
-
-    recipe, text = load_recipe(opts.recipe)
+def _check_run(opts: RunOptions, recipe) -> str | None:
+    """The run's options that need no plan: the repo to push to (returned) and --stream with claims."""
     hub = recipe.export.hub
     repo_id = opts.repo_id or (hub.repo_id if hub else None)
     if opts.repo_id and (why := check_repo_id(opts.repo_id)):
@@ -152,80 +212,74 @@ def run(opts: RunOptions) -> RunResult:
     if opts.push and not repo_id:
         raise RecipeError(["export.hub.repo_id: --push needs a repo: set it in the recipe or pass --repo-id"],
                           opts.recipe)
+    return repo_id
+
+
+def _prepare_out(p: Plan, out: Path, overwrite: bool, dry_run: bool = False) -> None:
+    """Leftovers of killed runs first (they may restore an export at ``out``), then whether ``out`` may be written."""
+    from .policy import check_output, clean_debris
+
+    for line in clean_debris(out, dry_run=dry_run):
+        console.print(line)
+    check_output(out, overwrite=overwrite, protect=_protected(p))
+
+
+def _run_writes(p: Plan, out: Path, opts: RunOptions, report_path, selected, repo_id, cache) -> list[str]:
+    writes = []
+    if report_path is not None:
+        writes += _verify_writes(report_path, len(selected[0]), cache)
+    formats = " + ".join(p.recipe.export.formats)
+    writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
+                  + (", verify_report.json" if report_path is not None else "") + ")"
+                  + (" replacing the existing export" if out.exists() else ""))
+    if opts.push:
+        writes.append(f"Hub repo {repo_id} (one commit)")
+    return writes
+
+
+def run(opts: RunOptions) -> RunResult:
+    """Run a recipe end to end: reduce → verify → export (→ push).
+
+    Raises :class:`ClaimsFailed` (nothing exported), ``OnnxExportError`` (nothing exported) or
+    ``PushError`` (the export is written and intact) for checks that fail."""
+    from .export.writer import ExportJob
+
+    recipe, text = load_recipe(opts.recipe)
+    repo_id = _check_run(opts, recipe)
     p = plan(recipe, text)
     out = Path(opts.out) if opts.out else Path("out") / recipe.name
-    for line in clean_debris(out, dry_run=opts.dry_run):  # first: it may restore an export at `out`
-        console.print(line)
-    check_output(out, overwrite=opts.overwrite, protect=_protected(p))
+    _prepare_out(p, out, opts.overwrite, opts.dry_run)
     verifying = recipe.claims is not None and not opts.skip_verify
-    if opts.stream and verifying:
-        raise RecipeError(["--stream: the model is never loaded whole, so the claims cannot be verified: add "
-                           "--skip-verify, or run `laser-export verify` then `laser-export apply`"], opts.recipe)
+    if opts.stream:
+        from .stream import streamable
+
+        if verifying:
+            raise RecipeError(["--stream: the model is never loaded whole, so the claims cannot be verified: add "
+                               "--skip-verify, or run `laser-export verify` then `laser-export apply`"], opts.recipe)
+        if (reason := streamable(p)) is not None:
+            raise RecipeError([f"--stream: {reason}"], opts.recipe)
     report_path = None
     if verifying:
         report_path, flag = _report_path(recipe.name, opts.report)
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
+    cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
     selected = _select(p, opts.limit, opts.progress) if verifying else None
-
     if opts.dry_run:
-        writes = []
-        if verifying:
-            writes.append(f"{report_path} (verify report, {len(selected[0])} examples scored twice)")
-        formats = " + ".join(recipe.export.formats)
-        writes.append(f"{out}/ ({formats}, manifest.json, recipe.yaml, README.md"
-                      + (", verify_report.json" if verifying else "") + ")"
-                      + (" replacing the existing export" if out.exists() else ""))
-        if opts.push:
-            writes.append(f"Hub repo {repo_id} (one commit)")
-        return RunResult(out=out, report_path=report_path, planned=_plan_lines(p, writes))
-    if opts.stream:
-        return _run_streamed(p, out, opts, repo_id, hub)
-
-    loaded = load_model(p, progress=opts.progress)
-    report = None
-    if verifying:
-        report = _verify(p, loaded, opts, selected)  # scores baseline, reduces in place, scores reduced
-        _write_json(report_path, report)
-        console.print(f"verify report: {report_path}")
-        if not report["passed"]:
-            raise ClaimsFailed(
-                "claims do not hold: nothing exported (see the report; --skip-verify exports anyway)",
-                report, report_path,
-            )
-    else:
-        reduce_loaded(p, loaded, progress=opts.progress)
-        if recipe.claims is not None:
-            console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
-
-    manifest = build_manifest(p, loaded.entries)
-    _export(p, loaded, out, opts, manifest, report, protect=_protected(p))
-    saved = manifest["totals"]["bytes_saved"]
-    console.print(f"[green]exported[/] {out} ({count(len(loaded.entries), 'matrix', 'matrices')}, {saved / 2**20:.2f} MiB saved)")
-    result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest)
-    if opts.push:
-        result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
-                                      endpoint=opts.endpoint, hub_timeout=opts.hub_timeout))
-    return result
-
-
-def _run_streamed(p: Plan, out: Path, opts: RunOptions, repo_id: str | None, hub) -> RunResult:
-    """``run --stream``: shard-by-shard reduction and export (see :mod:`laser_export.stream`)."""
-    from .stream import StreamExportOptions, export_streamed, streamable
-
-    reason = streamable(p)
-    if reason is not None:
-        raise RecipeError([f"--stream: {reason}"], opts.recipe)
-    manifest = export_streamed(p, StreamExportOptions(
-        out, overwrite=opts.overwrite, skip_verify=True, repo_id=opts.repo_id, private=opts.private,
-        progress=opts.progress, protect=_protected(p)))
-    if p.recipe.claims is not None:
+        return RunResult(out=out, report_path=report_path,
+                         planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id, cache)))
+    if not verifying and recipe.claims is not None:
         console.print("[yellow]--skip-verify: claims NOT verified; the model card will say so[/]")
-    console.print(f"[green]exported[/] {out} (streamed, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
-                  f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
-    result = RunResult(out=out, manifest=manifest)
+    job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), skip_verify=opts.skip_verify,
+                    repo_id=opts.repo_id, private=opts.private, progress=opts.progress)
+    measure = _Measure(selected, report_path, opts.limit, opts.progress, opts.prefix_cache,
+                       cache) if verifying else None
+    report, manifest = _execute(p, measure, job, stream=opts.stream, progress=opts.progress)
+    _exported(out, manifest, "streamed, " if opts.stream else "")
+    result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest.to_json())
     if opts.push:
+        hub = recipe.export.hub
         result.url = push(PushOptions(out, repo_id, private=opts.private or bool(hub and hub.private),
                                       endpoint=opts.endpoint, hub_timeout=opts.hub_timeout))
     return result
@@ -240,105 +294,26 @@ def apply(opts: ApplyOptions) -> RunResult:
     Streams shard by shard when the source is a safetensors checkpoint and the formats allow it
     (:func:`laser_export.stream.streamable`); otherwise (GGUF source, ONNX/GGUF format, device_map, or
     ``opts.in_memory``) loads the model and writes the same export as :func:`run`. ``opts.report``: the
-    passing verify report of this recipe, carried into the export and the card."""
-    from .policy import check_output, clean_debris
-    from .stream import StreamExportOptions, export_streamed, load_report, streamable
+    passing verify report of this recipe (same model, same interventions), carried into the export and the card."""
+    from .export.writer import ExportJob
+    from .stream import streamable
+    from .verify import load_report
 
     recipe, text = load_recipe(opts.recipe)
     p = plan(recipe, text)
     out = Path(opts.out) if opts.out else Path("out") / recipe.name
-    report = load_report(opts.report, recipe) if opts.report else None
-    for line in clean_debris(out):
-        console.print(line)
-    check_output(out, overwrite=opts.overwrite, protect=_protected(p))
+    report = load_report(opts.report, p) if opts.report else None
+    _prepare_out(p, out, opts.overwrite)
     reason = "--in-memory" if opts.in_memory else streamable(p)
     if reason is None:
         console.print(f"[bold]{recipe.name}[/]: streaming {count(len(p.targets), 'matrix', 'matrices')} shard by shard into {out}")
-        manifest = export_streamed(p, StreamExportOptions(out, overwrite=opts.overwrite, report=report,
-                                                          skip_verify=report is None, progress=opts.progress,
-                                                          protect=_protected(p)))
     else:
         console.print(f"[bold]{recipe.name}[/]: in memory ({reason})")
-        loaded = reduce_loaded(p, load_model(p, progress=opts.progress), progress=opts.progress)
-        manifest = build_manifest(p, loaded.entries)
-        manifest["streamed"] = False
-        run_opts = RunOptions(recipe=opts.recipe, out=out, overwrite=opts.overwrite, skip_verify=report is None,
-                              progress=opts.progress)
-        _export(p, loaded, out, run_opts, manifest, report, protect=_protected(p))
-    how = "streamed" if manifest.get("streamed") else "in memory"
-    console.print(f"[green]exported[/] {out} ({how}, {count(len(manifest['matrices']), 'matrix', 'matrices')}, "
-                  f"{manifest['totals']['bytes_saved'] / 2**20:.2f} MiB saved)")
-    return RunResult(out=out, report=report, manifest=manifest)
-
-
-def _export(p: Plan, loaded, out: Path, opts: RunOptions, manifest: dict, report: dict | None,
-            protect: list[Path]) -> None:
-    """Write every export format into a temporary folder, then rename it to ``out``."""
-    from .atomic import write_text
-    from .policy import atomic_folder
-    from .export.dtype import cast_for_export
-    from .export.safetensors import write_checkpoint
-
-    recipe, text = p.recipe, p.yaml_text
-    cast_for_export(loaded.model, recipe.export.dtype, manifest)  # after verify: numbers are the loaded dtype's
-    with atomic_folder(out, overwrite=opts.overwrite, protect=protect) as tmp:
-        with status("writing safetensors", opts.progress):
-            write_checkpoint(
-                loaded.model, loaded.tokenizer, tmp, recipe_yaml=text, manifest=manifest,
-                max_shard_size=recipe.export.max_shard_size,
-            )
-        if "onnx" in recipe.export.formats:
-            from .export.onnx import export_onnx
-
-            with status("exporting ONNX and checking parity with onnxruntime", opts.progress), \
-                    _no_stdout(not opts.progress):  # torch.onnx prints its "[torch.onnx] ..." steps
-                manifest["onnx"] = export_onnx(
-                    loaded.model, loaded.tokenizer, tmp / "onnx", with_past=recipe.export.onnx_with_past,
-                    tolerance=recipe.export.onnx_tolerance,
-                )
-                _under_onnx_folder(manifest["onnx"])
-            console.print(
-                f"ONNX parity: max |Δlogits| {manifest['onnx']['max_abs_diff']:.2e} "
-                f"≤ {manifest['onnx']['tolerance']:.0e} (onnxruntime vs torch, padded batch + decode step)"
-            )
-        if "gguf" in recipe.export.formats:
-            _export_gguf(p, loaded, tmp, manifest, opts.progress)
-        if report is not None:
-            _write_json(tmp / "verify_report.json", report)
-        _write_json(tmp / "manifest.json", manifest)
-        from .export.card import render_card
-
-        recipe_dict = recipe.model_dump(mode="json")
-        if opts.repo_id:  # the card's loading snippet names the repo the export is pushed to
-            recipe_dict["export"]["hub"] = {"repo_id": opts.repo_id, "private": bool(opts.private)}
-        card = render_card(
-            recipe_dict, text, manifest, report,
-            skip_verify=bool(opts.skip_verify and recipe.claims is not None), folder=out,
-        )
-        write_text(tmp / "README.md", str(card))
-
-
-def _under_onnx_folder(info: dict) -> None:
-    """The ONNX files live in ``onnx/`` (the layout transformers.js and optimum expect)."""
-    for key in ("file", "external_data"):
-        if info.get(key):
-            info[key] = f"onnx/{info[key]}"
-
-
-def _export_gguf(p: Plan, loaded, tmp: Path, manifest: dict, progress: bool = True) -> None:
-    from .export.gguf import write_gguf
-
-    import torch
-    import transformers
-
-    auto = getattr(transformers, p.family.auto_class)
-    source = Path(p.source.location) / p.source.gguf_file if p.source.gguf_file else None
-    with status("writing GGUF and checking it against the safetensors export", progress):
-        reference = auto.from_pretrained(tmp, dtype=torch.float32).eval()  # the export as written
-        manifest["gguf"] = write_gguf(loaded.model, tmp / f"{p.recipe.name}.gguf", arch=p.family.gguf_arch,
-                                      dtype=manifest["export_dtype"], source_gguf=source, name=p.recipe.name,
-                                      reference=reference, tokenizer=loaded.tokenizer,
-                                      quantized=p.recipe.export.gguf_types, provenance=manifest.get("model"))
+    job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), report=report,
+                    skip_verify=report is None, progress=opts.progress)
+    _, manifest = _execute(p, None, job, stream=reason is None, progress=opts.progress)
+    _exported(out, manifest, "streamed, " if manifest.streamed else "in memory, ")
+    return RunResult(out=out, report=report, manifest=manifest.to_json())
 
 
 # -------------------------------------------------------------------------------------------------- push

@@ -14,7 +14,6 @@ Forms accepted for ``source``:
 from __future__ import annotations
 
 from .errors import InputError
-import hashlib
 import importlib.util
 import json
 import os
@@ -57,38 +56,41 @@ class ResolvedSource:
 
     def _wrap(self, what: str, fn, *args, **kwargs):
         """Call a transformers loader; whatever it raises on a corrupt, truncated or inconsistent
-        source becomes one SourceError line naming the source (exit 2). Hub requests get the Hub
-        timeout (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s) so a stalled server cannot hang a run."""
-        from contextlib import nullcontext
+        source becomes one SourceError line naming the source (exit 2). A Hub source's downloads are
+        one network operation with a deadline (``LASER_EXPORT_HUB_TIMEOUT``, default 60 s, plus credit
+        for the bytes received; see :mod:`laser_export.net`): a stalled server cannot hang a run."""
+        from .defaults import hub_timeout
+        from .net import deadline
 
-        try:
-            if self.kind == "hub":
-                from .export.hub import hub_timeout, timeout_from_env
-
-                guard = hub_timeout(timeout_from_env())
-            else:
-                guard = nullcontext()
-            with guard:
+        seconds = hub_timeout() if self.kind == "hub" else None
+        with deadline(seconds) as op:
+            try:
                 return fn(self.location, *args, **self._kwargs(), **kwargs)
-        except (KeyboardInterrupt, MemoryError, SourceError):
-            raise
-        except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
-            hint = ""
-            if self.kind == "hub":
-                if _offline():
-                    offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
-                else:
-                    offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
-                hint = (
-                    f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
-                    "or download it elsewhere and point model.source at a local folder)"
-                )
-            msg = " ".join(str(err).split())
-            if len(msg) > 400:
-                msg = msg[:400] + " ..."
-            raise SourceError(
-                f"model.source: cannot load {what} from {self.describe()}: {type(err).__name__}: {msg}{hint}"
-            ) from err
+            except (KeyboardInterrupt, MemoryError, SourceError):
+                raise
+            except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad source
+                failure = err
+        raise SourceError(self._failure(what, failure, op.explain(failure))) from failure
+
+    def _failure(self, what: str, err: BaseException, timed_out: str) -> str:
+        from .net import redact
+
+        if timed_out:
+            return f"model.source: cannot load {what} from {self.describe()}: the Hub download was given up{timed_out}"
+        hint = ""
+        if self.kind == "hub":
+            if _offline():
+                offline = " HF_HUB_OFFLINE is set, so only the local cache is used;"
+            else:
+                offline = " without network, set HF_HUB_OFFLINE=1 to use only the cache and fail at once;"
+            hint = (
+                f" (a Hub id needs network access or a copy in the local Hugging Face cache;{offline} "
+                "or download it elsewhere and point model.source at a local folder)"
+            )
+        msg = redact(" ".join(str(err).split()))
+        if len(msg) > 400:
+            msg = msg[:400] + " ..."
+        return f"model.source: cannot load {what} from {self.describe()}: {type(err).__name__}: {msg}{hint}"
 
     def check_files(self) -> None:
         """Cheap checks on the files of a local source, before any weights load: every safetensors
@@ -234,49 +236,6 @@ def check_safetensors_file(path: Path) -> dict:
             f"model.source: {path} is truncated or corrupt: its header announces {8 + n + end} bytes, the file has {size}"
         )
     return header
-
-
-def weights_identity(source: "ResolvedSource | str", revision: str | None = None) -> str:
-    """A short content identity of a source's weights, to key caches and resumable results.
-
-    Hashes, per weights file (safetensors or GGUF; sorted by name): its name, size, header (the
-    safetensors JSON header, or the first 1 MiB of a GGUF, which holds its metadata and tensor
-    table) and 16 evenly spaced 64 KiB samples of its data, plus ``config.json``. New weights at the
-    same path give a new identity; copying or touching the files does not. Reads at most ~2 MiB per
-    file. A Hub source not in the local cache is identified by ``hub:ID@REVISION``.
-    """
-    src = resolve_source(source, revision) if isinstance(source, str) else source
-    files: list[Path] = []
-    if src.gguf_file:
-        files = [Path(src.location) / src.gguf_file]
-        folder = None
-    else:
-        folder = Path(src.location)
-        if src.kind == "hub":
-            try:
-                from huggingface_hub import snapshot_download
-
-                folder = Path(snapshot_download(src.location, revision=src.revision, local_files_only=True))
-            except Exception:  # noqa: BLE001 - not cached: the id and revision are all we know
-                return hashlib.sha256(f"hub:{src.location}@{src.revision or 'main'}".encode()).hexdigest()[:32]
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.gguf")) + sorted(folder.glob("*.bin"))
-    h = hashlib.sha256()
-    if folder is not None and (folder / "config.json").is_file():
-        h.update(b"config.json\0" + (folder / "config.json").read_bytes())
-    for file in files:
-        size = file.stat().st_size
-        h.update(f"{file.name}\0{size}\0".encode())
-        with open(file, "rb") as f:
-            if file.suffix == ".safetensors":
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-                h.update(head + f.read(min(n, 100 << 20)))
-            else:
-                h.update(f.read(1 << 20))
-            for i in range(16):
-                f.seek(size * i // 16)
-                h.update(f.read(1 << 16))
-    return h.hexdigest()[:32]
 
 
 def _package_file(spec: str) -> tuple[str, str]:

@@ -16,49 +16,35 @@ whose source is a safetensors checkpoint). Modelled on mergekit's lazy tensor lo
   time: no output buffer. Peak memory ≈ the pages of the shard being read + the matrix being reduced
   and its SVD temporaries.
 
-The folder is written through :func:`laser_export.export.safetensors.atomic_folder` (all or nothing)
-and holds what the in-memory export holds: config (with the ``laser`` quantization_config for a
-factorised export), generation config, tokenizer, shards + index, recipe, manifest and model card.
+The source is the set of files transformers loads (``model.safetensors`` when present, else the shards
+of ``model.safetensors.index.json``); any other ``*.safetensors`` in the folder is ignored, and said so.
+:class:`StreamedWeights` is the streamed :class:`~laser_export.export.writer.Weights` writer: the folder
+itself (all or nothing, read back, manifest, card) is :func:`laser_export.export.writer.write_export`'s,
+the same as for a model loaded whole.
 """
 
 from __future__ import annotations
 
-from .errors import InputError
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .atomic import write_json, write_text
-from .intervene import SVDCache, _matrix_entry, truncation_error
+from .artifacts import matrix_entry
+from .atomic import write_text
+from .errors import InputError
+from .export.checkpoint import FROM_SAFETENSORS, INDEX, WEIGHTS
+from .export.shards import OutTensor, parse_size, write_shards
+from .intervene import SVDCache, frobenius_norm, truncation_error
 from .lowrank import LowRankLinear, factorised_saves_bytes
+from .progress import console
 from .recipe import RecipeError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_FROM_ST = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-INDEX = "model.safetensors.index.json"
 
 
 class StreamError(InputError):
     """The source cannot be streamed (not a safetensors checkpoint, unknown tensor names, ...)."""
-
-
-def parse_size(size: str | int) -> int:
-    """'2GB' / '500MB' / '10KB' / int bytes → bytes (decimal units, like transformers)."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -72,6 +58,28 @@ class SourceTensor:
     shape: tuple[int, ...]
 
 
+def source_files(folder: Path) -> tuple[list[str], list[str]]:
+    """(the safetensors files transformers loads from ``folder``, the other ``*.safetensors`` it ignores).
+
+    ``model.safetensors`` when present (``from_pretrained`` looks for it before an index), else the shards of
+    ``model.safetensors.index.json``. StreamError when there is neither, or the index names a missing file."""
+    present = sorted(p.name for p in folder.glob("*.safetensors"))
+    if (folder / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    elif (folder / INDEX).is_file():
+        try:
+            files = list(dict.fromkeys(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise StreamError(f"model.source: {folder / INDEX} is not a valid safetensors index") from None
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise StreamError(f"model.source: {folder / INDEX} names {missing[0]}, which does not exist")
+    else:
+        raise StreamError(f"model.source: {folder} has no {WEIGHTS} or {INDEX} (the files transformers loads)"
+                          + (f"; found only {', '.join(present)}" if present else ""))
+    return files, [f for f in present if f not in files]
+
+
 def checkpoint_folder(source) -> Path:
     """The local folder of a folder/Hub source that holds safetensors files, else StreamError."""
     if source.kind == "folder":
@@ -79,35 +87,38 @@ def checkpoint_folder(source) -> Path:
     elif source.kind == "hub":
         from huggingface_hub import snapshot_download
 
-        try:
-            folder = Path(snapshot_download(source.location, revision=source.revision,
-                                            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-        except Exception as err:  # noqa: BLE001 - any hub failure: report it with the source
-            raise StreamError(f"model.source: cannot fetch {source.describe()} for streaming: {err}") from err
+        from .defaults import hub_timeout
+        from .net import deadline, redact
+
+        with deadline(hub_timeout()) as op:  # one bounded network operation (laser_export/net.py)
+            try:
+                folder = Path(snapshot_download(source.location, revision=source.revision,
+                                                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+            except Exception as err:  # noqa: BLE001 - any hub failure: report it with the source
+                failure = err
+            else:
+                failure = None
+        if failure is not None:
+            raise StreamError(f"model.source: cannot fetch {source.describe()} for streaming: "
+                              f"{redact(str(failure))}{op.explain(failure)}") from failure
     else:
         raise StreamError(f"model.source: {source.describe()} is a {source.kind} source; streaming needs a "
                           "safetensors checkpoint (a local folder or Hub id)")
-    if not list(folder.glob("*.safetensors")):
-        raise StreamError(f"model.source: {folder} has no *.safetensors files to stream")
+    source_files(folder)
     return folder
 
 
 def list_tensors(folder: Path) -> list[SourceTensor]:
-    """Every tensor of the checkpoint, shard by shard in index order, from the headers only."""
+    """Every tensor of the checkpoint transformers would load, shard by shard in index order, from the headers."""
     from safetensors import safe_open
 
-    index = folder / INDEX
-    if index.is_file():
-        files = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
     out = []
-    for name in files:
+    for name in source_files(folder)[0]:
         path = folder / name
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 sl = f.get_slice(key)
-                dtype = _FROM_ST.get(sl.get_dtype())
+                dtype = FROM_SAFETENSORS.get(sl.get_dtype())
                 if dtype is None:
                     raise StreamError(f"{path}: tensor {key} has dtype {sl.get_dtype()}, not supported for streaming")
                 out.append(SourceTensor(key, path, dtype, tuple(int(d) for d in sl.get_shape())))
@@ -122,106 +133,6 @@ def meta_model(config, family, trust_remote_code: bool = False):
     auto = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}[family.task]
     with init_empty_weights():
         return auto.from_config(config, trust_remote_code=trust_remote_code)
-
-
-# -------------------------------------------------------------------------------------------------
-# output side: safetensors written tensor by tensor under a header planned in advance
-# -------------------------------------------------------------------------------------------------
-@dataclass
-class OutTensor:
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-
-class ShardWriter:
-    """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front,
-    then receives the tensors in that order, one at a time."""
-
-    def __init__(self, path: Path, tensors: list[OutTensor]):
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for t in tensors:
-            header[t.key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                             "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.path, self.expected = path, list(tensors)
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._next = 0
-
-    def write(self, key: str, tensor: torch.Tensor) -> None:
-        t = self.expected[self._next]
-        if key != t.key or tensor.dtype != t.dtype or tuple(tensor.shape) != t.shape:
-            raise StreamError(f"{self.path.name}: expected {t.key} {t.dtype} {t.shape}, got {key} {tensor.dtype} "
-                              f"{tuple(tensor.shape)}")
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._f.write(memoryview(data))
-        self._next += 1
-
-    def close(self) -> None:
-        self._f.close()
-        if self._next != len(self.expected):
-            raise StreamError(f"{self.path.name}: {len(self.expected) - self._next} tensors were not written")
-
-
-def plan_shards(tensors: list[OutTensor], max_shard_size: int) -> list[list[OutTensor]]:
-    shards, current, size = [], [], 0
-    for t in tensors:
-        if current and size + t.nbytes > max_shard_size:
-            shards.append(current)
-            current, size = [], 0
-        current.append(t)
-        size += t.nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_shards(folder: Path, tensors: list[OutTensor], max_shard_size: int,
-                 progress: Callable[[str], None] | None = None) -> list[str]:
-    """Write the tensors (produced lazily, in order) as shards + index like save_pretrained does."""
-    shards = plan_shards(tensors, max_shard_size)
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map = {}
-    for name, shard in zip(names, shards):
-        w = ShardWriter(folder / name, shard)
-        try:
-            for t in shard:
-                if progress:
-                    progress(t.key)
-                w.write(t.key, t.produce())
-                weight_map[t.key] = name
-        finally:
-            w._f.close()
-        w.close()
-    if n > 1:
-        total = sum(t.nbytes for t in tensors)
-        write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
-    return names
-
-
-# -------------------------------------------------------------------------------------------------
-# the streaming reduction
-# -------------------------------------------------------------------------------------------------
-@dataclass
-class StreamOptions:
-    """Typed options of :func:`stream_reduce`."""
-
-    max_shard_size: str | int = "2GB"
-    progress: Callable[[str], None] | None = None
 
 
 class _Reader:
@@ -245,127 +156,145 @@ class _Reader:
         self._path, self._f = None, None
 
 
-def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> tuple[list[dict], list[str], object]:
-    """Reduce ``p``'s targets shard by shard from its safetensors source into ``out_folder``.
+# -------------------------------------------------------------------------------------------------
+# the streaming reduction
+# -------------------------------------------------------------------------------------------------
+@dataclass
+class StreamOptions:
+    """Typed options of :func:`stream_reduce`."""
 
-    ``p`` is a :class:`laser_export.pipeline.Plan`. Writes shards, index and config.json into
-    ``out_folder`` (an existing, empty folder, normally from ``atomic_folder``). Returns
-    (manifest entries in target order, shard file names, the config written)."""
+    max_shard_size: str | int = "2GB"
+    progress: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class _MatrixPlan:
+    """One target as found in the checkpoint: its key, module name, layout, (out, in) shape and rank."""
+
+    target: object
+    key: str
+    name: str
+    conv: bool
+    shape: tuple[int, int]
+    rank: int
+
+
+class _Source:
+    """The source checkpoint as the reduction sees it: tensors by key, a reader, the output dtype."""
+
+    def __init__(self, p):
+        from .sources import DTYPES
+
+        self.folder = checkpoint_folder(p.source)
+        self.tensors = list_tensors(self.folder)
+        self.by_key = {t.key: t for t in self.tensors}
+        self.want = DTYPES[p.recipe.model.dtype]
+        self.reader = _Reader()
+
+    def out_dtype(self, t: SourceTensor) -> torch.dtype:
+        return t.dtype if self.want == "auto" or not t.dtype.is_floating_point else self.want
+
+    def read(self, key: str) -> torch.Tensor:
+        t = self.by_key[key]
+        return self.reader.get(t).to(self.out_dtype(t))
+
+
+def _plan_matrices(p, model, src: _Source) -> dict[str, _MatrixPlan]:
+    """target → checkpoint key, (out, in) shape and rank; every problem raised before anything is written."""
     from .architectures import module_name
-    from .hf import LaserConfig
     from .lowrank import is_conv1d
-    from .sources import DTYPES
 
-    options = options or StreamOptions()
-    recipe = p.recipe
-    folder = checkpoint_folder(p.source)
-    source = list_tensors(folder)
-    by_key = {t.key: t for t in source}
-    model = meta_model(p.config, p.family, recipe.model.trust_remote_code)
-    want = DTYPES[recipe.model.dtype]
-
-    def out_dtype(t: SourceTensor) -> torch.dtype:
-        return t.dtype if want == "auto" or not t.dtype.is_floating_point else want
-
-    # target → checkpoint key, matrix shape (out, in), rank; all checked before anything is written
-    plans, problems, targets = {}, [], []
+    plans, problems = {}, []
     prefix = getattr(model, "base_model_prefix", "")
-    auto_reader = _Reader()  # rank: auto reads its matrix once here (one target at a time)
     for t in p.targets:
         name = module_name(model, p.family, t.layer, t.alias)
-        module = model.get_submodule(name)
         key = f"{name}.weight"
-        if key not in by_key and prefix and key.startswith(prefix + "."):
+        if key not in src.by_key and prefix and key.startswith(prefix + "."):
             key = key[len(prefix) + 1 :]
-        if key not in by_key:
-            raise StreamError(f"{folder}: checkpoint has no tensor {name}.weight (needed by {t.field}); "
+        if key not in src.by_key:
+            raise StreamError(f"{src.folder}: checkpoint has no tensor {name}.weight (needed by {t.field}); "
                               "use the in-memory path")
-        src = by_key[key]
-        conv = is_conv1d(module)
-        shape = (src.shape[1], src.shape[0]) if conv else (src.shape[0], src.shape[1])
-        if t.is_auto:
-            w = auto_reader.get(src).to(out_dtype(src))
+        stored, conv = src.by_key[key].shape, is_conv1d(model.get_submodule(name))
+        shape = (stored[1], stored[0]) if conv else (stored[0], stored[1])
+        if t.is_auto:  # rank: auto reads its matrix once here, one target at a time
+            w = src.read(key)
             t = t.with_auto_rank(w.t() if conv else w)
             del w
-        targets.append(t)
         k = t.rank_for(shape)
         if k > min(shape):
             problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
-        bias_key = f"{key[: -len('.weight')]}.bias"
-        plans[key] = (t, name, conv, shape, k, bias_key if bias_key in by_key else None)
-    auto_reader.close()
+        plans[key] = _MatrixPlan(t, key, name, conv, shape, k)
     if problems:
         raise RecipeError(problems)
+    return plans
 
-    cache = SVDCache(recipe.reduction, max_bytes=0)
-    reader = _Reader()
-    entries: dict[int, dict] = {}
-    ranks: dict[str, int] = {}
-    state: dict[str, tuple] = {}  # key -> (svd, k) of the matrix being written (factorised: two tensors)
 
-    def copy(src: SourceTensor):
-        return lambda: reader.get(src).to(out_dtype(src))
+class _Reducer:
+    """Produces the reduced tensors of each planned matrix, lazily, recording its manifest entry."""
 
-    def reduced_matrix(key: str):
-        """SVD of the target (in the output dtype, as the in-memory path sees it), entry recorded."""
-        t, name, conv, shape, k, _ = plans[key]
-        src = by_key[key]
-        w = reader.get(src).to(out_dtype(src))
-        matrix = w.t() if conv else w
-        svd = cache.get(name, matrix, k)
-        err, norm = truncation_error(matrix, svd, k)
-        return t, name, conv, shape, k, svd, err, norm, w.element_size()
+    def __init__(self, p, src: _Source, plans: dict[str, _MatrixPlan]):
+        self.src, self.plans, self.storage = src, plans, p.recipe.storage
+        self.cache = SVDCache(p.recipe.reduction, max_bytes=0)
+        self.entries: dict[int, dict] = {}
+        self.ranks: dict[str, int] = {}
+        self._pending: dict[str, torch.Tensor] = {}  # factorised: the left factor, written right after the right
 
-    out: list[OutTensor] = []
-    for src in source:
-        if src.key not in plans:
-            out.append(OutTensor(src.key, out_dtype(src), src.shape, copy(src)))
-            continue
-        t, name, conv, shape, k, bias_key = plans[src.key]
-        dtype = out_dtype(src)
-        if k == min(shape):  # full rank: bit-exact copy (as in memory)
-            out.append(OutTensor(src.key, dtype, src.shape, copy(src)))
-            entries[id(t)] = {"full": True}
-            continue
-        factorised = recipe.storage == "factorised" and factorised_saves_bytes(k, shape)
-        if not factorised:
-            def dense(key=src.key, dtype=dtype):
-                t, name, conv, shape, k, svd, err, norm, itemsize = reduced_matrix(key)
-                entries[id(t)] = _matrix_entry(t, name, shape, k, t.rho, "dense", itemsize, err, norm)
-                wk = svd.reconstruct(k, dtype=dtype)
-                return wk.t().contiguous() if conv else wk
+    def _svd(self, mp: _MatrixPlan, storage: str):
+        w = self.src.read(mp.key)  # in the output dtype, as the in-memory path sees it
+        matrix = w.t() if mp.conv else w
+        svd = self.cache.get(mp.name, matrix, mp.rank)
+        err, norm = truncation_error(matrix, svd, mp.rank)
+        self.entries[id(mp.target)] = matrix_entry(mp.target, mp.name, mp.shape, mp.rank, storage,
+                                                   w.element_size(), err, norm).as_dict()
+        return svd
 
-            out.append(OutTensor(src.key, dtype, src.shape, dense))
-            continue
+    def tensors(self, src: SourceTensor) -> list[OutTensor]:
+        """The output tensors standing for source tensor ``src``."""
+        dtype, mp = self.src.out_dtype(src), self.plans.get(src.key)
+        if mp is None or mp.rank == min(mp.shape):  # untouched, or full rank: a bit-exact copy
+            return [OutTensor(src.key, dtype, src.shape, lambda key=src.key: self.src.read(key))]
+        if not (self.storage == "factorised" and factorised_saves_bytes(mp.rank, mp.shape)):
+            def dense():
+                wk = self._svd(mp, "dense").reconstruct(mp.rank, dtype=dtype)
+                return wk.t().contiguous() if mp.conv else wk
+
+            return [OutTensor(src.key, dtype, src.shape, dense)]
         # factorised: LowRankLinear's right factor as <module>.weight (k, in), left as .weight_out (out, k)
-        ranks[name] = k
-        base = src.key[: -len(".weight")]
+        self.ranks[mp.name] = mp.rank
 
-        def right(key=src.key, dtype=dtype):
-            t, name, conv, shape, k, svd, err, norm, itemsize = reduced_matrix(key)
-            entries[id(t)] = _matrix_entry(t, name, shape, k, t.rho, "factorised", itemsize, err, norm)
-            left, right_ = svd.factors(k)
+        def right():
+            left, right_ = self._svd(mp, "factorised").factors(mp.rank)
             mod = LowRankLinear.from_factors(left, right_, None, dtype)  # the same casts as in memory
-            state[key] = (mod.weight_out.detach(),)
+            self._pending[mp.key] = mod.weight_out.detach()
             return mod.weight.detach()
 
-        def left(key=src.key):
-            (w_out,) = state.pop(key)
-            return w_out
+        base = src.key[: -len(".weight")]
+        return [OutTensor(src.key, dtype, (mp.rank, mp.shape[1]), right),
+                OutTensor(f"{base}.weight_out", dtype, (mp.shape[0], mp.rank), lambda: self._pending.pop(mp.key))]
 
-        out.append(OutTensor(src.key, dtype, (k, shape[1]), right))
-        out.append(OutTensor(f"{base}.weight_out", dtype, (shape[0], k), left))
+    def ordered_entries(self, p) -> list[dict]:
+        """One entry per target, in target order; untouched (full-rank) matrices measured here."""
+        out = []
+        for mp in self.plans.values():  # planned in target order
+            e = self.entries.get(id(mp.target))
+            if e is None:
+                matrix = self.src.read(mp.key)
+                e = matrix_entry(mp.target, mp.name, mp.shape, mp.rank, "dense", matrix.element_size(), 0.0,
+                                 frobenius_norm(matrix)).as_dict()
+            out.append(e)
+        self.src.reader.close()
+        return out
 
-    try:
-        files = write_shards(out_folder, out, parse_size(options.max_shard_size), options.progress)
-    finally:
-        reader.close()
+
+def _write_config(p, src: _Source, out_folder: Path, ranks: dict[str, int]):
+    """config.json (dtype, the ``laser`` quantization_config of a factorised export) and generation config."""
+    from .hf import LaserConfig
 
     config = p.config
-    if want != "auto":
-        config.dtype = want
+    if src.want != "auto":
+        config.dtype = src.want
     elif getattr(config, "dtype", None) is None:
-        floats = [t.dtype for t in source if t.dtype.is_floating_point]
+        floats = [t.dtype for t in src.tensors if t.dtype.is_floating_point]
         if floats:
             config.dtype = floats[0]
     if ranks:
@@ -373,38 +302,53 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
     elif getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     config.save_pretrained(out_folder)
-    if ranks:  # factorised: ship the loading code, as the in-memory export does
-        from .export.remote_code import write_remote_code
-
-        write_remote_code(out_folder, model)
-    gen = folder / "generation_config.json"
+    gen = src.folder / "generation_config.json"
     if gen.is_file():
         write_text(out_folder / gen.name, gen.read_text())
+    return config
 
-    ordered = []
-    for t in targets:
-        e = entries.get(id(t))
-        if e is None or e.get("full"):
-            key = next(k for k, v in plans.items() if v[0] is t)
-            _, name, conv, shape, k, _ = plans[key]
-            src = by_key[key]
-            matrix = reader.get(src).to(out_dtype(src))
-            from .intervene import frobenius_norm
 
-            e = _matrix_entry(t, name, shape, k, t.rho, "dense", matrix.element_size(), 0.0, frobenius_norm(matrix))
-            reader.close()
-        ordered.append(e)
-    return ordered, files, config
+@dataclass
+class Streamed:
+    """What :func:`stream_reduce` wrote: entries in target order, shard files, config, the meta model, the
+    ranks of factorised matrices and every tensor's expected shape (for the read-back)."""
+
+    entries: list[dict]
+    files: list[str]
+    config: object
+    model: object
+    ranks: dict[str, int]
+    expected: dict[str, list[int]]
+
+
+def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> Streamed:
+    """Reduce ``p``'s targets shard by shard from its safetensors source into ``out_folder``.
+
+    ``p`` is a :class:`laser_export.pipeline.Plan`. Writes shards, index, config.json and generation config
+    into ``out_folder`` (an existing, empty folder, normally the writer's temporary folder)."""
+    options = options or StreamOptions()
+    src = _Source(p)
+    model = meta_model(p.config, p.family, p.recipe.model.trust_remote_code)
+    reducer = _Reducer(p, src, _plan_matrices(p, model, src))
+    out = [o for t in src.tensors for o in reducer.tensors(t)]
+    try:
+        files = write_shards(out_folder, out, parse_size(options.max_shard_size), options.progress)
+    finally:
+        src.reader.close()
+    config = _write_config(p, src, out_folder, reducer.ranks)
+    return Streamed(reducer.ordered_entries(p), files, config, model, reducer.ranks,
+                    {t.key: list(t.shape) for t in out})
 
 
 def streamable(p) -> str | None:
     """None when ``p`` can be streamed; else the reason (a sentence)."""
+    from .export.formats import formats_of
+
     if p.source.kind not in ("folder", "hub"):
         return f"the source is a {p.source.kind} file, not a safetensors checkpoint"
-    if "onnx" in p.recipe.export.formats:
-        return "ONNX export needs the model in memory"
-    if "gguf" in p.recipe.export.formats:
-        return "GGUF export needs the model in memory"
+    for fmt in formats_of(p.recipe):
+        if fmt.needs_model:
+            return f"{fmt.name.upper()} export needs the model in memory"
     if p.recipe.export.dtype is not None:
         return "export.dtype (a cast after loading) applies to the in-memory path"
     if p.recipe.model.device_map is not None:
@@ -413,86 +357,52 @@ def streamable(p) -> str | None:
 
     if any(is_fused(p.family, t.alias) for t in p.targets):
         return "row blocks of fused tensors and MoE experts are reduced in memory"
-    if p.source.kind == "folder" and not list(Path(p.source.location).glob("*.safetensors")):
-        return "the source folder has no *.safetensors files"
-    if p.source.kind == "folder" and json.loads((Path(p.source.location) / "config.json").read_text()).get(
-            "quantization_config"):
-        return "the source is already quantized/factorised"
+    if p.source.kind == "folder":
+        folder = Path(p.source.location)
+        try:
+            source_files(folder)
+        except StreamError as err:
+            return str(err).removeprefix("model.source: ")
+        if json.loads((folder / "config.json").read_text()).get("quantization_config"):
+            return "the source is already quantized/factorised"
     return None
 
 
 # -------------------------------------------------------------------------------------------------
-# export folder and the `apply` command
+# the streamed weights of an export
 # -------------------------------------------------------------------------------------------------
-@dataclass
-class StreamExportOptions:
-    """Typed options of :func:`export_streamed` (``laser-export apply`` / ``run --stream``)."""
+class StreamedWeights:
+    """The :class:`~laser_export.export.writer.Weights` writer of a streamed export."""
 
-    out: Path
-    overwrite: bool = False
-    report: dict | None = None  # a verify report of this recipe (from `laser-export verify`), carried to the card
-    skip_verify: bool = True  # the card says the claims were not verified in this run
-    repo_id: str | None = None
-    private: bool = False
-    progress: bool = True
-    protect: tuple[Path, ...] | list[Path] = ()  # folders the export must never replace (the source, the data)
+    streamed = True
+
+    def write(self, folder: Path, job):
+        from .export.safetensors import finish_checkpoint
+        from .export.writer import Written
+        from .progress import bar as progress_bar
+
+        p = job.plan
+        source = checkpoint_folder(p.source)
+        ignored = source_files(source)[1]
+        if ignored:
+            console.print(f"ignored {', '.join(ignored)} in {source.name}: not among the files transformers loads")
+        with progress_bar("stream", enabled=job.progress, unit="tensors", eta=False) as bar:
+            task = bar.add_task("", total=len(list_tensors(source)))
+            streamed = stream_reduce(p, folder, StreamOptions(
+                p.recipe.export.max_shard_size, lambda key: bar.update(task, advance=1, description=key)))
+        p.loaded_dtype = str(streamed.config.dtype).removeprefix("torch.")
+        tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+        tokenizer.save_pretrained(folder)
+        checkpoint, auto_map = finish_checkpoint(folder, streamed.model, streamed.ranks, streamed.expected)
+        return Written(streamed.entries, p.loaded_dtype, checkpoint, auto_map, True, None, tokenizer)
 
 
-def export_streamed(p, options: StreamExportOptions) -> dict:
-    """Stream-reduce ``p`` into ``options.out`` (atomic) with the same files as the in-memory export:
-    shards + index, config, generation config, tokenizer, recipe.yaml, manifest.json, README.md
-    (and verify_report.json when a report is given). Returns the manifest."""
-    from .export.card import render_card
-    from .policy import atomic_folder
-    from .export.safetensors import MANIFEST, RECIPE, checkpoint_tensor_bytes
-    from .pipeline import build_manifest
-    from .progress import bar as progress_bar
-    from .sources import DTYPES
+def export_streamed(job) -> object:
+    """Stream-reduce ``job.plan`` into ``job.out`` (:func:`laser_export.export.writer.write_export`); returns the
+    :class:`~laser_export.artifacts.Manifest`."""
+    from .export.writer import write_export
 
-    recipe = p.recipe
-    reason = streamable(p)
+    reason = streamable(job.plan)
     if reason is not None:
         raise StreamError(f"cannot stream this recipe: {reason}")
-    n_tensors = len(list_tensors(checkpoint_folder(p.source)))
-    with atomic_folder(options.out, overwrite=options.overwrite, protect=options.protect) as tmp, progress_bar(
-        "stream", enabled=options.progress, unit="tensors", eta=False,
-    ) as bar:
-        task = bar.add_task("", total=n_tensors)
-
-        def step(key: str) -> None:
-            bar.update(task, advance=1, description=key)
-
-        entries, files, config = stream_reduce(p, tmp, StreamOptions(recipe.export.max_shard_size, step))
-        if DTYPES[recipe.model.dtype] == "auto":
-            p.loaded_dtype = str(config.dtype).removeprefix("torch.")
-        tokenizer = p.source.load_tokenizer(trust_remote_code=recipe.model.trust_remote_code)
-        tokenizer.save_pretrained(tmp)
-        manifest = build_manifest(p, entries)
-        manifest["streamed"] = True
-        auto_map = json.loads((tmp / "config.json").read_text()).get("auto_map")
-        if auto_map:
-            manifest["auto_map"] = auto_map
-        manifest["checkpoint"] = {"tensor_bytes": checkpoint_tensor_bytes(tmp), "files": sorted(files)}
-        write_text(tmp / RECIPE, p.yaml_text)
-        if options.report is not None:
-            write_json(tmp / "verify_report.json", options.report)
-        write_json(tmp / MANIFEST, manifest)
-        recipe_dict = recipe.model_dump(mode="json")
-        if options.repo_id:
-            recipe_dict["export"]["hub"] = {"repo_id": options.repo_id, "private": bool(options.private)}
-        card = render_card(recipe_dict, p.yaml_text, manifest, options.report,
-                           skip_verify=bool(options.skip_verify and recipe.claims is not None))
-        write_text(tmp / "README.md", str(card))
-    return manifest
-
-
-def load_report(path: Path, recipe) -> dict:
-    """A verify report for ``recipe`` whose claims passed, else RecipeError naming the file."""
-    from .inputs import read_json_object
-
-    report = read_json_object(path, "--report")
-    if report.get("recipe") != recipe.name:
-        raise RecipeError([f"--report: {path} is the report of recipe {report.get('recipe')!r}, not {recipe.name!r}"])
-    if report.get("claims") and not report.get("passed"):  # no claims: measured only
-        raise RecipeError([f"--report: {path} says the claims did not hold; nothing to apply"])
-    return report
+    return write_export(job, StreamedWeights())

@@ -7,7 +7,9 @@ but can never satisfy a claim.
 
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.table import Table
@@ -16,7 +18,8 @@ from .benchmarks import BenchmarkError, examples_sha256, load_split
 from . import answer_balance, metrics as metrics_table
 from .evaluate import paired_bootstrap, score, scorer_for
 from .metrics import format_value
-from .pipeline import Loaded, Plan, reduce_loaded
+from .errors import CheckFailed
+from .pipeline import Loaded, Plan
 from .progress import console
 from .prefix import PrefixCache, PrefixCacheError
 
@@ -62,15 +65,21 @@ def check_scorable(p: Plan) -> str:
         raise BenchmarkError(str(err)) from None
 
 
-def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict) -> dict:
-    from .baseline_cache import model_identity, scorer_version
+def _baseline_identity(p: Plan, loaded: Loaded, info: dict, extra: dict, memo_dir=None) -> dict:
+    """What the baseline scores depend on, by content (:mod:`laser_export.identity`): the model's files (or
+    its Hub commit), the load dtype and device type, library versions, the examples' SHA-256, the scorer."""
+    from .baseline_cache import scorer_version
     from .evaluate import _model_device
+    from .identity import library_versions, model_identity
 
+    m = p.recipe.model
     return {
-        "model": model_identity(p.source, loaded.model.config),
-        "dtype": p.recipe.model.dtype,
+        "model": model_identity(p.source, getattr(loaded.model.config, "_commit_hash", None), memo_dir),
+        "trust_remote_code": bool(m.trust_remote_code),
+        "dtype": m.dtype,
         **({"compute_dtype": p.compute_dtype} if p.compute_dtype not in (None, p.loaded_dtype) else {}),
         "device": _model_device(loaded.model).type,
+        "libraries": library_versions(),
         "benchmark": info["name"],
         "examples_sha256": info["examples_sha256"],
         "batch_size": p.recipe.benchmark.batch_size,
@@ -126,133 +135,245 @@ def _score_baseline(p: Plan, loaded: Loaded, passes: PairedPasses, info, *, base
 
     With a baseline cache, a hit needs the stored prefix too when the reduced pass would replay one
     (``passes.cache``): it is loaded into ``passes``; without it the baseline is scored again as the
-    capture pass, and both are stored. A hit whose prefix is skipped (over the budget, no prefix cache)
-    leaves ``passes`` without a recording: the reduced model is then scored with full forwards."""
-    if baseline_cache is None:
-        return passes.baseline(), None
+    capture pass, and both are stored. A hit whose prefix is skipped (over the budget, no prefix cache,
+    a replay that is not the model's forward) leaves ``passes`` without a recording: the reduced model is
+    then scored with full forwards. The report names the entry by key and file name (never a local path)."""
+    if baseline_cache is None or not baseline_cache.enabled:
+        base = passes.baseline()
+        _drop_inexact(passes)
+        return base, None
     from .baseline_cache import PrefixStatus, prefix_identity
 
     no_prefix = "no prefix cache (--no-prefix-cache or a non-causal scorer)"
-    identity = _baseline_identity(p, loaded, info, extra)
+    identity = _baseline_identity(p, loaded, info, extra, baseline_cache.memo_dir())
     key = baseline_cache.key(identity)
-    path = str(baseline_cache.path(key))
+    name = baseline_cache.path(key).name
     pid = None if passes.cache is None else prefix_identity(passes.cache)
-    base, why = baseline_cache.load(key), "no cached baseline"
+    base, why = baseline_cache.load(key, identity, [ex.id for ex in passes.examples])
     if base is not None:
         pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
                else baseline_cache.load_prefix(key, pid, passes.cache))
         if pre.status != "miss":
             if pre.status == "hit":
-                console.print(f"baseline and prefix from cache {path} ({pre.bytes / 2**20:.1f} MiB prefix; "
+                console.print(f"baseline and prefix from cache entry {key} ({pre.bytes / 2**20:.1f} MiB prefix; "
                               "--no-cache scores again)")
             else:  # the reduced model is scored with full forwards
-                console.print(f"baseline from cache {path}; prefix {pre.reason}: full forwards (--no-cache scores again)")
+                console.print(f"baseline from cache entry {key}; prefix {pre.reason}: full forwards "
+                              "(--no-cache scores again)")
                 passes.forget_prefix()
-            return base, {"hit": True, "key": key, "path": path, "prefix": pre.report()}
+            return base, {"hit": True, "status": "hit", "key": key, "path": name, "prefix": pre.report()}
         why = pre.reason
-        console.print(f"baseline cache: {why}; scoring the baseline again to capture it")
+    console.print(f"baseline cache: {why}; scoring the baseline" + ("" if passes.cache is None else " (capture)"))
     base = passes.baseline()
-    stored = baseline_cache.store(key, identity, base)
+    stored, not_stored = baseline_cache.store(key, identity, base)
+    if not_stored:
+        console.print(f"[yellow]warning:[/] baseline not cached: {not_stored}")
     pre = (PrefixStatus("skipped", no_prefix) if passes.cache is None
            else baseline_cache.store_prefix(key, pid, passes.cache))
     if pre.status == "skipped" and passes.cache is not None:
         console.print(f"prefix not cached: {pre.reason}")
     if pre.status == "miss":
         pre.reason = why
-    return base, {"hit": False, "key": key, "path": str(stored) if stored else None, "prefix": pre.report()}
+    _drop_inexact(passes)
+    return base, {"hit": False, "status": "stored" if stored else "miss", "key": key,
+                  "path": name if stored else None, "reason": not_stored, "prefix": pre.report()}
 
 
-def verify_loaded(
-    p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None,
-    prefix_cache: bool = True, baseline_cache: "BaselineCache | None" = None,
-) -> dict:
-    """Score ``loaded`` (unreduced) on the split, reduce it in place, score again, build the report.
+def _drop_inexact(passes: PairedPasses) -> None:
+    """The capture found that replay is not the model's forward: the reduced pass runs full forwards."""
+    if passes.cache is not None and passes.cache.exact is False:
+        console.print(f"prefix cache: {passes.cache.inexact_reason}")
+        passes.forget_prefix()
+
+
+class ScoresNotFinite(CheckFailed):
+    """A scoring pass produced NaN/inf (e.g. float16 overflow): never reported as a measurement."""
+
+
+def _first_nonfinite(model) -> str | None:
+    import torch
+
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _check_finite(side: str, metrics: dict, model, dtype: str | None) -> None:
+    """Every metric of the ``side`` pass is a finite number, else ScoresNotFinite naming the pass (and the first
+    non-finite weight, when one is)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return
+    weight = _first_nonfinite(model)
+    where = f"weight {weight} holds inf/NaN" if weight else f"the activations overflow in {dtype}"
+    raise ScoresNotFinite(f"{side} pass: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite ({where}); "
+                          "nothing is reported: load the model in float32 or bfloat16 (model.dtype)")
+
+
+def report_model(p: Plan) -> dict:
+    """What identifies the measured model in a report: its public source, revision, weights identity, dtype."""
+    from .baseline_cache import memo_dir_if_present
+    from .export.manifest import public_source
+    from .identity import digest, model_identity
+
+    # a Hub source: the commit its config came from (the same on any machine, whatever is cached there)
+    identity = model_identity(p.source, commit=getattr(p.config, "_commit_hash", None), memo_dir=memo_dir_if_present())
+    return {"source": public_source(p.source), "revision": p.source.revision, "weights": digest(identity),
+            "dtype": p.loaded_dtype or p.recipe.model.dtype}
+
+
+class Measurement:
+    """The two measurements of a verify around the run path's explicit reduce step: :meth:`baseline` scores
+    ``loaded`` unreduced, the caller reduces it, :meth:`reduced` scores it again and returns the report.
 
     ``selected``: the result of :func:`select_examples`, when the caller loaded the data already.
-    ``prefix_cache``: the baseline pass records the inputs of every block from the lowest reduced
-    layer on, and the reduced pass replays only those blocks (equal to a full forward within 1e-5,
-    see tests/test_search.py); False runs two full forwards."""
-    recipe, bench = p.recipe, p.recipe.benchmark
-    scorer = check_scorable(p)
-    examples, info = selected or select_examples(p, limit)
-    ppl_ids, ppl_opts = _perplexity_input(p, loaded)
-    from .benchmarks import BENCHMARKS
+    ``prefix_cache``: the baseline pass records the inputs of every block from the lowest reduced layer on,
+    and the reduced pass replays only those blocks (equal to a full forward within 1e-5, see
+    tests/test_search.py); False runs two full forwards."""
 
-    extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if scorer == "generate" else {}
-    passes = PairedPasses(scorer, loaded.model, loaded.tokenizer, p.family, examples,
-                          start=min(t.layer for t in p.targets), batch_size=bench.batch_size, progress=progress,
-                          prefix_cache=prefix_cache, extra=extra)
-    t0 = time.perf_counter()
-    base, cache_info = _score_baseline(p, loaded, passes, info, baseline_cache=baseline_cache, extra=extra)
-    replayed = passes.replays
-    ppl_base = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
-    t1 = time.perf_counter()
-    reduce_loaded(p, loaded, progress=progress)
-    t2 = time.perf_counter()
-    ppl_red = _measure_perplexity(loaded, ppl_ids, ppl_opts, progress) if ppl_ids else None
-    try:
-        red = passes.reduced()
-    except PrefixCacheError as err:  # e.g. a cached prefix whose batches differ: never report its numbers
-        if cache_info is None or not cache_info.get("prefix") or cache_info["prefix"]["status"] != "hit":
-            raise
-        console.print(f"cached prefix not replayable ({err}); scoring the reduced model with full forwards")
-        cache_info["prefix"] = {**cache_info["prefix"], "status": "miss", "reason": f"replay refused: {err}"}
-        replayed = False
-        red = passes.reduced()  # the recording was dropped: full forwards
-    t3 = time.perf_counter()
-    if bench.metric not in base.metrics:
-        raise BenchmarkError(
-            f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; "
-            f"available: {', '.join(k for k in base.metrics if k != 'n')}"
-        )
-    metrics = {
-        "baseline": {k: v for k, v in base.metrics.items() if k in REPORTED or k == "n"},
-        "reduced": {k: v for k, v in red.metrics.items() if k in REPORTED or k == "n"},
-    }
-    delta = {
-        m: paired_bootstrap(base.hits(m), red.hits(m), seed=0)
-        for m in REPORTED
-        if m in base.metrics and m in red.metrics
-    }
-    claims = []
-    if recipe.claims is not None:
-        tol = recipe.claims.tolerance
-        for side, claim in (("baseline", recipe.claims.baseline), ("reduced", recipe.claims.reduced)):
-            measured = metrics[side][bench.metric]
-            ok = abs(measured - claim.accuracy) <= tol + 1e-12 and limit is None
-            claims.append({
-                "name": f"{side}.accuracy",
-                "metric": bench.metric,
-                "claimed": claim.accuracy,
-                "measured": measured,
-                "tolerance": tol,
-                "passed": ok,
-                **({"why": f"--limit {limit}: a limited run cannot satisfy a claim"} if limit is not None else {}),
-            })
+    def __init__(self, p: Plan, loaded: Loaded, *, limit: int | None = None, progress: bool = True, selected=None,
+                 prefix_cache: bool = True, baseline_cache: "BaselineCache | None" = None):
+        from .benchmarks import BENCHMARKS
+
+        bench = p.recipe.benchmark
+        self.p, self.loaded, self.limit, self.progress, self.baseline_cache = p, loaded, limit, progress, baseline_cache
+        self.scorer = check_scorable(p)
+        self.examples, self.info = selected or select_examples(p, limit)
+        self.ppl_ids, self.ppl_opts = _perplexity_input(p, loaded)
+        self.extra = {"max_new_tokens": BENCHMARKS[bench.name].max_new_tokens} if self.scorer == "generate" else {}
+        self.passes = PairedPasses(self.scorer, loaded.model, loaded.tokenizer, p.family, self.examples,
+                                   start=min(t.layer for t in p.targets), batch_size=bench.batch_size,
+                                   progress=progress, prefix_cache=prefix_cache, extra=self.extra)
+
+    def _ppl(self):
+        return _measure_perplexity(self.loaded, self.ppl_ids, self.ppl_opts, self.progress) if self.ppl_ids else None
+
+    def baseline(self) -> None:
+        t0 = time.perf_counter()
+        self.base, self.cache_info = _score_baseline(self.p, self.loaded, self.passes, self.info,
+                                                     baseline_cache=self.baseline_cache, extra=self.extra)
+        _check_finite("baseline", self.base.metrics, self.loaded.model, self.p.loaded_dtype)
+        self.replayed = self.passes.replays
+        self.ppl_base = self._ppl()
+        self.t = [t0, time.perf_counter()]
+
+    def reduced(self) -> dict:
+        """Score the reduced model (``loaded.entries``: what the reduce step did) and build the report."""
+        t2 = time.perf_counter()
+        ppl_red = self._ppl()
+        try:
+            red = self.passes.reduced()
+        except PrefixCacheError as err:  # e.g. a cached prefix whose batches differ: never report its numbers
+            info = self.cache_info
+            if info is None or not info.get("prefix") or info["prefix"]["status"] != "hit":
+                raise
+            console.print(f"cached prefix not replayable ({err}); scoring the reduced model with full forwards")
+            info["prefix"] = {**info["prefix"], "status": "miss", "reason": f"replay refused: {err}"}
+            self.replayed = False
+            red = self.passes.reduced()  # the recording was dropped: full forwards
+        _check_finite("reduced", red.metrics, self.loaded.model, self.p.loaded_dtype)
+        self.t += [t2, time.perf_counter()]
+        return self._report(red, ppl_red)
+
+    def _report(self, red, ppl_red) -> dict:
+        p, base, bench = self.p, self.base, self.p.recipe.benchmark
+        if bench.metric not in base.metrics:
+            raise BenchmarkError(
+                f"benchmark.metric: {bench.name} has no metric {bench.metric!r}; "
+                f"available: {', '.join(k for k in base.metrics if k != 'n')}"
+            )
+        metrics = {side: {k: v for k, v in r.metrics.items() if k in REPORTED or k == "n"}
+                   for side, r in (("baseline", base), ("reduced", red))}
+        delta = {m: paired_bootstrap(base.hits(m), red.hits(m), seed=0)
+                 for m in REPORTED if m in base.metrics and m in red.metrics}
+        claims = _claims(p, metrics, self.limit)
+        t0, t1, t2, t3 = self.t
+        return {
+            "recipe": p.recipe.name,
+            "model": report_model(p),
+            "benchmark": self.info,
+            "metrics": metrics,
+            "delta": delta,
+            "claims": claims,
+            "interventions": self.loaded.entries,
+            "passed": bool(claims) and all(c["passed"] for c in claims),
+            "scorer": self.scorer,
+            "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
+            "perplexity": _perplexity_report(self.ppl_opts, self.ppl_base, ppl_red),
+            "skip_verify": False,
+            "answer_balance": answer_balance.paired(self.examples, base, red),
+            "prefix_cache": self.replayed,  # the reduced pass replayed the captured prefix
+            "baseline_cache": self.cache_info,
+            "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
+        }
+
+
+def _claims(p: Plan, metrics: dict, limit: int | None) -> list[dict]:
+    recipe, claims = p.recipe, []
+    if recipe.claims is None:
+        return claims
+    tol, metric = recipe.claims.tolerance, recipe.benchmark.metric
+    for side, claim in (("baseline", recipe.claims.baseline), ("reduced", recipe.claims.reduced)):
+        measured = metrics[side][metric]
+        ok = abs(measured - claim.accuracy) <= tol + 1e-12 and limit is None
+        claims.append({
+            "name": f"{side}.accuracy", "metric": metric, "claimed": claim.accuracy, "measured": measured,
+            "tolerance": tol, "passed": ok,
+            **({"why": f"--limit {limit}: a limited run cannot satisfy a claim"} if limit is not None else {}),
+        })
+    return claims
+
+
+def _perplexity_report(opts, base: dict | None, red: dict | None) -> dict | None:
+    if base is None:
+        return None
     return {
-        "recipe": recipe.name,
-        "benchmark": info,
-        "metrics": metrics,
-        "delta": delta,
-        "claims": claims,
-        "interventions": loaded.entries,
-        "passed": bool(claims) and all(c["passed"] for c in claims),
-        "scorer": scorer,
-        "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
-        "perplexity": None if ppl_base is None else {
-            **{k: v for k, v in vars(ppl_opts).items() if k != "max_tokens"},
-            "path": None if ppl_opts.path is None else str(ppl_opts.path),
-            "n_tokens": ppl_base["n_tokens"],
-            "baseline": ppl_base["perplexity"],
-            "reduced": ppl_red["perplexity"],
-            "ratio": ppl_red["perplexity"] / ppl_base["perplexity"],
-        },
-        "skip_verify": False,
-        "answer_balance": answer_balance.paired(examples, base, red),
-        "prefix_cache": replayed,  # the reduced pass replayed the captured prefix
-        "baseline_cache": cache_info,
-        "seconds": {"baseline": round(t1 - t0, 2), "reduce": round(t2 - t1, 2), "reduced": round(t3 - t2, 2)},
+        **{k: v for k, v in vars(opts).items() if k != "max_tokens"},
+        "path": None if opts.path is None else str(opts.path),
+        "n_tokens": base["n_tokens"],
+        "baseline": base["perplexity"],
+        "reduced": red["perplexity"],
+        "ratio": red["perplexity"] / base["perplexity"],
     }
+
+
+def load_report(path: Path, p: Plan) -> dict:
+    """The passing verify report of ``p``'s recipe, measured on this model (source, revision, weights) and these
+    interventions, else RecipeError naming the file. (The matrices and dtype are compared again with the
+    export, :func:`laser_export.export.writer.check_report_matches`.)"""
+    from .inputs import read_json_object
+    from .recipe import RecipeError
+
+    recipe = p.recipe
+    report = read_json_object(path, "--report")
+    if report.get("recipe") != recipe.name:
+        raise RecipeError([f"--report: {path} is the report of recipe {report.get('recipe')!r}, not {recipe.name!r}"])
+    if report.get("claims") and not report.get("passed"):  # no claims: measured only
+        raise RecipeError([f"--report: {path} says the claims did not hold; nothing to apply"])
+    measured, here = report.get("model"), report_model(p)
+    if not isinstance(measured, dict):
+        raise RecipeError([f"--report: {path} does not say which model it measured (an older report); verify again"])
+    for key in ("source", "revision", "weights"):
+        if measured.get(key) != here[key]:
+            raise RecipeError([f"--report: {path} measured another model ({key} {measured.get(key)!r}, this recipe's "
+                               f"is {here[key]!r}); verify the recipe again"])
+    planned = [(t.layer, t.alias) for t in p.targets]
+    ivs = [(e.get("layer"), e.get("matrix")) for e in report.get("interventions") or [] if isinstance(e, dict)]
+    if ivs != planned:
+        raise RecipeError([f"--report: {path} measured other interventions than the recipe's; verify it again"])
+    return report
+
+
+def check_report_json(report: dict, where: str) -> None:
+    """A report is valid JSON: no NaN/inf anywhere (ScoresNotFinite naming the key)."""
+    def walk(x, at):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ScoresNotFinite(f"{where}: {at} is {x}; a report never holds a non-finite number")
+        for k, v in (x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()):
+            walk(v, f"{at}.{k}" if at else str(k))
+
+    walk(report, "")
 
 
 def _perplexity_input(p: Plan, loaded: Loaded):

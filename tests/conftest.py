@@ -46,6 +46,9 @@ def hub_online(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # transformers asks huggingface_hub
+    # the test Hub speaks LFS, not Xet: with hf_xet installed, huggingface_hub would upload LFS files over Xet
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     yield
 @pytest.fixture(autouse=True)
 def _private_baseline_cache(tmp_path, monkeypatch):

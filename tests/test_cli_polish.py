@@ -148,3 +148,106 @@ def test_help_into_a_closed_pipe_is_not_a_traceback():
         os.close(write_end)
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
     assert res.returncode == 0
+
+
+# ------------------------------------------------------------------ issue 20: options, usage, first run
+
+
+def test_usage_text_not_the_developer_docstring(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: laser-export COMMAND")
+    assert "exit codes:" in out and "the only module" not in out and "argparse" not in out
+
+
+def test_search_help_shows_every_default(capsys):
+    assert main(["search", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: fc_in,fc_up,fc_out)" in out and "(default: 0.01,0.05,0.1,0.25)" in out
+    assert "(default: 3)" in out and "(default: 2.0)" in out
+
+
+@pytest.mark.parametrize("command", ["run", "verify", "apply", "push", "search"])
+def test_flags_are_generated_from_the_option_fields(command):
+    """One source of truth: every field of the options dataclass is a flag of the command and back."""
+    from dataclasses import fields
+
+    from laser_export.cli import options_class
+
+    cls = options_class(command)
+    dests = {a.dest for a in _options(build_parser()[command])}
+    assert dests == {f.name for f in fields(cls)}
+    for f in fields(cls):
+        assert f.metadata["cli"].help, f.name
+
+
+def test_library_callers_get_the_same_checks_as_the_command_line():
+    from laser_export.options import OptionError, RunOptions
+    from laser_export.search.options import SearchOptions
+
+    with pytest.raises(OptionError, match=r"--limit: expected a positive integer, got 0"):
+        RunOptions(recipe=Path("r.yaml"), limit=0)
+    with pytest.raises(OptionError, match=r"--prune-snr: expected a number in \(0, 1\], got 3"):
+        SearchOptions(out="x.yaml", prune_snr=3)
+    with pytest.raises(OptionError, match=r"--svd-cache-gb: expected a finite number >= 0, got inf"):
+        SearchOptions(out="x.yaml", svd_cache_gb=float("inf"))
+    assert main(["search", "--out", "x.yaml", "--prune-snr", "3"]) == 2
+
+
+def test_each_default_and_check_is_defined_once():
+    """--prune-snr is checked in one place; the Hub timeout default is one constant."""
+    pkg = Path(__file__).parent.parent / "laser_export"
+    sources = {p: p.read_text() for p in pkg.rglob("*.py")}
+    assert [p.name for p, t in sources.items() if "HUB_TIMEOUT = " in t or "DEFAULT_TIMEOUT = 60" in t] == ["defaults.py"]
+    assert [p.name for p, t in sources.items() if "LASER_EXPORT_HUB_TIMEOUT\")" in t] == []  # read in one place
+    assert sum(t.count("unit_interval") for t in sources.values()) == 3  # defined, imported, used by --prune-snr
+
+
+def test_bad_hub_timeout_setting_is_bad_input_not_a_silent_default(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LASER_EXPORT_HUB_TIMEOUT", "abc")
+    assert main(["push", str(tmp_path), "--repo-id", "org/x"]) == 2
+    assert "LASER_EXPORT_HUB_TIMEOUT='abc': expected a positive number" in capsys.readouterr().err
+    monkeypatch.setenv("LASER_EXPORT_HUB_TIMEOUT", "7")
+    from laser_export.cli import options_class
+    from laser_export.options import from_namespace
+
+    opts = from_namespace(options_class("push"), build_parser("push").parse_args([str(tmp_path), "--repo-id", "o/x"]))
+    assert opts.hub_timeout == 7.0
+
+
+def test_check_names_the_recipe_file_of_every_error(tmp_path, capsys):
+    recipe = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "gemma-3-270m-q4_k_m-qa-wikidata.yaml").read_text())
+    recipe["model"]["source"] = str(tmp_path / "not-installed.gguf")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "g.yaml")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{tmp_path / 'g.yaml'}: model.source: GGUF file" in err
+
+
+def test_refusing_an_existing_out_needs_no_torch(tiny, tmp_path):
+    """Bad output paths are answered from the recipe alone: no torch, no model load (was 19 s / 490 MB)."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    code = ("import sys; from laser_export.cli import main\n"
+            "rc = main(sys.argv[1:]); print('torch' in sys.modules); sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code, str(tiny / "r.yaml"), "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "is not a laser-export export" in res.stderr, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+def test_help_into_a_full_device_is_one_line_not_a_traceback():
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "laser_export", "--help"], stdout=full, stderr=subprocess.PIPE,
+                             text=True, timeout=60)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert res.returncode == 1 and "No space left on device" in res.stderr
+
+
+def test_counts_are_singular_or_plural():
+    from laser_export.progress import count
+
+    assert count(1, "matrix", "matrices") == "1 matrix" and count(3, "matrix", "matrices") == "3 matrices"
+    assert count(0, "example") == "0 examples"

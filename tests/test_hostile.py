@@ -517,7 +517,8 @@ CASES: list[Case] = [
          setup=lambda c: ((c.tmp / ".out.old-999999999-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-999999999-x" / "old")),
          check=_old_export_intact, new=("out", "out/*")),
     Case("dry-run-plan", 0, "dry run: no weights loaded, nothing written", recipe=B(), argv=run_args("--dry-run"),
-         check=lambda c: "would write:" in c.data["stderr"] and "verify report, 30 examples" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
+         check=lambda c: "would write:" in c.data["stderr"] and "verify report; 30 examples scored with the reduced model" in c.data["stderr"]
+         and "baseline cache holds it" in c.data["stderr"] and "LASER_EXPORT_PREFIX_CACHE_GB" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
     Case("dry-run-verify", 0, "would write:", recipe=B(), argv=lambda c: ["verify", str(c.recipe), "--dry-run"]),
     Case("dry-run-still-checks-out", X, "already holds an export", setup=lambda c: c.copy_export(), argv=run_args("--dry-run")),
     Case("dry-run-reports-debris", 0, "would remove",
@@ -675,10 +676,9 @@ def _allowed(rel: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch(rel, p) for p in patterns)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
-    ctx = Ctx(ws=ws, tmp=tmp_path, mp=monkeypatch, recipe=tmp_path / "r.yaml", out=tmp_path / "out")
+def _prepare(case: Case, ws: Path, tmp: Path, mp) -> tuple[Ctx, list[str]]:
+    """The case's recipe, files and environment in ``tmp``; returns the context and the command line."""
+    ctx = Ctx(ws=ws, tmp=tmp, mp=mp, recipe=tmp / "r.yaml", out=tmp / "out")
     recipe = _base(ws)
     over = case.recipe(ctx) if callable(case.recipe) else (case.recipe or {})
     for k, v in over.items():
@@ -688,18 +688,25 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
             recipe[k] = v
     ctx.write_recipe(recipe)
     for name, value in case.env.items():
-        monkeypatch.setenv(name, value)
+        mp.setenv(name, value)
     if case.setup:
         case.setup(ctx)
+    argv = case.argv(ctx) if case.argv else run_args()(ctx)
+    if "--no-progress" not in argv and argv[0] not in ("push",):
+        argv.append("--no-progress")
+    return ctx, argv
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
+    ctx, argv = _prepare(case, ws, tmp_path, monkeypatch)
     if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load
         import laser_export.runner as runner
 
         monkeypatch.setattr(runner, "load_model", _raiser(lambda: AssertionError("weights were loaded")))
     ws_before = _snapshot(ws)
     tmp_before = _snapshot(tmp_path)
-    argv = case.argv(ctx) if case.argv else run_args()(ctx)
-    if "--no-progress" not in argv and argv[0] not in ("push",):
-        argv.append("--no-progress")
     try:
         code = main(argv)
     finally:
@@ -722,6 +729,133 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name and "999999999" not in p.name], "debris left"
     if case.check:
         case.check(ctx)
+
+
+# ----------------------------------------------------------------------- the same cases, fresh processes
+
+
+class _NeedsInProcess(Exception):
+    """The case patches the library itself: it runs in-process only."""
+
+
+class _EnvOnly:
+    """What a case's setup may do to a fresh process: environment variables (recorded), nothing else."""
+
+    def __init__(self):
+        self.env: dict[str, str] = {}
+        self.unset: list[str] = []
+
+    def setenv(self, name, value, prepend=None):
+        self.env[name] = str(value)
+
+    def delenv(self, name, raising=True):
+        self.unset.append(name)
+
+    def __getattr__(self, name):
+        raise _NeedsInProcess(name)
+
+
+#: Runs every job in its own process, forked from one that imported torch and transformers but nothing of
+#: laser_export: each command starts as `laser-export` does (no laser_export module loaded), so its error is
+#: classified without help from modules an earlier case imported; the fork saves ~3 s of imports per case.
+_FRESH_DRIVER = r"""
+import json, os, signal, sys, time
+jobs = json.loads(open(sys.argv[1]).read())
+import torch, transformers, safetensors.torch, yaml, rich.console  # noqa: E401,F401 - third-party only
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError  # noqa
+from pydantic import field_validator, model_validator  # noqa: F401
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401 - what plan() uses
+import transformers.quantizers.auto  # noqa: F401
+import transformers.models.llama.modeling_llama, transformers.models.opt.modeling_opt  # noqa: E401,F401 - the tiny models
+assert not [m for m in sys.modules if m.startswith("laser_export")]
+
+
+def child(job):
+    signal.alarm(120)  # a command that blocks (a FIFO) is killed, not waited on
+    os.chdir(job["cwd"])
+    os.environ.update(job["env"])
+    for name in job["unset"]:
+        os.environ.pop(name, None)
+    fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from laser_export.cli import main
+    code = main(job["argv"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+codes, running, todo = {}, {}, list(jobs)
+width = max(1, min(4, os.cpu_count() or 1))
+while todo or running:
+    while todo and len(running) < width:
+        job = todo.pop(0)
+        pid = os.fork()
+        if pid == 0:
+            child(job)
+        running[pid] = (job["id"], time.monotonic())
+    pid, status = os.wait()
+    name, t0 = running.pop(pid)
+    codes[name] = [os.waitstatus_to_exitcode(status), round(time.monotonic() - t0, 2)]
+print(json.dumps(codes))
+"""
+
+
+def test_bad_input_exit_codes_in_fresh_processes(ws, tmp_path):
+    """Every bad-input (exit 2) row of the table again, each in a fresh process: exit code 2, its message,
+    no traceback. Rows whose setup patches the library (not only the environment) run in-process only."""
+    import subprocess
+    import sys
+
+    jobs, cases = [], {}
+    for case in (c for c in CASES if c.code == X):
+        tmp = tmp_path / case.id
+        tmp.mkdir()
+        rec = _EnvOnly()
+        try:
+            _, argv = _prepare(case, ws, tmp, rec)
+        except _NeedsInProcess:
+            continue
+        except pytest.skip.Exception:
+            continue
+        jobs.append({"id": case.id, "argv": argv, "cwd": str(tmp), "env": rec.env, "unset": rec.unset,
+                     "log": str(tmp_path / f"{case.id}.log")})
+        cases[case.id] = case
+    assert len(jobs) >= 120, len(jobs)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    res = subprocess.run([sys.executable, "-c", _FRESH_DRIVER, str(tmp_path / "jobs.json")], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    codes = json.loads(res.stdout.strip().splitlines()[-1])
+    wrong = []
+    for job in jobs:
+        case, log = cases[job["id"]], Path(job["log"]).read_text()
+        code, seconds = codes[job["id"]]
+        if code != X or case.fragment not in " ".join(log.split()) or "Traceback" in log:
+            wrong.append(f"{job['id']}: exit {code} after {seconds} s: {log[-500:]}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_report_folder_is_bad_input_in_a_fresh_process(ws, tmp_path):
+    """Issue 20's reproduction, exactly as a user runs it: `python -m laser_export verify r.yaml --report
+    <a folder>` printed "unexpected OutputError" and exited 1. Answered before torch loads."""
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**_base(ws), "claims": CLAIMS}))
+    (tmp_path / "rep").mkdir()
+    code = ("import sys; from laser_export.cli import main\n"
+            "rc = main(sys.argv[1:]); print('torch loaded' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    for cmd in ([sys.executable, "-m", "laser_export"], [sys.executable, "-c", code]):
+        res = subprocess.run([*cmd, "verify", str(recipe), "--report", str(tmp_path / "rep")], capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path, env=env)
+        assert res.returncode == 2, res.stderr
+        assert "is a folder" in res.stderr and "unexpected" not in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout.strip() == "no torch"
 
 
 # ------------------------------------------------------------------------ numbered cases of issue 8
@@ -807,7 +941,7 @@ def test_counterfact_cache_is_keyed_by_full_url(tmp_path, monkeypatch):
 
 def test_weights_identity_changes_with_the_weights_not_the_path(ws, tmp_path):
     """The identity search results are keyed by: same weights elsewhere -> same id; new weights -> new id."""
-    from laser_export.sources import weights_identity
+    from laser_export.identity import weights_identity
 
     a = weights_identity(str(ws / "llama"))
     shutil.copytree(ws / "llama", tmp_path / "copy")

@@ -16,9 +16,9 @@ import torch
 from laser_export.export.hub import PushError, folder_operations, hub_repo_url, push_folder, retry_command
 
 try:  # tests/ may or may not be a package
-    from tests.hub_server import HubServer, git_blob_sha1
+    from tests.hub_server import HubServer, LfsObject, git_blob_sha1
 except ImportError:  # pragma: no cover
-    from hub_server import HubServer, git_blob_sha1
+    from hub_server import HubServer, LfsObject, git_blob_sha1
 
 
 REPO_ID = "laser-tests/tiny-llama-laser"
@@ -105,12 +105,16 @@ def test_push_then_from_pretrained_roundtrip(hub_server, tiny_export, tmp_path):
     assert ("POST", "/api/validate-yaml") in hub_server.requests  # README front matter was validated
     assert "LASER" in repo.head.summary
 
+    # model.safetensors went through LFS (the Hub's rule for *.safetensors), the rest inline.
+    assert isinstance(repo.head.files["model.safetensors"], LfsObject)
+    assert isinstance(repo.head.files["config.json"], bytes)
+    assert f"/{REPO_ID}.git/info/lfs/objects/batch" in [p for m, p in hub_server.requests]
     # Every local file is on the server, byte-identical; local folder untouched.
     expected = {"config.json", "generation_config.json", "model.safetensors", "manifest.json", "README.md"}
     assert expected <= set(before)
     assert set(repo.head.files) == set(before) | {".gitattributes"}
     for rel, digest in before.items():
-        assert hashlib.sha256(repo.head.files[rel]).hexdigest() == digest
+        assert hashlib.sha256(hub_server.file_bytes(REPO_ID, rel)).hexdigest() == digest
         assert hashlib.sha256((hub_server.storage / REPO_ID / rel).read_bytes()).hexdigest() == digest
     assert _snapshot(folder) == before
 
@@ -217,3 +221,75 @@ def test_push_private_with_commit_message(hub_server, tmp_path):
     assert repo.head.summary == "custom message"
     assert url.endswith(f"/me/private-one/commit/{repo.head.oid}")
     assert repo.head.files["config.json"] == b'{"model_type": "llama"}'
+
+
+# ---------------------------------------------------------------------------------------- LFS uploads
+
+
+@pytest.mark.parametrize("transfer", ["basic", "multipart"])
+def test_push_uploads_large_files_through_lfs(transfer, tmp_path, tiny_export, hub_online):
+    """Files at or over the server's LFS threshold (and *.safetensors) go through the LFS batch API, streamed
+    to the server's disk and checked by sha256 and size; the commit references them as lfsFile; the model
+    downloads back byte-identical. (huggingface_hub 2.4 takes this path only with Xet disabled: with
+    hf_xet installed it uploads every LFS file over Xet, which this server does not speak.)"""
+    folder, input_ids, logits = tiny_export
+    weights = (folder / "model.safetensors").stat().st_size
+    kw = dict(lfs_threshold=4096)
+    if transfer == "multipart":
+        kw.update(multipart_threshold=4096, multipart_chunk=max(4096, weights // 3 + 1))
+    with HubServer(tmp_path / "hub", **kw) as hub:
+        push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=False)
+        repo = hub.repos[REPO_ID]
+        blob = repo.head.files["model.safetensors"]
+        assert isinstance(blob, LfsObject) and blob.size == weights
+        assert blob.oid == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        assert isinstance(repo.head.files["config.json"], bytes)  # small files stay regular (inline)
+        paths = [p for m, p in hub.requests]
+        assert f"/{REPO_ID}.git/info/lfs/objects/batch" in paths
+        parts = [p for p in paths if "/part/" in p]
+        if transfer == "multipart":
+            assert len(parts) == -(-weights // hub.multipart_chunk) >= 2
+            assert f"/lfs-complete/{blob.oid}" in paths
+        else:
+            assert not parts and f"/lfs-upload/{blob.oid}" in paths
+        assert not list((hub.lfs_dir / "tmp").iterdir())  # nothing half-written left behind
+
+        # pushing again sends nothing new (the object is already stored: no actions in the batch answer)
+        n = len(hub.requests)
+        push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=False)
+        assert not [p for m, p in hub.requests[n:] if p.startswith("/lfs-")]
+
+        # downloads stream the object back from disk, byte-identical (test_push_then_from_pretrained_roundtrip
+        # loads an LFS-pushed model.safetensors with from_pretrained)
+        from huggingface_hub import hf_hub_download
+
+        got = hf_hub_download(REPO_ID, "model.safetensors", endpoint=hub.endpoint, cache_dir=tmp_path / "dl", token=False)
+        assert hashlib.sha256(Path(got).read_bytes()).hexdigest() == blob.oid
+
+
+def test_lfs_upload_with_wrong_content_is_refused(tmp_path, hub_online):
+    """The server stores an object only when the bytes match the announced sha256 and size."""
+    import httpx2
+
+    with HubServer(tmp_path / "hub", lfs_threshold=1) as hub:
+        oid = hashlib.sha256(b"the real bytes").hexdigest()
+        hub.lfs_pending[oid] = len(b"the real bytes")
+        r = httpx2.put(f"{hub.endpoint}/lfs-upload/{oid}", content=b"other bytes!!!")
+        assert r.status_code == 400 and not hub.lfs_object(oid).exists()
+        r = httpx2.put(f"{hub.endpoint}/lfs-upload/{oid}", content=b"the real bytes")
+        assert r.status_code == 200 and hub.lfs_object(oid).read_bytes() == b"the real bytes"
+
+
+def test_push_with_xet_enabled_names_the_setting(tmp_path, tiny_export, hub_online, monkeypatch):
+    """With hf_xet installed, huggingface_hub uploads LFS files over Xet: a server without Xet fails the
+    push, and the message says how to use LFS instead."""
+    pytest.importorskip("hf_xet")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", False)
+    folder, _, _ = tiny_export
+    with HubServer(tmp_path / "hub") as hub:
+        with pytest.raises(PushError, match="HF_HUB_DISABLE_XET=1"):
+            push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=False)
+        assert any("xet-write-token" in p for m, p in hub.requests)

@@ -51,8 +51,7 @@ def setup(tmp_path_factory):
     ivs = [Intervention(layer=2, matrix="fc_in", rho=0.1), Intervention(layer=1, matrix="o", rank=2)]
     entries = reduce_model(model, fam, plan_targets(ivs, model.config, fam), storage="factorised")
     with atomic_folder(root / "export") as tmp:
-        write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="name: t\n",
-                         manifest={"storage": "factorised", "matrices": entries})
+        write_checkpoint(model, tiny_tokenizer(), tmp)
     tasks = root / "tasks"
     tasks.mkdir()
     (tasks / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in DOCS))

@@ -133,3 +133,63 @@ def test_dense_export_of_experts_loads_back_with_the_same_logits(tmp_path, model
     with torch.no_grad():
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mixtral", "phi3"])
+def test_search_sweeps_an_moe_layer_with_all_experts_together(tmp_path, model_type):
+    """`laser-export search` on fused families: a candidate (layer, fc_in, ρ) reduces every expert's matrix
+    (MoE) or the row block (Phi-3); the model is unchanged afterwards and the written recipe checks."""
+    from laser_export import cli
+    from laser_export.recipe import load_recipe
+    from test_search import _write_jsonl
+    from tinymodels import save_tiny
+
+    folder, out = tmp_path / "model", tmp_path / "found.yaml"
+    save_tiny(model_type, folder)
+    bench = _write_jsonl(tmp_path / "bench.jsonl")
+    argv = ["search", "--model", str(folder), "--benchmark", "jsonl", "--benchmark-path", str(bench),
+            "--layers", "1-2", "--matrices", "fc_in", "--rhos", "0.1,0.5", "--batch-size", "4",
+            "--validation-fraction", "0.5", "--compose", "1", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    import json
+
+    sweep = json.loads((tmp_path / "found.sweep.json").read_text())
+    assert len(sweep["candidates"]) == 4
+    assert len({json.dumps(c["metrics"], sort_keys=True) for c in sweep["candidates"]}) > 1  # candidates differ
+    recipe, _ = load_recipe(out)
+    assert recipe.interventions[0].matrix == "fc_in"
+    assert cli.main(["check", str(out)]) == 0
+
+
+def test_an_offloaded_fused_tensor_is_refused_with_its_name():
+    from torch import nn
+
+    from laser_export.architectures import ArchitectureError
+
+    model, fam = tiny_model("mixtral"), family_for("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    experts.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H, device="meta"))  # what a device_map offload leaves
+    with pytest.raises(ArchitectureError, match=r"interventions\[0\]: .*layers\.0\.mlp\.experts\.gate_up_proj\[0\]\[0:48\] is offloaded"):
+        reduce_model(model, fam, _plan(model, fam, dict(layer=0, matrix="fc_in", rank=2)))
+
+
+def test_check_summarises_moe_sites_with_their_expert_count(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    save_tiny("mixtral", tmp_path / "src")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "name": "moe", "model": {"source": str(tmp_path / "src")}, "storage": "dense",
+        "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.5}, {"layer": 2, "matrix": "fc_out", "rank": 2, "experts": [3]}]}))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 0
+    assert "mixtral, 5 matrices (L1.fc_in[4 experts], L2.fc_out[1 expert]), checked against the model config" in capsys.readouterr().err
+    # a Hub model not in the cache: the hints stand in, the expert count is unknown until the config is there
+    from pathlib import Path
+
+    laserxtral = Path(__file__).parent.parent / "recipes" / "mixtral-8x7b-laserxtral.yaml"
+    assert main(["check", str(laserxtral)]) == 0
+    assert "4 sites (L28.fc_in[all experts], L29.fc_in[all experts]" in capsys.readouterr().err

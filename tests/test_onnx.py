@@ -120,7 +120,7 @@ def test_llama_dense_with_past_parity(llama_dense):
     _assert_passed(r, with_past=True)
     inputs, outputs = _causal_io(2)
     assert r["inputs"] == inputs and r["outputs"] == outputs
-    assert r["external_data"] is None and not (llama_dense.out / "model.onnx.data").exists()
+    assert r["external_data"] is None and not (llama_dense.out / "model.onnx_data").exists()
     # the file on disk says the same: opset 18, named dynamic axes
     m = onnx.load(str(llama_dense.path))
     assert {o.domain: o.version for o in m.opset_import}[""] == 18
@@ -255,8 +255,8 @@ def test_export_without_past_and_export_raises_on_parity_failure(tmp_path, monke
     with pytest.raises(OnnxParityError, match="do not publish") as err:
         export_onnx(model, char_tokenizer(), tmp_path, with_past=False, sample_texts=TEXTS)
     r = err.value.report
-    assert r["external_data"] == "model.onnx.data"
-    data, graph = tmp_path / "model.onnx.data", tmp_path / "model.onnx"
+    assert r["external_data"] == "model.onnx_data"
+    data, graph = tmp_path / "model.onnx_data", tmp_path / "model.onnx"
     m = onnx.load(str(graph), load_external_data=False)
     external = [i for i in m.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     assert "model.embed_tokens.weight" in {i.name for i in external}

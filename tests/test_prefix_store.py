@@ -64,7 +64,7 @@ def test_another_start_layer_or_a_tampered_file_is_a_miss(tmp_path):
     model, cache = _captured("llama", start=1)
     store = BaselineCache(directory=tmp_path)
     pid = prefix_identity(cache)
-    path = store.store_prefix("k", pid, cache).path
+    path = tmp_path / store.store_prefix("k", pid, cache).path
     other = PrefixCache(model, cache.family, 2, lazy_capture=True, replay_layers=[2])
     assert store.load_prefix("k", prefix_identity(other), other).status == "miss"  # no entry for layer 2
     # a file renamed into another identity's place: its recorded identity does not match

@@ -28,8 +28,7 @@ def _export(model_type, storage, out):
     fam = family_for(model.config.model_type)
     entries = reduce_model(model, fam, plan_targets(IVS, model.config, fam), storage=storage)
     with atomic_folder(out) as tmp:
-        manifest = write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="name: t\n",
-                                    manifest={"storage": storage, "matrices": entries})
+        manifest = write_checkpoint(model, tiny_tokenizer(), tmp)
     return model, manifest
 
 

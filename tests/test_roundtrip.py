@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 from laser_export.architectures import family_for
 from laser_export.export.safetensors import checkpoint_tensor_bytes, write_checkpoint
 from laser_export.policy import OutputError, atomic_folder
+from laser_export.atomic import write_json, write_text
 from laser_export.intervene import plan_targets, reduce_model
 from laser_export.lowrank import LowRankLinear
 from laser_export.recipe import Intervention
@@ -25,9 +26,11 @@ def _export(model_type, storage, out, ivs=IVS):
     model = tiny_model(model_type)
     fam = family_for(model.config.model_type)
     entries = reduce_model(model, fam, plan_targets(ivs, model.config, fam), storage=storage)
-    manifest = {"storage": storage, "matrices": entries}
+    manifest = {"laser_export_version": "test", "storage": storage, "matrices": entries}
     with atomic_folder(out) as tmp:
-        write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="name: t\n", manifest=manifest)
+        manifest.update(write_checkpoint(model, tiny_tokenizer(), tmp))
+        write_json(tmp / "manifest.json", manifest)  # what the export writer adds (an export --overwrite replaces)
+        write_text(tmp / "recipe.yaml", "name: t\n")
     return model, fam, entries
 
 
@@ -108,7 +111,7 @@ def test_failed_export_leaves_previous_export_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         with atomic_folder(out, overwrite=True) as tmp:
             (tmp / "partial.bin").write_bytes(b"x")
-            write_checkpoint(model, None, tmp, recipe_yaml="", manifest={})
+            write_checkpoint(model, None, tmp)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
@@ -118,8 +121,7 @@ def test_sharded_factorised_export_loads_back(tmp_path):
     fam = family_for("llama")
     entries = reduce_model(model, fam, plan_targets(IVS, model.config, fam), storage="factorised")
     with atomic_folder(tmp_path / "out") as tmp:
-        manifest = write_checkpoint(model, tiny_tokenizer(), tmp, recipe_yaml="", manifest={"matrices": entries},
-                                    max_shard_size="40KB")
+        manifest = write_checkpoint(model, tiny_tokenizer(), tmp, max_shard_size="40KB")
     shards = manifest["checkpoint"]["files"]
     assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -283,7 +283,9 @@ def test_lazy_capture_equals_full_logits(model_type):
     pc = PrefixCache(model, fam, 1, lazy_capture=True)
     with torch.inference_mode():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        lazy = pc.capture(model, ids, mask, pos)
+        first = pc.capture(model, ids, mask, pos)  # the first batch checks replay == forward, on the forward's logits
+        assert pc.exact is True and torch.equal(first, ref)
+        lazy = pc.capture(model, ids, mask, pos)  # later batches: the body only, the LM head lazily
         assert (lazy.materialize() - ref).abs().max() <= 1e-5
         assert (lazy[0, 3:8] - ref[0, 3:8]).abs().max() <= 1e-5
         assert (pc.replay(2)(model, ids, mask, pos).materialize() - ref).abs().max() <= 1e-5
@@ -329,7 +331,8 @@ def test_resume_is_keyed_by_the_weights_not_the_path(bench, tmp_path, monkeypatc
 
 
 def test_weights_identity_reads_content_not_path(tmp_path):
-    from laser_export.sources import resolve_source, weights_identity
+    from laser_export.identity import weights_identity
+    from laser_export.sources import resolve_source
 
     a, b = tmp_path / "a", tmp_path / "b"
     save_tiny("llama", a, seed=0)
@@ -564,3 +567,73 @@ def test_cli_search_on_a_choice_task_prints_and_writes_without_logprob(tmp_path,
     assert bal["baseline"]["n"] == bal["reduced"]["n"] == len(test_labels) == sweep["test"]["n"]
     assert bal["baseline"]["majority_rate"] == max(test_labels.count(0), test_labels.count(1)) / len(test_labels)
     assert load_recipe(out)[0].benchmark.name == "jsonl"
+
+
+def test_candidate_ids_are_the_exact_rank_not_a_formatted_rho(bench, tmp_path):
+    """0.06249999 and 0.0625 print alike (``%g``) but keep 1 and 2 of 32 ranks: two candidates, two results."""
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    path = tmp_path / "results.jsonl"
+    res = run_search(model, tok, fam, _split(bench).validation, layers=[2], matrices=["fc_out"],
+                     rhos=[0.06249999, 0.0625, 0.07], batch_size=4, results=ResultsLog(path, "k"), progress=False)
+    ranks = {r["rho"]: r["rank"] for r in res.candidates}
+    assert ranks == {0.06249999: 1, 0.0625: 2, 0.07: 2}
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    cands = {r["id"]: r for r in rows if r["kind"] == "candidate"}
+    assert set(cands) == {"L2.fc_out.k1", "L2.fc_out.k2"}  # 0.0625 and 0.07 keep rank 2: one measurement
+    by_rho = {r["rho"]: r["metrics"] for r in res.candidates}
+    assert by_rho[0.06249999] == cands["L2.fc_out.k1"]["metrics"] != by_rho[0.0625]
+    assert by_rho[0.0625] == by_rho[0.07] == cands["L2.fc_out.k2"]["metrics"]
+
+
+def test_resume_is_keyed_by_the_tokenizer_too(bench, tmp_path, monkeypatch):
+    """Same weights, another tokenizer (or remote code): the results log starts a new run."""
+    from laser_export import cli
+
+    folder, out = tmp_path / "m", tmp_path / "found.yaml"
+    save_tiny("llama", folder, seed=0)
+    assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
+    tok = folder / "tokenizer.json"
+    tok.write_text(tok.read_text().replace('"w4":', '"x4":', 1))  # same size: only content tells
+    calls = {"n": 0}
+    real = evaluate.score_examples
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(evaluate, "score_examples", counting)
+    assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
+    assert calls["n"] == 1 + 4  # nothing reused
+    rows = [json.loads(line) for line in (tmp_path / "found.search.jsonl").read_text().splitlines()]
+    assert len({r["run"] for r in rows}) == 2
+
+
+def test_search_on_a_forward_that_transforms_logits_uses_full_forwards(bench):
+    """Granite divides its logits by ``logits_scaling`` in forward: the sweep and the test-split check score
+    with full forwards, equal to scoring each reduced model directly."""
+    from laser_export.intervene import Target, reduce_model
+    from laser_export.search import evaluate_recipe
+    from tinymodels import TINY
+
+    cfg_cls, model_cls, kw = TINY["granite"]
+
+    def fresh():
+        torch.manual_seed(0)
+        m = model_cls(cfg_cls(**{**kw, "logits_scaling": 4.0})).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)
+        return m
+
+    model, tok, fam = fresh(), tiny_tokenizer(), family_for("granite")
+    val = _split(bench).validation
+    res = run_search(model, tok, fam, val, layers=[2], matrices=["fc_out"], rhos=[0.1], batch_size=4, progress=False)
+    plain = fresh()
+    assert res.baseline["logprob"] == pytest.approx(
+        evaluate.score_examples(plain, tok, val, batch_size=4, progress=False).metrics["logprob"], abs=1e-5)
+    reduce_model(plain, fam, [Target(0, 2, "fc_out", 0.1)])
+    direct = evaluate.score_examples(plain, tok, val, batch_size=4, progress=False).metrics
+    assert res.candidates[0]["metrics"]["logprob"] == pytest.approx(direct["logprob"], abs=1e-5)
+    base, red = evaluate_recipe(model, tok, fam, val, res.chosen, batch_size=4, progress=False)
+    assert red.metrics["logprob"] == pytest.approx(direct["logprob"], abs=1e-5)

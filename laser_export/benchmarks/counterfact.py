@@ -3,6 +3,18 @@
 Each record yields three generative examples sharing one group (the record's ``case_id``): the rewrite
 prompt formatted with the subject, and the two paraphrase prompts. The accepted answer is the *true*
 fact ``requested_rewrite.target_true.str`` (the scorer prepends the space).
+
+Where the records come from (``benchmark.path``):
+
+* unset: the Hub copy :data:`HUB_REPO` at :data:`HUB_REVISION` through ``datasets`` (its ``train`` and
+  ``test`` splits together, in ``case_id`` order: the order of ``counterfact.json``); the dataset commit is
+  recorded in the verify report (``benchmark.sources``). A ``counterfact.json`` placed at
+  :func:`default_path` (how earlier versions were set up) is used instead when it exists.
+* a folder: a local copy of that Hub repo (``hf download --repo-type dataset azhx/counterfact --local-dir DIR``).
+* an http(s) URL, e.g. :data:`COUNTERFACT_URL` (rome.baulab.info): downloaded once per full URL into the
+  cache, as one network operation with a deadline (``LASER_EXPORT_HUB_TIMEOUT``, see
+  :mod:`laser_export.net`); a download shorter than its ``Content-Length`` is never kept.
+* a local ``counterfact.json``.
 """
 
 from __future__ import annotations
@@ -10,15 +22,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from ..atomic import open_atomic
 from .base import BenchmarkError, Example, cache_dir
 
 COUNTERFACT_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+#: the Hub copy of rome.baulab.info's counterfact.json (same record schema), and its pinned commit
+HUB_REPO = "azhx/counterfact"
+HUB_REVISION = "c01c413f856ee38f5c080c9fc5e87aff478e2ff9"
+HUB_SPLITS = ("train", "test")
 
 
 def default_path() -> Path:
@@ -27,7 +41,8 @@ def default_path() -> Path:
 
 def _how_to_get() -> str:
     return (
-        f"download it with `curl -L -o {default_path()} {COUNTERFACT_URL}` "
+        f"leave benchmark.path unset to load the Hub copy {HUB_REPO} (needs network or the datasets cache), "
+        f"or download it with `curl -L -o {default_path()} {COUNTERFACT_URL}`, "
         f"or pass path={COUNTERFACT_URL!r} (downloaded into {cache_dir()})"
     )
 
@@ -40,37 +55,85 @@ def cache_path(url: str) -> Path:
     return cache_dir() / "downloads" / key / name
 
 
-def download(url: str, *, timeout: float = 60.0) -> Path:
-    """Download ``url`` into the cache directory (once per URL) and return the local file."""
+def download(url: str, *, timeout: float | None = None) -> Path:
+    """Download ``url`` into the cache directory (once per URL) and return the local file.
+
+    One network operation with a deadline (``timeout``, default ``LASER_EXPORT_HUB_TIMEOUT`` / 60 s,
+    plus credit for the bytes received): a server that stalls or trickles is given up on. The file is
+    committed (atomically) only when every byte its ``Content-Length`` announced has arrived."""
+    from ..defaults import hub_timeout
+    from ..net import deadline, http_client, redact
+
     dest = cache_path(url)
     if dest.is_file():
         return dest
+    seconds = hub_timeout() if timeout is None else timeout
+    shown = redact(url)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open_atomic(dest, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
+    with deadline(seconds) as op:
+        try:
+            _fetch(url, dest, http_client())
+        except BenchmarkError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - httpx2 / OS errors: one line naming the URL
+            failure = exc
+        else:
+            return dest
+    why = op.explain(failure) or f": {type(failure).__name__}: {redact(str(failure))}"
+    raise BenchmarkError(
+        f"counterfact: could not download {shown} into {dest}{why}. "
+        "Without network access, fetch the file elsewhere and pass its local path."
+    ) from failure
+
+
+def _fetch(url: str, dest: Path, client) -> None:
+    from ..net import redact
+
+    with client, client.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
+        if resp.status_code >= 400:
+            raise BenchmarkError(f"counterfact: could not download {redact(url)}: HTTP {resp.status_code}")
+        expected = resp.headers.get("content-length")
+        got = 0
+        with open_atomic(dest, "wb") as out:
+            for chunk in resp.iter_raw(1 << 20):
                 out.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise BenchmarkError(
-            f"counterfact: could not download {url} into {dest}: {exc}. "
-            f"Without network access, fetch the file elsewhere and pass its local path."
-        ) from exc
-    return dest
+                got += len(chunk)
+            if expected is not None and expected.isdigit() and got != int(expected):
+                raise BenchmarkError(
+                    f"counterfact: download of {redact(url)} is truncated: {got} of the {expected} bytes its "
+                    "Content-Length announced; nothing was kept"
+                )
 
 
-def resolve_path(path: str | os.PathLike | None) -> Path:
+def resolve_path(path: str | os.PathLike | None) -> Path | None:
+    """The local file to read, or None for the Hub copy."""
     if path is None:
         p = default_path()
-        if not p.is_file():
-            raise BenchmarkError(f"counterfact: no file at {p}; {_how_to_get()}")
-        return p
+        return p if p.is_file() else None
     s = str(path)
     if s.startswith(("http://", "https://")):
         return download(s)
     p = Path(s).expanduser()
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():
         raise BenchmarkError(f"counterfact: file not found: {p}; {_how_to_get()}")
     return p
+
+
+def hub_records(path: str | os.PathLike | None = None) -> list[dict]:
+    """The records of :data:`HUB_REPO` (both splits, ``case_id`` order): through ``datasets`` from the
+    Hub at :data:`HUB_REVISION` (``path=None``), or from a local copy of the repo (``path=DIR``)."""
+    from .hub import load_rows
+
+    records = []
+    for split in HUB_SPLITS:
+        try:
+            records += load_rows("counterfact", HUB_REPO, None, split, path, HUB_REVISION)
+        except BenchmarkError as err:
+            raise BenchmarkError(f"{err}; or {_how_to_get()}") from None
+    try:
+        return sorted(records, key=lambda r: int(r["case_id"]))
+    except (KeyError, TypeError, ValueError):
+        raise BenchmarkError(f"counterfact: {path or HUB_REPO}: a record has no integer case_id") from None
 
 
 def _record_examples(rec: dict, index: int, source: str) -> list[Example]:
@@ -112,8 +175,22 @@ def _record_examples(rec: dict, index: int, source: str) -> list[Example]:
 
 
 def load(path: str | os.PathLike | None = None) -> list[Example]:
-    """Load CounterFact from a local ``counterfact.json``, an http(s) URL, or the cache default."""
+    """Load CounterFact: the Hub copy (``None``), a local copy of it (folder), a local
+    ``counterfact.json``, or an http(s) URL (see the module docstring)."""
     p = resolve_path(path)
+    if p is None or p.is_dir():
+        records, where = hub_records(p), str(p) if p else f"{HUB_REPO}@{HUB_REVISION[:12]}"
+    else:
+        records, where = _read_json(p), str(p)
+    out: list[Example] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise BenchmarkError(f"counterfact: {where}: record #{i} is a {type(rec).__name__}, expected an object")
+        out.extend(_record_examples(rec, i, where))
+    return out
+
+
+def _read_json(p: Path) -> list:
     try:
         with open(p, encoding="utf-8") as f:
             records = json.load(f)
@@ -125,9 +202,4 @@ def load(path: str | os.PathLike | None = None) -> list[Example]:
         raise BenchmarkError(f"counterfact: {p}: JSON nested too deeply") from None
     if not isinstance(records, list):
         raise BenchmarkError(f"counterfact: {p} must contain a JSON list of records")
-    out: list[Example] = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise BenchmarkError(f"counterfact: {p}: record #{i} is a {type(rec).__name__}, expected an object")
-        out.extend(_record_examples(rec, i, str(p)))
-    return out
+    return records

@@ -46,10 +46,14 @@ def _record(entry: dict) -> None:
 
 
 def _hub_sha(repo: str, revision: str | None) -> str | None:
+    from ..defaults import hub_timeout
+    from ..net import deadline
+
     try:
         from huggingface_hub import HfApi
 
-        return HfApi().dataset_info(repo, revision=revision).sha
+        with deadline(hub_timeout()):
+            return HfApi().dataset_info(repo, revision=revision).sha
     except Exception:  # noqa: BLE001 - provenance is best effort; the examples' SHA-256 pins the data anyway
         return None
 
@@ -88,13 +92,20 @@ def load_rows(
     except ImportError:  # pragma: no cover - a declared dependency
         raise BenchmarkError(f"{name}: the `datasets` package is needed (pip install datasets)") from None
     if path is None:
-        try:
-            ds = datasets.load_dataset(repo, config, split=split, revision=revision)
-        except Exception as err:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)
-            raise BenchmarkError(
+        from ..defaults import hub_timeout
+        from ..net import deadline, redact
+
+        with deadline(hub_timeout()) as op:  # one bounded network operation (laser_export/net.py)
+            try:
+                ds, failure = datasets.load_dataset(repo, config, split=split, revision=revision), None
+            except Exception as err:  # noqa: BLE001 - datasets raises many types (ConnectionError, FileNotFoundError, ...)
+                failure = err
+        if failure is not None:
+            first = str(failure).splitlines()[0] if str(failure) else ""
+            raise BenchmarkError(redact(
                 f"{name}: cannot load {repo} {config or ''} split {split} through datasets "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); offline, {_how_to_get(repo, config)}"
-            ) from None
+                f"({type(failure).__name__}: {first}){op.explain(failure)}; offline, {_how_to_get(repo, config)}"
+            )) from None
         if _RECORDERS:
             _record({"repo": repo, "config": config, "split": split, "revision": revision, "sha": _hub_sha(repo, revision)})
         return list(ds)

@@ -9,6 +9,7 @@ the measured costs, what the measurement does *not* show, and the loading comman
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -170,9 +171,38 @@ class CardContext:
         return self.family.auto_class if self.family else "AutoModelForCausalLM"
 
 
+def _is_local(value: str | None) -> bool:
+    """A recipe value that names a local file or folder (not a Hub id, URL or package spec)."""
+    if not value or value.startswith(("http://", "https://", "package:")):
+        return False
+    return value.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(value)) or "\\" in value
+
+
+def _public_name(value: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.expanduser(value))) or value
+
+
+def _public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
+    """The recipe as the card shows it: local paths (model source, data, offload folder) by their file or folder
+    name only — a card is published, the local layout is not."""
+    recipe = recipe.model_copy(deep=True)
+    for obj, name in ((recipe.model, "source"), (recipe.model, "offload_folder"), (recipe.benchmark, "path"),
+                      (recipe.perplexity, "path")):
+        value = getattr(obj, name, None) if obj is not None else None
+        if isinstance(value, str) and _is_local(value):
+            public = _public_name(value)
+            recipe_yaml = recipe_yaml.replace(value, public)
+            setattr(obj, name, public)
+    return recipe, recipe_yaml
+
+
 def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> CardContext:
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.model_validate(recipe)
+    recipe, recipe_yaml = _public_recipe(recipe, recipe_yaml or "")
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(manifest or {})
+    if manifest.model is not None and _is_local(manifest.model.source):  # manifests written before public sources
+        manifest = manifest.model_copy(update={"model": manifest.model.model_copy(
+            update={"source": _public_name(manifest.model.source)})})
     if report is not None and not isinstance(report, VerifyReport):
         report = VerifyReport.model_validate(report)
     if report is not None and report.benchmark is not None:
@@ -181,8 +211,8 @@ def _context(recipe, recipe_yaml, manifest, report, skip_verify, folder) -> Card
     model_type = manifest.model.model_type if manifest.model else None
     family = family_for(model_type) if model_type else None
     repo_id = recipe.export.hub.repo_id if recipe.export.hub else None
-    load_path = repo_id or str(folder or f"out/{recipe.name}")
-    return CardContext(recipe, recipe_yaml or "", manifest, report, verified, skip_verify, family, load_path,
+    load_path = repo_id or _public_name(str(folder or recipe.name))
+    return CardContext(recipe, recipe_yaml, manifest, report, verified, skip_verify, family, load_path,
                        repo_id is not None)
 
 
@@ -363,8 +393,21 @@ def _what_changed(ctx: CardContext) -> list[str]:
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
     out += ["", f"Total: {count(totals.n_matrices or len(ctx.manifest.matrices), 'matrix', 'matrices')}, {_bytes(totals.bytes_saved)} "
-            "saved" + (dense_note if ctx.storage == "dense" else "."), ""]
+            "saved" + (dense_note if ctx.storage == "dense" else "."), "", *_sizes(ctx)]
     return out
+
+
+def _sizes(ctx: CardContext) -> list[str]:
+    """The export's tensor bytes next to its source's, as measured on the files."""
+    exported = ctx.manifest.checkpoint.tensor_bytes if ctx.manifest.checkpoint else None
+    source = ctx.source.tensor_bytes
+    if exported is None:
+        return []
+    line = f"Size: this checkpoint's tensors take {_bytes(exported)}"
+    if source:
+        what = f"the {ctx.source.format.upper()} file" if ctx.source.format == "gguf" else "the source's tensors"
+        line += f"; {what} take {_bytes(source)} ({(exported / source - 1) * 100:+.2f}%)"
+    return [line + ".", ""]
 
 
 def _metric_rows(ctx: CardContext) -> list[str]:
@@ -497,8 +540,9 @@ def _formats(ctx: CardContext) -> list[str]:
 
 def _snippet(ctx: CardContext, *lines: str) -> list[str]:
     where = "" if ctx.is_repo else "  # the export folder; after a push, the Hub repo id"
+    path = json.dumps(ctx.load_path)  # a valid Python string literal whatever the name holds
     return ["```python", f"from transformers import {ctx.auto_class}", "", *lines[:-1],
-            f'model = {ctx.auto_class}.from_pretrained("{ctx.load_path}"{lines[-1]}){where}', "```", ""]
+            f"model = {ctx.auto_class}.from_pretrained({path}{lines[-1]}){where}", "```", ""]
 
 
 def _how_to_load(ctx: CardContext) -> list[str]:
@@ -507,7 +551,7 @@ def _how_to_load(ctx: CardContext) -> list[str]:
         return out + ["The reduced matrices were written back at full size, so this loads anywhere, with no extra "
                       "package:", "", *_snippet(ctx, "")]
     return out + [
-        "The reduced matrices are stored as their two low-rank factors (this is where the memory saving comes from). "
+        "The reduced matrices are stored as their two low-rank factors (see *What changed* for the sizes). "
         "The checkpoint carries its own loading code (`modeling_laser.py`, named in `config.json`'s `auto_map`), so "
         "plain transformers loads it with `trust_remote_code=True`; laser-export need not be installed:", "",
         *_snippet(ctx, ", trust_remote_code=True"),

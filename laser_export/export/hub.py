@@ -7,21 +7,22 @@ whose message says the local folder is intact and gives the exact command to ret
 
 from __future__ import annotations
 
-from ..errors import CheckFailed
 import fnmatch
 import os
-import re
 import shlex
-from contextlib import contextmanager
+import stat
+import warnings
 from pathlib import Path
-from typing import Iterator
 
-__all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations", "redact",
-           "hub_timeout", "DEFAULT_TIMEOUT"]
+from ..errors import CheckFailed
+from ..defaults import HUB_TIMEOUT
+from ..net import deadline, redact
 
-#: seconds allowed for each Hub request to connect and for each read (``--hub-timeout``,
-#: ``LASER_EXPORT_HUB_TIMEOUT``); a server that accepts the connection and never answers fails after it.
-DEFAULT_TIMEOUT = 60.0
+__all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations", "DEFAULT_TIMEOUT"]
+
+#: seconds allowed for one push (connect, every request, every upload; plus credit for the bytes sent,
+#: see laser_export/net.py); ``--hub-timeout``, ``LASER_EXPORT_HUB_TIMEOUT``
+DEFAULT_TIMEOUT = HUB_TIMEOUT
 
 # Same exclusions as huggingface_hub's upload_folder (DEFAULT_IGNORE_PATTERNS): never push VCS or
 # huggingface_hub's local bookkeeping.
@@ -45,65 +46,15 @@ def retry_command(folder: str | os.PathLike, repo_id: str, *, private: bool = Fa
                   endpoint: str | None = None) -> str:
     """The CLI command that retries a push: `laser-export push FOLDER --repo-id REPO [--private] [--endpoint URL]`.
 
-    `--private` is kept when it was asked for (dropping it could publish a private export).
+    `--private` is kept when it was asked for (dropping it could publish a private export). A password
+    in the endpoint URL is shown as ``***``.
     """
     parts = ["laser-export", "push", str(folder), "--repo-id", repo_id]
     if private:
         parts.append("--private")
     if endpoint:
-        parts += ["--endpoint", endpoint]
+        parts += ["--endpoint", redact(endpoint)]
     return shlex.join(parts)
-
-
-_SECRETS = [
-    (re.compile(r"hf_[A-Za-z0-9]{8,}"), "hf_***"),
-    (re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(bearer\s+|basic\s+)?[^\s,'\"}]+"), r"\1\2***"),
-    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer ***"),
-    (re.compile(r"(?i)((?:access_|api_|hf_)?token[\"']?\s*[:=]\s*[\"']?)[^\s,'\"&}]+"), r"\1***"),
-]
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """``text`` with Hub tokens, Authorization headers and ``token=`` values replaced by ``***``."""
-    for secret in (*secrets, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    for pattern, repl in _SECRETS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def timeout_from_env(default: float = DEFAULT_TIMEOUT) -> float:
-    value = os.environ.get("LASER_EXPORT_HUB_TIMEOUT")
-    try:
-        return float(value) if value else default
-    except ValueError:
-        return default
-
-
-@contextmanager
-def hub_timeout(seconds: float | None) -> Iterator[None]:
-    """Give every huggingface_hub request a connect/read/write timeout of ``seconds`` (its shared
-    HTTP client has none by default, so a stalled server hangs forever); restored afterwards."""
-    from huggingface_hub.utils import _http
-
-    if seconds is None:
-        yield
-        return
-    import httpx2
-
-    previous = _http._GLOBAL_CLIENT_FACTORY
-
-    def factory():
-        client = previous()
-        client.timeout = httpx2.Timeout(seconds)
-        return client
-
-    _http.set_client_factory(factory)
-    try:
-        yield
-    finally:
-        _http.set_client_factory(previous)
 
 
 def hub_repo_url(repo_id: str, *, endpoint: str | None = None, revision: str | None = None) -> str:
@@ -115,7 +66,7 @@ def hub_repo_url(repo_id: str, *, endpoint: str | None = None, revision: str | N
     url = f"{endpoint.rstrip('/')}/{repo_id}"
     if revision:
         url += f"/tree/{revision}"
-    return url
+    return redact(url)
 
 
 def _ignored(rel: str) -> bool:
@@ -127,16 +78,37 @@ def _ignored(rel: str) -> bool:
     return any(fnmatch.fnmatch(parts[-1], pat) for pat in _IGNORED_FILES)
 
 
-def folder_operations(folder: str | os.PathLike) -> list[str]:
-    """Relative POSIX paths of the files that `push_folder` would upload, sorted."""
-    root = Path(folder)
-    out = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
+def _walk(root: Path) -> tuple[list[str], list[str]]:
+    """(files to upload, entries refused): symbolic links (never followed: their target could be
+    anything on this machine) and anything that is not a regular file or a folder (FIFOs, sockets,
+    devices) are refused, never skipped silently."""
+    files, refused = [], []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            path = base / name
             rel = path.relative_to(root).as_posix()
-            if not _ignored(rel):
-                out.append(rel)
-    return out
+            if _ignored(rel) or (name in dirnames and not path.is_symlink()):
+                continue
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                refused.append(f"{rel} (a symbolic link)")
+            elif not stat.S_ISREG(mode):
+                refused.append(f"{rel} (not a regular file)")
+            else:
+                files.append(rel)
+        dirnames[:] = [d for d in dirnames if not _ignored((base / d).relative_to(root).as_posix())]
+    return sorted(files), refused
+
+
+def folder_operations(folder: str | os.PathLike) -> list[str]:
+    """Relative POSIX paths of the files that `push_folder` would upload, sorted. A symbolic link or a
+    non-regular file anywhere in the folder is an error (ValueError naming it): nothing is pushed."""
+    files, refused = _walk(Path(folder))
+    if refused:
+        raise ValueError(f"refusing to push {', '.join(refused[:5])}{' ...' if len(refused) > 5 else ''}: "
+                         "an export folder holds regular files only (copy the target in if it belongs there)")
+    return files
 
 
 def push_folder(
@@ -160,16 +132,19 @@ def push_folder(
     atomically (weights, manifest and card together). Large files still go through Xet/LFS when the
     server's preupload answer says so; a server that answers "regular" gets them inline.
 
-    ``timeout``: seconds for each request to connect and for each read (None: no limit). A stalled
-    server fails the push (after huggingface_hub's retries) with the retry command. Server error
-    text in the message has tokens and Authorization headers redacted.
+    ``timeout``: the deadline of each of the push's network steps (create the repo; upload the large
+    files through LFS, with credit for the bytes sent; the commit), see :mod:`laser_export.net`
+    (None: no limit). Uploads through Xet (``hf_xet`` installed and not ``HF_HUB_DISABLE_XET``) run
+    outside httpx and are not bounded. A stalled server fails the push with the retry command. Server
+    error text in the message has every token the client could send, Authorization headers and URL
+    passwords redacted. A symbolic link or non-regular file in the folder refuses the push.
     """
     folder_s = str(folder)
     retry = retry_command(folder_s, repo_id, private=private, endpoint=endpoint)
 
     def fail(reason: str, cause: BaseException | None = None) -> PushError:
         msg = (
-            f"Push of {folder_s!r} to Hub repo {repo_id!r} failed: {reason}\n"
+            f"Push of {folder_s!r} to Hub repo {repo_id!r} failed: {redact(reason, token)}\n"
             f"The local export at {folder_s} is intact (nothing was modified or deleted).\n"
             f"Retry with: {retry}"
             + (f"\n(that command pushes to the default branch; this push targeted revision {revision!r})" if revision else "")
@@ -182,31 +157,66 @@ def push_folder(
     root = Path(folder)
     if not root.is_dir():
         raise fail(f"{folder_s!r} is not a directory")
-    files = folder_operations(root)
+    try:
+        files = folder_operations(root)
+    except ValueError as err:
+        raise fail(str(err)) from None
     if not files:
         raise fail(f"{folder_s!r} contains no files to upload")
-
     try:
-        from huggingface_hub import CommitOperationAdd, HfApi
-
-        with hub_timeout(timeout):
-            api = HfApi(endpoint=endpoint, token=token)
-            api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-            operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
-            info = api.create_commit(
-                repo_id=repo_id,
-                repo_type="model",
-                operations=operations,
-                commit_message=commit_message or f"Upload LASER export ({len(files)} files) with laser-export",
-                revision=revision,
-            )
+        info = _commit(root, files, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
+                       message=commit_message or f"Upload LASER export ({len(files)} files) with laser-export",
+                       timeout=timeout, steps=(steps := []))
     except PushError:
         raise
     except Exception as e:  # any auth / network / HTTP / validation failure
-        text = " ".join(str(e).split())
-        if timeout and ("timeout" in type(e).__name__.lower() or "timed out" in text.lower()):
-            text += f" (no answer within the {timeout:g} s Hub timeout; raise it with --hub-timeout)"
-        if "offline" in type(e).__name__.lower() or "HF_HUB_OFFLINE" in text:
-            text += " (HF_HUB_OFFLINE is set: unset it to push)"
-        raise fail(redact(f"{type(e).__name__}: {text}", token), e) from e
-    return str(info.commit_url or hub_repo_url(repo_id, endpoint=endpoint))
+        step = steps[-1] if steps else None
+        raise fail(_reason(e, step, timeout), e) from e
+    return redact(str(info.commit_url or hub_repo_url(repo_id, endpoint=endpoint)))
+
+
+def _xet_uploads() -> bool:
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
+
+
+def _commit(root: Path, files: list[str], repo_id: str, *, private, token, endpoint, revision, message, timeout, steps):
+    """create_repo, preupload_lfs_files, create_commit: three network steps, each with its deadline
+    (the upload step's grows with the bytes sent; with Xet it is not bounded: hf_xet is not httpx)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with deadline(timeout) as op:
+        steps.append(op)
+        api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
+    xet = _xet_uploads()
+    if not xet:  # the LFS batch call needs every sha256: hash here (local work) rather than on the clock
+        for operation in operations:
+            operation.upload_info.sha256  # noqa: B018 - computed and cached by huggingface_hub
+    with deadline(None if xet else timeout) as op, warnings.catch_warnings():
+        steps.append(op)
+        # huggingface_hub's own LFS PUT passes a file as data=: httpx2's deprecation notice is not the user's
+        warnings.filterwarnings("ignore", message="Use 'content=", category=DeprecationWarning)
+        api.preupload_lfs_files(repo_id, additions=operations, repo_type="model", revision=revision)
+    with deadline(timeout) as op:
+        steps.append(op)
+        return api.create_commit(repo_id=repo_id, repo_type="model", operations=operations,
+                                 commit_message=message, revision=revision)
+
+
+def _reason(e: BaseException, step, timeout: float | None) -> str:
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if step is not None and step.explain(e):
+        return f"no complete answer within the {timeout:g} s Hub timeout (the deadline of each push step; raise it with --hub-timeout): {text}"
+    if timeout and ("timeout" in type(e).__name__.lower() or "timed out" in text.lower()):
+        text += f" (no answer within the {timeout:g} s Hub timeout; raise it with --hub-timeout)"
+    if "offline" in type(e).__name__.lower() or "HF_HUB_OFFLINE" in text:
+        text += " (HF_HUB_OFFLINE is set: unset it to push)"
+    if "xet" in text.lower() and _xet_uploads():
+        text += (" (large files are uploaded through Xet because hf_xet is installed; for a Hub-compatible "
+                 "server without Xet, set HF_HUB_DISABLE_XET=1 to upload them through LFS)")
+    return text

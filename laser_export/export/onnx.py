@@ -15,10 +15,14 @@ Graph I/O, renamed after export to the usual ONNX-LM names:
 * causal LM, ``with_past=False``: ``input_ids``, ``attention_mask``, ``position_ids`` -> ``logits``.
 * masked LM (RoBERTa/BERT): ``input_ids``, ``attention_mask`` -> ``logits``.
 
+The file is written in the model's (export) dtype: fp32 ``model.onnx`` or fp16 ``model_fp16.onnx``
+(bf16 is refused: onnxruntime's CPU provider has no bf16 kernels); on request also
+``model_quantized.onnx`` (onnxruntime's 8-bit dynamic quantization), the transformers.js file names.
+
 After saving, :func:`check_onnx_parity` runs the file in onnxruntime on a padded batch (left padding
 for causal LMs) and, with past, one decoding step fed with the presents onnxruntime returned, and
-compares fp32 logits with torch at the non-padded positions only. A failure raises
-:class:`OnnxParityError`; the caller must then not publish the file.
+compares its logits with torch's fp32 logits of the same weights at the non-padded positions only.
+A failure raises :class:`OnnxParityError`; the caller must then not publish the file.
 """
 
 from __future__ import annotations
@@ -37,10 +41,18 @@ import torch
 
 from laser_export.architectures import ArchitectureError, families_with, family_for, model_types_with
 
+from . import ort_runtime
+
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-EXTERNAL_DATA_SUFFIX = ".data"
+#: file per export dtype (the names transformers.js loads for dtype fp32 / fp16 / q8)
+ONNX_FILES = {"float32": ONNX_FILE, "float16": "model_fp16.onnx"}
+QUANTIZED_FILE = "model_quantized.onnx"
+#: external weights next to ``model.onnx``: ``model.onnx_data`` (transformers.js / onnx-community layout)
+EXTERNAL_DATA_SUFFIX = "_data"
+#: fp16 ONNX passes within this fraction of the largest |logit| (or the fp32 tolerance, whichever is larger)
+FP16_RELATIVE_TOLERANCE = 1e-2
 #: protobuf's hard limit is 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 
@@ -53,6 +65,8 @@ DEFAULT_SAMPLE_TEXTS = [
     "Hello",
 ]
 
+#: onnxruntime's type names of the float tensors a graph takes
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 _PAST_RE = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache)\.layers\.(\d+)\.(keys|values)$")
 
 
@@ -124,7 +138,7 @@ def _position_ids(attention_mask: torch.Tensor, past_length: int = 0) -> torch.T
     return pos[:, past_length:]
 
 
-def _empty_past(model, batch: int, layers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def _empty_past(model, batch: int, layers: int, dtype=np.float32) -> list[tuple[np.ndarray, np.ndarray]]:
     """Zero-length past (batch, kv_heads, 0, head_dim) per layer, shaped like the model's cache."""
     with torch.no_grad():
         out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=_device(model)), use_cache=True)
@@ -133,8 +147,8 @@ def _empty_past(model, batch: int, layers: int) -> list[tuple[np.ndarray, np.nda
         k, v = layer
         past.append(
             (
-                np.zeros((batch, k.shape[1], 0, k.shape[3]), np.float32),
-                np.zeros((batch, v.shape[1], 0, v.shape[3]), np.float32),
+                np.zeros((batch, k.shape[1], 0, k.shape[3]), dtype),
+                np.zeros((batch, v.shape[1], 0, v.shape[3]), dtype),
             )
         )
     return past
@@ -282,6 +296,64 @@ def _initializer_bytes(model) -> int:
     return total
 
 
+def _float_dtype(model) -> str:
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+@contextlib.contextmanager
+def _eval_in(model, dtype: str):
+    """Trace in ``dtype`` and eval mode; the model's dtype and mode are restored."""
+    before = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    training = model.training
+    want = getattr(torch, dtype)
+    if before != want:
+        model.to(want)
+    model.eval()
+    try:
+        yield
+    finally:
+        if before != want:
+            model.to(before)
+        model.train(training)
+
+
+def _export_graph(model, task: str, with_past: bool, opset: int, path: Path) -> bool:
+    """Trace ``model`` (in its current dtype) to ``path``; weights go to ``<file>_data`` over 2 GB (the name
+    transformers.js and onnxruntime-web look for). Returns whether external data was written."""
+    import onnx_ir as ir
+
+    try:
+        from transformers.exporters import OnnxConfig, OnnxExporter
+    except ImportError as err:  # pragma: no cover - depends on the installed transformers
+        raise OnnxExportError(f"transformers.exporters (transformers>=5) is required: {err}") from err
+    inputs = _export_inputs(model, task, with_past)
+    try:
+        with torch.no_grad(), _quiet_transformers():
+            exported = OnnxExporter().export(model, inputs, OnnxConfig(dynamic=True, opset_version=opset))
+    except Exception as err:
+        raise OnnxExportError(
+            f"ONNX export of model_type {model.config.model_type!r} failed: {type(err).__name__}: {err}"
+        ) from err
+    program = exported.program
+    _rename_io(program.graph, task, with_past)
+    external = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
+    for stale in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
+        stale.unlink(missing_ok=True)
+    if external:
+        ir.save(program, str(path), external_data=path.name + EXTERNAL_DATA_SUFFIX)
+    else:
+        ir.save(program, str(path))
+    return external
+
+
+def _tolerance(dtype: str, tolerance: float, max_abs_logit: float) -> float:
+    """fp32: ``tolerance``; fp16: also :data:`FP16_RELATIVE_TOLERANCE` of the largest |logit| (fp16 arithmetic)."""
+    if dtype == "float16":
+        return max(tolerance, FP16_RELATIVE_TOLERANCE * max_abs_logit)
+    return tolerance
+
+
 def export_onnx(
     model,
     tokenizer,
@@ -291,81 +363,142 @@ def export_onnx(
     opset: int = 18,
     tolerance: float = 1e-4,
     sample_texts: list[str] | None = None,
+    dtype: str | None = None,
+    quantized: bool = False,
 ) -> dict:
-    """Export ``model`` (dense or with ``LowRankLinear`` modules) to ``out_dir/model.onnx`` and
-    check onnxruntime against torch (fp32 logits, padded batch, and one decoding step with past).
+    """Export ``model`` (dense or with ``LowRankLinear`` modules) to ``out_dir`` in ``dtype`` (default: the model's
+    own: the export dtype) and check onnxruntime against torch (fp32 logits of the same weights, padded batch, and
+    one decoding step with past). float32 → ``model.onnx``, float16 → ``model_fp16.onnx`` (transformers.js names);
+    bfloat16 is refused (onnxruntime's CPU provider has no bf16 kernels). ``quantized``: also
+    ``model_quantized.onnx`` (8-bit dynamic quantization of the fp32 graph, onnxruntime's quantizer), measured
+    against torch and recorded (``quantized`` entry), not held to ``tolerance``.
 
     ``with_past`` only applies to causal LMs; encoders have no cache and report ``with_past=False``.
-    Weights go to ``model.onnx.data`` only when they exceed the 2 GB protobuf limit.
+    Weights go to ``<file>_data`` only when they exceed the 2 GB protobuf limit (``transformers_js_config`` then
+    says so; merge it into config.json with :func:`write_transformers_js_config`).
     Raises :class:`UnsupportedOnnxArchitecture` for an unsupported model_type,
-    :class:`OnnxExportError` when tracing/conversion fails and :class:`OnnxParityError` when the
-    parity check fails (the file is left in ``out_dir`` for inspection: do not publish it).
+    :class:`OnnxExportError` when tracing/conversion fails or the dtype has no onnxruntime kernels, and
+    :class:`OnnxParityError` when the parity check fails (the file is left in ``out_dir``: do not publish it).
     """
-    import onnx_ir as ir
-
     task = onnx_task(model)
+    dtype = dtype or _float_dtype(model)
+    if dtype not in ONNX_FILES:
+        raise OnnxExportError(f"export.dtype: {dtype} ONNX does not run in onnxruntime's CPU provider (no {dtype} "
+                              "kernels); export float16 or float32 ONNX (set export.dtype)")
+    if why := ort_runtime.missing():
+        raise OnnxExportError(f"export.formats: onnx: {why}")
+    if why := ort_runtime.conflict():
+        log.warning(why)
     with_past = bool(with_past) and task == "causal-lm"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ONNX_FILE
+    path = out_dir / ONNX_FILES[dtype]
+    with _eval_in(model, dtype):
+        external = _export_graph(model, task, with_past, opset, path)
+    report = check_onnx_parity(model, tokenizer, path, with_past=with_past, tolerance=math.inf,
+                               sample_texts=sample_texts, raise_on_failure=False)
+    tol = _tolerance(dtype, tolerance, report["max_abs_logit"])
+    result = _result(report, path.name, dtype, with_past, tol, external, task)
+    if report["opset"] != opset:
+        raise OnnxExportError(f"requested opset {opset} but the exported graph uses opset {report['opset']}")
+    if not result["passed"]:
+        raise OnnxParityError(_parity_message({**report, "tolerance": tol}, path), result)
+    if quantized:
+        result["quantized"] = _quantized(model, tokenizer, out_dir, path if dtype == "float32" else None,
+                                         task=task, with_past=with_past, opset=opset, sample_texts=sample_texts)
+    result["transformers_js_config"] = transformers_js_config(result)
+    return result
 
-    with _fp32_eval(model):
-        try:
-            from transformers.exporters import OnnxConfig, OnnxExporter
-        except ImportError as err:  # pragma: no cover - depends on the installed transformers
-            raise OnnxExportError(f"transformers.exporters (transformers>=5) is required: {err}") from err
-        inputs = _export_inputs(model, task, with_past)
-        try:
-            with torch.no_grad(), _quiet_transformers():
-                exported = OnnxExporter().export(
-                    model, inputs, OnnxConfig(dynamic=True, opset_version=opset)
-                )
-        except Exception as err:
-            raise OnnxExportError(
-                f"ONNX export of model_type {model.config.model_type!r} failed: {type(err).__name__}: {err}"
-            ) from err
-        program = exported.program
-        _rename_io(program.graph, task, with_past)
-        external = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
-        for stale in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
-            stale.unlink(missing_ok=True)
-        if external:
-            ir.save(program, str(path), external_data=path.name + EXTERNAL_DATA_SUFFIX)
-        else:
-            ir.save(program, str(path))
-        del exported, program
 
-        report = check_onnx_parity(
-            model,
-            tokenizer,
-            path,
-            with_past=with_past,
-            tolerance=tolerance,
-            sample_texts=sample_texts,
-            raise_on_failure=False,
-        )
-
-    result = {
-        "file": ONNX_FILE,
+def _result(report: dict, file: str, dtype: str, with_past: bool, tol: float, external: bool, task: str) -> dict:
+    return {
+        "file": file,
+        "dtype": dtype,
         "opset": report["opset"],
         "with_past": with_past,
         "max_abs_diff": report["max_abs_diff"],
-        "tolerance": tolerance,
-        "passed": report["passed"],
+        "tolerance": tol,
+        "passed": bool(report["max_abs_diff"] <= tol),
         "inputs": report["inputs"],
         "outputs": report["outputs"],
-        "external_data": (ONNX_FILE + EXTERNAL_DATA_SUFFIX) if external else None,
+        "external_data": (file + EXTERNAL_DATA_SUFFIX) if external else None,
         "exporter": "transformers.exporters.OnnxExporter",
         "task": task,
         "checks": report["checks"],
         "providers": report["providers"],
         "max_abs_logit": report["max_abs_logit"],
     }
-    if report["opset"] != opset:
-        raise OnnxExportError(f"requested opset {opset} but the exported graph uses opset {report['opset']}")
-    if not report["passed"]:
-        raise OnnxParityError(_parity_message(report, path), result)
-    return result
+
+
+def _quantized(model, tokenizer, out_dir: Path, fp32_graph: Path | None, *, task, with_past, opset,
+               sample_texts) -> dict:
+    """``model_quantized.onnx``: onnxruntime's 8-bit dynamic quantization (int8 weights, activations quantized at
+    run time) of the fp32 graph (traced again, in a scratch folder, when the export is fp16). Its parity against
+    torch is measured and recorded: quantization error is expected, there is no pass/fail tolerance."""
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    scratch = out_dir / ".fp32-for-quantization"
+    try:
+        if fp32_graph is None:
+            scratch.mkdir(exist_ok=True)
+            fp32_graph = scratch / ONNX_FILES["float32"]
+            with _eval_in(model, "float32"):
+                _export_graph(model, task, with_past, opset, fp32_graph)
+        target = out_dir / QUANTIZED_FILE
+        external = fp32_graph.with_name(fp32_graph.name + EXTERNAL_DATA_SUFFIX).exists()
+        quantize_dynamic(fp32_graph, target, weight_type=QuantType.QInt8, use_external_data_format=external)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if external:
+        _relocate_external_data(target)
+    report = check_onnx_parity(model, tokenizer, target, with_past=with_past, tolerance=math.inf,
+                               sample_texts=sample_texts, raise_on_failure=False)
+    return {"file": QUANTIZED_FILE, "dtype": "q8", "weight_type": "int8 (dynamic)",
+            "max_abs_diff": report["max_abs_diff"], "max_abs_logit": report["max_abs_logit"],
+            "checks": report["checks"], "external_data": (QUANTIZED_FILE + EXTERNAL_DATA_SUFFIX) if external else None}
+
+
+def _relocate_external_data(path: Path) -> None:
+    """Rewrite ``path``'s external data into ``<file>_data`` (onnxruntime's quantizer names it otherwise)."""
+    import onnx
+
+    before = {p for p in path.parent.iterdir() if p != path}
+    m = onnx.load(str(path), load_external_data=True)
+    written = path.name + EXTERNAL_DATA_SUFFIX
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=written)
+    for stale in before:
+        if stale.name.startswith(path.name) and stale.name != written and stale.is_file():
+            stale.unlink()
+
+
+def transformers_js_config(info: dict) -> dict:
+    """The ``transformers.js_config`` entries of config.json for the files in ``info`` (an :func:`export_onnx`
+    result): external data per file (a > 2 GB model), and for an fp16 export its dtype and kv-cache dtype."""
+    config: dict = {}
+    external = {e["file"]: True for e in (info, info.get("quantized") or {}) if e.get("external_data")}
+    if external:
+        config["use_external_data_format"] = external
+    if info.get("dtype") == "float16":
+        config["dtype"] = "fp16"
+        config["kv_cache_dtype"] = {"fp16": "float16"}
+    return config
+
+
+def write_transformers_js_config(folder: Path, info: dict) -> None:
+    """Merge :func:`transformers_js_config` into ``folder/config.json`` (atomic write); nothing when empty."""
+    import json
+
+    from ..atomic import write_text
+
+    entries = info.get("transformers_js_config") or transformers_js_config(info)
+    if not entries:
+        return
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["transformers.js_config"] = {**config.get("transformers.js_config", {}), **entries}
+    write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +636,8 @@ def _compare(model, session, task, with_past, ids, mask, bsz, input_names) -> di
         if not past_names:
             raise OnnxExportError("with_past=True but the ONNX graph has no past_key_values inputs")
         n_layers = len(past_names) // 2
-        for i, (k, v) in enumerate(_empty_past(model, bsz, n_layers)):
+        past_type = next(i.type for i in session.get_inputs() if i.name == past_names[0])
+        for i, (k, v) in enumerate(_empty_past(model, bsz, n_layers, _NP_TYPES.get(past_type, np.float32))):
             feed[f"past_key_values.{i}.key"] = k
             feed[f"past_key_values.{i}.value"] = v
         kwargs["use_cache"] = True
@@ -554,5 +688,7 @@ __all__ = [
     "UnsupportedOnnxArchitecture",
     "check_onnx_parity",
     "export_onnx",
+    "transformers_js_config",
+    "write_transformers_js_config",
     "onnx_task",
 ]

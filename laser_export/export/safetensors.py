@@ -1,39 +1,30 @@
-"""Atomic safetensors export: write into a temporary sibling folder, check it, then rename
-(:func:`laser_export.policy.atomic_folder`).
+"""The safetensors checkpoint of an export: the in-memory writer and the checks every checkpoint gets.
 
-The folder holds the transformers checkpoint (sharded above ``max_shard_size``), the tokenizer,
-``recipe.yaml`` (the recipe as run) and ``manifest.json`` (what changed, per matrix). A failure at
-any step removes the temporary folder and leaves an existing export untouched.
+:func:`write_checkpoint` saves a model held in memory (``save_pretrained``); a streamed export writes its
+shards with :mod:`laser_export.export.shards`; both end with :func:`finish_checkpoint` (loading code,
+read-back). The whole folder (recipe, manifest, card, formats; temporary sibling, then rename) is
+assembled by :mod:`laser_export.export.writer`.
 """
 
 from __future__ import annotations
 
 import math
 
-from ..errors import CheckFailed
-import json
-import struct
+from .checkpoint import ExportError
 from pathlib import Path
 
 from torch import nn
 
-from ..atomic import write_json, write_text
+from ..artifacts import CheckpointInfo
 from ..hf import mark_factorised
-from ..policy import MANIFEST
-
-RECIPE = "recipe.yaml"
-
-
-class ExportError(CheckFailed):
-    pass
 
 
 def read_safetensors_header(path: str | Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
+    """Tensor name → {dtype, shape, data_offsets} of a safetensors file (``__metadata__`` left out);
+    :func:`laser_export.export.readback.read_header` parses it (ExportError for a file that is not one)."""
+    from .readback import read_header
+
+    return read_header(Path(path))[0]
 
 
 def checkpoint_tensors(folder: str | Path) -> dict[str, dict]:
@@ -93,36 +84,29 @@ def check_checkpoint(folder: Path, model: nn.Module) -> None:
         raise ExportError("exported checkpoint does not match the model: " + "; ".join(problems[:10]))
 
 
-def write_checkpoint(
-    model: nn.Module,
-    tokenizer,
-    folder: Path,
-    *,
-    recipe_yaml: str,
-    manifest: dict,
-    max_shard_size: str = "2GB",
-) -> dict:
-    """Write model, tokenizer, recipe and manifest into ``folder`` (already created) and check them.
+def finish_checkpoint(folder: Path, model: nn.Module, ranks: dict[str, int],
+                      expected: dict[str, list[int]] | None = None) -> tuple[CheckpointInfo, dict | None]:
+    """The last steps of every checkpoint, in memory or streamed: ship the loading code of a factorised one
+    (``auto_map`` + ``modeling_laser.py``: ``trust_remote_code=True`` works without laser-export), then read the
+    files back (:func:`laser_export.export.readback.read_back`). Returns (checkpoint record, auto_map)."""
+    from .readback import read_back
 
-    Fills ``manifest["checkpoint"]`` (tensor bytes and file list) and returns the manifest. The
-    manifest always carries ``laser_export_version``: that is how a folder is recognised as an
-    export that ``--overwrite`` may replace."""
-    from .. import __version__
-
-    manifest.setdefault("laser_export_version", __version__)
-    ranks = mark_factorised(model)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    if ranks:  # factorised: ship the loading code (trust_remote_code=True works without laser-export)
+    auto_map = None
+    if ranks:
         from .remote_code import write_remote_code
 
-        manifest["auto_map"] = write_remote_code(folder, model)
+        auto_map = write_remote_code(folder, model)
+    return read_back(folder, expected), auto_map
+
+
+def write_checkpoint(model: nn.Module, tokenizer, folder: Path, *, max_shard_size: str = "2GB") -> dict:
+    """Save an in-memory model (weights, config, generation config, tokenizer, loading code of a factorised
+    model) into ``folder`` (already created) and read it back. Returns ``{"checkpoint", "auto_map"}``, the
+    manifest's records of it."""
+    ranks = mark_factorised(model)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     check_checkpoint(folder, model)
-    manifest["checkpoint"] = {
-        "tensor_bytes": checkpoint_tensor_bytes(folder),
-        "files": sorted(p.name for p in folder.glob("*.safetensors")),
-    }
-    write_text(folder / RECIPE, recipe_yaml)
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    checkpoint, auto_map = finish_checkpoint(folder, model, ranks)
+    return {"checkpoint": checkpoint.model_dump(), "auto_map": auto_map}

@@ -24,7 +24,8 @@ from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label
 from .options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
-from ..sources import weights_identity
+from ..baseline_cache import memo_dir_if_present
+from ..identity import library_versions, weights_identity
 from .results import ResultsLog, run_key
 from .sweep import KEPT_METRICS, evaluate_recipe, run_search
 
@@ -252,9 +253,9 @@ def prepare(opts: SearchOptions) -> _Prepared:
     if tasks:
         validation = [ex for t in tasks for ex in t.validation]
     with console.status("identifying the weights"):
-        identity = weights_identity(p.source)
-    key = run_key(weights=identity, dtype=p.recipe.model.dtype,
-                  benchmark=",".join(f"{t.name}:{t.weight:g}" for t in tasks) if tasks else bench["name"],
+        identity = weights_identity(p.source, memo_dir=memo_dir_if_present())
+    key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
+                  trust_remote_code=p.recipe.model.trust_remote_code, benchmark=",".join(f"{t.name}:{t.weight:g}" for t in tasks) if tasks else bench["name"],
                   validation=examples_sha256(validation), storage=p.recipe.storage,
                   reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)

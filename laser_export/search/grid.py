@@ -43,7 +43,20 @@ class Candidate:
 
 
 def set_key(cands: Sequence[Candidate]) -> str:
+    """For display (ρ formatted); the results log uses :func:`candidate_id`."""
     return "+".join(c.key for c in cands)
+
+
+def candidate_id(c: Candidate, rank: int) -> str:
+    """The exact id of a candidate in the results log: its site and the integer rank it keeps. Two ρ that keep
+    the same rank are the same model (one measurement); two that print alike (``0.06249999``, ``0.0625``) but
+    keep different ranks are different candidates."""
+    return f"L{c.layer}.{c.matrix}.k{int(rank)}"
+
+
+def set_id(ids: Sequence[str]) -> str:
+    """The results-log id of a composed set, from its members' :func:`candidate_id` (in order)."""
+    return "set:" + "+".join(ids)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:

@@ -1,5 +1,6 @@
-"""The resumable results log and what keys it: the run key (weights identity, dtype, benchmark,
-validation-split sha256, storage). A rerun with the same key skips every candidate already measured;
+"""The resumable results log and what keys it: the run key (the content identity of the model,
+:func:`laser_export.identity.weights_identity`: weights, tokenizer, remote code; dtype, library versions,
+benchmark, validation-split sha256, storage). A rerun with the same key skips every candidate already measured;
 new weights at the same path get a new key, so old results are never reused for them."""
 
 from __future__ import annotations

@@ -28,15 +28,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 from .. import evaluate, intervene
-from ..architectures import Family, module_name
-from ..intervene import SVDCache, Target, matrix_of
+from ..architectures import Family, module_name, num_experts
+from ..intervene import SVDCache, Target, target_matrix
 from ..lowrank import AutoRank, auto_rank, rank_for, singular_values
 from ..metrics import SEARCH_KEPT
 from ..prefix import PrefixCache
 from ..progress import bar as progress_bar
 from ..recipe import RecipeError
 from .compose import compose_beam, compose_greedy, selection_key
-from .grid import AUTO, Candidate, set_key
+from .grid import AUTO, Candidate, candidate_id, set_id
 from .results import ResultsLog
 from .snr import snr, spearman
 
@@ -102,41 +102,52 @@ class Swapper:
         self.model, self.family, self.svd, self.storage = model, family, svd, storage
         self._auto: dict[tuple[int, str], AutoRank] = {}
 
+    def name(self, layer: int, alias: str) -> str:
+        return module_name(self.model, self.family, layer, alias)
+
     def auto(self, layer: int, alias: str) -> AutoRank:
-        """``rank: auto`` of a matrix, from the same full decomposition every ρ uses (exact SVD), else
-        from its exact singular values."""
+        """``rank: auto`` of a site's matrix (expert 0's for an MoE alias), from the same full decomposition
+        every ρ uses (exact SVD), else from its exact singular values."""
         if (layer, alias) not in self._auto:
             dec = self.decomposition(layer, alias)
             S = dec.S if dec.exact and dec.components == min(dec.shape) else singular_values(
-                matrix_of(self.model.get_submodule(self.name(layer, alias))))
+                target_matrix(self.model, self.family, self.targets(0, layer, alias)[0])[1])
             self._auto[(layer, alias)] = auto_rank(S, dec.shape)
         return self._auto[(layer, alias)]
+
+    def targets(self, index: int, layer: int, alias: str, rho: float | str | None = None) -> list[Target]:
+        """The matrices of one site: one, or one per expert of an MoE alias (all experts together); ``rho``
+        AUTO keeps the auto rank."""
+        n = num_experts(self.family, alias, self.model.config)
+        experts = [None] if n is None else range(n)
+        if rho == AUTO:
+            found = self.auto(layer, alias)
+            return [Target(index, layer, alias, None, found.rank, expert=e, auto=found) for e in experts]
+        return [Target(index, layer, alias, rho, expert=e) for e in experts]
+
+    def decomposition(self, layer: int, alias: str):
+        """The site's decomposition (for MoE: every expert's is computed and cached, expert 0's returned)."""
+        decs = []
+        for t in self.targets(0, layer, alias):
+            name, w = target_matrix(self.model, self.family, t)
+            decs.append(self.svd.get(name, w, min(w.shape)))
+        return decs[0]
 
     def rank(self, c: Candidate) -> int:
         return self.auto(c.layer, c.matrix).rank if c.rho == AUTO else rank_for(c.rho, self.shape(c.layer, c.matrix))
 
-    def target(self, i: int, c: Candidate) -> Target:
-        if c.rho == AUTO:
-            found = self.auto(c.layer, c.matrix)
-            return Target(i, c.layer, c.matrix, None, found.rank, auto=found)
-        return Target(i, c.layer, c.matrix, c.rho)
-
-    def name(self, layer: int, alias: str) -> str:
-        return module_name(self.model, self.family, layer, alias)
-
-    def decomposition(self, layer: int, alias: str):
-        name = self.name(layer, alias)
-        w = matrix_of(self.model.get_submodule(name))
-        return self.svd.get(name, w, min(w.shape))
+    def ident(self, c: Candidate) -> str:
+        """The candidate's exact id in the results log (:func:`~laser_export.search.grid.candidate_id`)."""
+        return candidate_id(c, self.rank(c))
 
     def shape(self, layer: int, alias: str) -> tuple[int, int]:
-        w = matrix_of(self.model.get_submodule(self.name(layer, alias)))
+        _, w = target_matrix(self.model, self.family, self.targets(0, layer, alias)[0])
         return int(w.shape[0]), int(w.shape[1])
 
     def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
         """Reduce ``cands`` in the model; returns the undo. A full-rank candidate is the model itself
         (left unchanged)."""
-        targets = [self.target(i, c) for i, c in enumerate(cands)]
+        targets = [t for i, c in enumerate(cands) for t in self.targets(i, c.layer, c.matrix, c.rho)]
         return intervene.apply(self.model, targets, family=self.family, storage=self.storage, cache=self.svd,
                                full_svd=True)
 
@@ -179,6 +190,11 @@ class LocalScorer:
             r = self._score(self.cache.capture)
             self.timings["capture_s"] += time.perf_counter() - t
             self.baseline_metrics = self.baseline_metrics or metrics_of(r, self.tasks)
+            if self.cache.exact is False:  # the capture ran full forwards; the recording is never replayed
+                self.cache.batches = []
+                from ..progress import console
+
+                console.print(f"prefix cache: {self.cache.inexact_reason}")
         return self.cache
 
     def baseline(self) -> dict:
@@ -198,6 +214,8 @@ class LocalScorer:
             t = time.perf_counter()
             r = self._score(self.cache.capture)
             self.timings["capture_s"] += time.perf_counter() - t
+            if self.cache.exact is False:  # the capture ran full forwards: never replayed (score_result)
+                self.cache.batches = []
         self.baseline_metrics = metrics_of(r, self.tasks)
         return r
 
@@ -205,6 +223,8 @@ class LocalScorer:
         """The ScoreResult of ``cands`` swapped in together (replayed from the prefix cache), then undone."""
         start = min(c.layer for c in cands)
         pc = self._ensure_cache(start)
+        if pc is not None and pc.exact is False:  # replay is not this model's forward: full forwards
+            pc = None
         undo = self.swap.apply(cands)
         try:
             return self._score(pc.replay(start) if pc else None)
@@ -252,14 +272,19 @@ def _site_order(snr_rows, layers, matrices, prune_snr, rank_by_snr) -> tuple[lis
 
 
 def _grid_scores(scorer, swap: Swapper, grid, baseline, results: ResultsLog, progress: bool) -> dict:
-    todo = [c for c in grid if results.get(c.key) is None]
+    todo, queued = [], set()  # two ρ keeping the same rank: one measurement
+    for c in grid:
+        if results.get(swap.ident(c)) is None and swap.ident(c) not in queued:
+            todo.append(c)
+            queued.add(swap.ident(c))
     with progress_bar("search", enabled=progress, unit="candidates") as bar:
         task = bar.add_task("", total=len(grid), completed=len(grid) - len(todo))
         for c, metrics in scorer.score_candidates(todo, baseline):
-            results.add(c.key, "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho, rank=swap.rank(c))
+            results.add(swap.ident(c), "candidate", metrics, layer=c.layer, matrix=c.matrix, rho=c.rho,
+                        rank=swap.rank(c))
             bar.update(task, description=c.key)
             bar.advance(task)
-    return {c: results.get(c.key)["metrics"] for c in grid}
+    return {c: results.get(swap.ident(c))["metrics"] for c in grid}
 
 
 def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
@@ -334,8 +359,8 @@ def _rows(grid, single, baseline_of, swap: Swapper, extra: dict | None = None) -
     return rows
 
 
-def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, compose, compose_tries, best,
-             beam: int = 0):
+def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, swap: Swapper, compose,
+             compose_tries, best, beam: int = 0):
     """Greedy composition of the helpful candidates (best ρ per site, best first)."""
     per_site: dict[tuple[int, str], Candidate] = {}
     for c in sorted(candidates_ok, key=lambda c: selection_key(single[c]), reverse=True):
@@ -344,7 +369,7 @@ def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer,
     ranked = list(per_site.values())
 
     def evaluate_set(cands: list[Candidate]) -> dict:
-        ident = "set:" + set_key(cands)
+        ident = set_id([swap.ident(c) for c in cands])
         row = results.get(ident)
         if row is None:
             row = results.add(ident, "set", scorer.score_set(cands), interventions=[c.as_intervention() for c in cands])
@@ -434,7 +459,7 @@ def run_search(
         baseline, single, baseline_of, finalists, halving, extra, hv = _halving_outcome(
             local, grid, results, eta, halving_seed, halving_min_examples, progress)
     best = max(finalists, key=lambda c: selection_key(single[c])) if finalists else None
-    chosen, chosen_metrics, trace = _compose(grid, single, baseline, finalists, results, scorer, compose,
+    chosen, chosen_metrics, trace = _compose(grid, single, baseline, finalists, results, scorer, swap, compose,
                                              compose_tries, best, beam)
     report = _snr_report(snr_rows, sites, single, baseline_of, grid, best,
                          len(site_order) if prune_snr is not None else None)
@@ -464,6 +489,8 @@ def evaluate_recipe(
     passes = PairedPasses("causal", model, tokenizer, family, examples, start=min(c.layer for c in chosen),
                           batch_size=batch_size, progress=progress, prefix_cache=use_prefix_cache)
     base = passes.baseline("test: baseline")
+    if passes.cache is not None and passes.cache.exact is False:  # replay is not the model's forward
+        passes.forget_prefix()
     undo = swap.apply(chosen)
     try:
         red = passes.reduced("test: reduced")
