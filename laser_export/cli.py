@@ -1,6 +1,6 @@
 """``laser-export`` command line: argparse, error lines and exit codes (no other module reads argparse
 or picks an exit code). The flags of every command are generated from the fields of its options
-dataclass (:mod:`laser_export.options`, :mod:`laser_export.search.options`): one source of truth for
+dataclass (:mod:`laser_export.options`): one source of truth for
 flags, defaults, help and validation.
 
 Importing this module imports neither torch nor transformers (so ``--help`` is instant), and every
@@ -127,10 +127,6 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def options_class(name: str):
-    if name == "search":
-        from .search.options import SearchOptions
-
-        return SearchOptions
     if name == "scan":
         from .scan import ScanOptions
 
@@ -138,7 +134,7 @@ def options_class(name: str):
     from . import options
 
     return {"run": options.RunOptions, "verify": options.VerifyOptions, "apply": options.ApplyOptions,
-            "push": options.PushOptions}.get(name)
+            "push": options.PushOptions, "search": options.SearchOptions}.get(name)
 
 
 def build_parser(name: str | None = None):

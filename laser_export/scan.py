@@ -23,7 +23,7 @@ import torch
 
 from .errors import InputError
 from .lowrank import auto_rank, rank_for, singular_values
-from .options import layers as layers_syntax, no_progress, non_empty, option, validate
+from .options import layers_syntax, no_progress, non_empty, option, validate
 
 #: the ρ at which the kept Frobenius energy is reported (the search's default grid)
 SCAN_RHOS = (0.01, 0.05, 0.1, 0.25, 0.5)

@@ -330,7 +330,7 @@ def _perplexity_report(opts, base: dict | None, red: dict | None) -> dict | None
         return None
     return {
         **{k: v for k, v in vars(opts).items() if k != "max_tokens"},
-        "path": None if opts.path is None else str(opts.path),
+        "path": None if opts.path is None else Path(opts.path).name,  # a report is published: no local path
         "n_tokens": base["n_tokens"],
         "baseline": base["perplexity"],
         "reduced": red["perplexity"],

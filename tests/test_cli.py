@@ -91,7 +91,9 @@ def test_true_claims_verify_then_export_loads_with_same_logits(workspace, tmp_pa
     assert (got - before).abs().max() > 1e-4  # and the reduction did change the model
     card = (out / "README.md").read_text()
     assert "NOT verified" not in card
-    assert ModelCard(card).data.to_dict()["model-index"][0]["results"]
+    # a JSONL benchmark has no Hub dataset id: the card shows the numbers but publishes no model-index
+    assert "model-index" not in ModelCard(card).data.to_dict()
+    assert "| Metric | Baseline |" in card
 
 
 def test_skip_verify_exports_and_says_so_on_the_card(workspace, tmp_path):

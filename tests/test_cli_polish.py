@@ -183,7 +183,7 @@ def test_flags_are_generated_from_the_option_fields(command):
 
 def test_library_callers_get_the_same_checks_as_the_command_line():
     from laser_export.options import OptionError, RunOptions
-    from laser_export.search.options import SearchOptions
+    from laser_export.options import SearchOptions
 
     with pytest.raises(OptionError, match=r"--limit: expected a positive integer, got 0"):
         RunOptions(recipe=Path("r.yaml"), limit=0)
@@ -200,7 +200,7 @@ def test_each_default_and_check_is_defined_once():
     sources = {p: p.read_text() for p in pkg.rglob("*.py")}
     assert [p.name for p, t in sources.items() if "HUB_TIMEOUT = " in t or "DEFAULT_TIMEOUT = 60" in t] == ["defaults.py"]
     assert [p.name for p, t in sources.items() if "LASER_EXPORT_HUB_TIMEOUT\")" in t] == []  # read in one place
-    assert sum(t.count("unit_interval") for t in sources.values()) == 3  # defined, imported, used by --prune-snr
+    assert sum(t.count("unit_interval") for t in sources.values()) == 2  # defined, used by --prune-snr
 
 
 def test_bad_hub_timeout_setting_is_bad_input_not_a_silent_default(monkeypatch, capsys, tmp_path):

@@ -71,7 +71,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         counterfact.load,
         hub_dataset="azhx/counterfact",  # the rome.baulab.info counterfact.json on the Hub
         **_OPEN,
-        hub_split="train", origin="counterfact.json (rome.baulab.info; azhx/counterfact is its Hub copy)",
+        hub_split="train+test", origin="counterfact.json (rome.baulab.info) or its Hub copy azhx/counterfact (train + test by case_id)",
     ),
     "qa_wikidata": BenchmarkSpec(
         "qa_wikidata",

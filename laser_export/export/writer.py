@@ -1,6 +1,6 @@
 """The one export writer: both the in-memory path and the streamed path end here.
 
-:func:`write_export` owns the folder (a temporary sibling via :func:`laser_export.atomic.atomic_folder`,
+:func:`write_export` owns the folder (a temporary sibling via :func:`laser_export.policy.atomic_folder`,
 renamed into place only when everything is written and read back), and what goes in it besides the
 weights: the extra formats (:mod:`laser_export.export.formats`), the verify report, ``recipe.yaml``,
 ``manifest.json`` (built once, :func:`laser_export.export.manifest.build_manifest`) and the model card.

@@ -10,42 +10,25 @@ One job per module:
 * :mod:`.ray_pool` — the sweep spread over Ray actors (optional ``[ray]`` extra);
 * :mod:`.plot` — the heatmap (Δ top-1 and/or Δ log-loss per layer × ρ);
 * :mod:`.recipe_writer` — the recipe (name from model + benchmark, fresh comments, claims);
-* :mod:`.options` / :mod:`.command` — typed options and the end-to-end ``search(options)``.
+* :mod:`.command` — the end-to-end ``search(options)`` (its options: :class:`laser_export.options.SearchOptions`).
 """
 
-import importlib
-
-#: public name -> the module of this package that defines it. Imported on first use, so that
-#: ``laser_export.search.options`` (what the CLI builds its flags from) loads without torch.
-_WHERE = {
-    "SearchOutcome": "command", "search": "command",
-    "SELECTION_METRICS": "compose", "compose_greedy": "compose", "selection_key": "compose",
-    "Candidate": "grid", "parse_layers": "grid", "parse_matrices": "grid", "parse_rhos": "grid", "set_key": "grid",
-    "SearchOptions": "options",
-    "PLOT_METRICS": "plot", "plot_sweep": "plot",
-    "build_recipe_dict": "recipe_writer", "recipe_name": "recipe_writer", "write_recipe": "recipe_writer",
-    "ResultsLog": "results", "run_key": "results",
-    "mp_median": ".lowrank",  # laser_export.lowrank: the MP law serves rank: auto too
-    "snr": "snr", "spearman": "snr",
-    "KEPT_METRICS": "sweep", "LocalScorer": "sweep", "SearchResult": "sweep", "Swapper": "sweep",
-    "evaluate_recipe": "sweep", "run_search": "sweep",
-}
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .command import SearchOutcome, search
+from .compose import SELECTION_METRICS, compose_greedy, selection_key
+from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
+from .plot import plot_sweep
+from .recipe_writer import build_recipe_dict, recipe_name, write_recipe
+from .results import ResultsLog, run_key
+from ..lowrank import mp_median  # the MP law: rank: auto and the SNR share it
+from .snr import snr, spearman
+from .sweep import KEPT_METRICS, LocalScorer, SearchResult, Swapper, evaluate_recipe, run_search
 
 __all__ = [
     "Candidate",
     "KEPT_METRICS",
     "LocalScorer",
-    "PLOT_METRICS",
     "ResultsLog",
     "SELECTION_METRICS",
-    "SearchOptions",
     "SearchOutcome",
     "SearchResult",
     "Swapper",

@@ -21,7 +21,7 @@ from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label, set_key
-from .options import SearchOptions
+from ..options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
 from ..baseline_cache import memo_dir_if_present

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..options import PLOT_METRICS
 from .grid import rho_label, rho_order
 
-PLOT_METRICS = ("top1", "logloss", "both")
 
 _VIEW = {
     # metric -> (row key, scale, label, colormap: good change is blue in both)
@@ -116,4 +116,4 @@ def heatmap_grid(result, matrix: str, key: str = "delta_top1") -> tuple[list[int
     return layers, rhos, grid
 
 
-__all__: Sequence[str] = ["PLOT_METRICS", "heatmap_grid", "plot_sweep"]
+__all__: Sequence[str] = ["heatmap_grid", "plot_sweep"]
