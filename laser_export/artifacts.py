@@ -59,7 +59,8 @@ def matrix_entry(target, name: str, shape, k: int, storage: str, itemsize: int, 
     return MatrixEntry(name=name, intervention=target.index, layer=target.layer, matrix=target.alias, shape=[m, n],
                        rho=target.rho, rank=k, max_rank=min(m, n), frobenius_error=err,
                        relative_error=err / norm if norm else 0.0, storage=storage, bytes_dense=dense_bytes,
-                       bytes_stored=stored, bytes_saved=dense_bytes - stored, expert=getattr(target, "expert", None))
+                       bytes_stored=stored, bytes_saved=dense_bytes - stored, expert=getattr(target, "expert", None),
+                       **(target.auto.manifest() if getattr(target, "auto", None) else {}))  # rank: auto's edge
 
 
 class SourceInfo(_Artifact):

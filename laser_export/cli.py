@@ -33,6 +33,7 @@ commands:
   push FOLDER --repo-id ORG/NAME push an export folder (also the retry after a failed --push)
   search --model SRC --benchmark NAME --out RECIPE
                                  sweep (layer, matrix, rho), compose, write a recipe
+  scan SOURCE --out SCAN_JSON    data-free spectrum scan, one matrix at a time without loading the model
 
 `laser-export COMMAND --help` lists a command's options and defaults. --debug (any command) shows the
 traceback of an unexpected error. --version prints the version.
@@ -42,7 +43,7 @@ or an unexpected error; 2 bad input (recipe, model source, data, output path, op
 setting), answered before any weights load; 130 interrupted.
 """
 
-COMMANDS = ("run", "check", "verify", "push", "apply", "search")
+COMMANDS = ("run", "check", "verify", "push", "apply", "search", "scan")
 DESCRIPTIONS = {
     "run": "Run a LASER recipe: reduce, verify the claims, export (and push). `laser-export RECIPE` is the "
            "same command.",
@@ -54,6 +55,9 @@ DESCRIPTIONS = {
     "push": "Push an export folder to the Hub as one commit (also the retry after a failed --push).",
     "search": "Sweep (layer, matrix, rho) on the validation split, compose greedily, score the choice on test "
               "and write a recipe (plus <out>.sweep.json, <out>.sweep.png and a resumable <out>.search.jsonl).",
+    "scan": "Data-free spectrum scan, one matrix at a time without loading the model (safetensors shard by shard, "
+            "GGUF tensor by tensor): top singular values, Marchenko-Pastur edge, SNR, auto rank, energy kept per rho "
+            "(JSON, plus a PNG heatmap of SNR by layer x matrix next to it).",
 }
 
 
@@ -123,6 +127,10 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def options_class(name: str):
+    if name == "scan":
+        from .scan import ScanOptions
+
+        return ScanOptions
     from . import options
 
     return {"run": options.RunOptions, "verify": options.VerifyOptions, "apply": options.ApplyOptions,
@@ -235,8 +243,17 @@ def cmd_search(opts) -> int:
     return EXIT_OK
 
 
+def cmd_scan(opts) -> int:
+    from .progress import console
+    from .scan import scan
+
+    result = scan(opts)
+    console.print(f"wrote {opts.out} ({len(result['matrices'])} matrices) and {result.get('plot')}")
+    return EXIT_OK
+
+
 HANDLERS = {"run": cmd_run, "check": cmd_check, "verify": cmd_verify, "push": cmd_push, "apply": cmd_apply,
-            "search": cmd_search}
+            "search": cmd_search, "scan": cmd_scan}
 
 
 def main(argv: list[str] | None = None) -> int:

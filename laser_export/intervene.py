@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -20,13 +20,16 @@ from .artifacts import matrix_entry
 from .architectures import ArchitectureError, Family, expand_matrix, is_fused, module_name, num_experts, num_layers
 from .lowrank import (
     SVD_DTYPES,
+    AutoRank,
     LowRankLinear,
     TruncatedSVD,
     compute_svd,
     factorised_saves_bytes,
     from_matrix,
+    auto_rank,
     is_conv1d,
     rank_for,
+    singular_values,
 )
 from .recipe import Intervention, RecipeError, Reduction
 
@@ -39,15 +42,29 @@ class Target:
     layer: int
     alias: str
     rho: float | None = None
-    rank: int | None = None
+    rank: int | str | None = None  # "auto": the Marchenko–Pastur rule, resolved by :meth:`with_auto_rank`
     expert: int | None = None  # MoE: the expert whose matrix this is
+    auto: AutoRank | None = field(default=None, compare=False)  # how an auto rank was found
 
     @property
     def field(self) -> str:
         return f"interventions[{self.index}]"
 
+    @property
+    def is_auto(self) -> bool:
+        return self.rank == "auto"
+
     def rank_for(self, shape) -> int:
+        if self.is_auto:
+            raise ValueError(f"{self.field}.rank: auto is resolved from the matrix (with_auto_rank), not its shape")
         return self.rank if self.rank is not None else rank_for(self.rho, shape)
+
+    def with_auto_rank(self, matrix: torch.Tensor) -> "Target":
+        """``rank: auto`` made concrete from the matrix's singular values (exact route); others unchanged."""
+        if not self.is_auto:
+            return self
+        found = auto_rank(singular_values(matrix), tuple(matrix.shape))
+        return replace(self, rank=found.rank, auto=found)
 
 
 def plan_targets(interventions: Iterable[Intervention], config, family: Family,
@@ -369,6 +386,7 @@ def resolve(model: nn.Module, family: Family, targets: Sequence[Target]) -> list
     for t in targets:
         name, mat = target_matrix(model, family, t)
         shape = (int(mat.shape[0]), int(mat.shape[1]))
+        t = t.with_auto_rank(mat)
         k = t.rank_for(shape)
         if k > min(shape):
             problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")

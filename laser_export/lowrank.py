@@ -305,3 +305,66 @@ class LowRankLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, bias={self.bias is not None}"
         )
+
+
+# ------------------------------------------------------------------ rank: auto (Marchenko–Pastur edge)
+def mp_median(beta: float, grid: int = 20001) -> float:
+    """Median of the Marchenko–Pastur law with ratio ``beta`` = m/n ≤ 1 and unit variance."""
+    import numpy as np
+
+    if not 0 < beta <= 1:
+        raise ValueError(f"beta must be in (0, 1], got {beta}")
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+    # x = lo + (hi-lo)(1-cos θ)/2 removes the square-root (and, at β=1, the 1/x) endpoint singularities
+    theta = np.linspace(0.0, math.pi, grid)
+    x = lo + (hi - lo) * (1 - np.cos(theta)) / 2
+    integrand = ((hi - lo) ** 2 / 4) * np.sin(theta) ** 2 / (2 * math.pi * beta * np.maximum(x, 1e-300))
+    if lo == 0.0:
+        integrand[0] = (hi - lo) / (2 * math.pi * beta)  # limit θ→0 at β=1
+    cdf = np.concatenate([[0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2 * np.diff(theta))])
+    cdf /= cdf[-1]
+    return float(np.interp(0.5, cdf, x))
+
+
+def mp_edge(singular_values: torch.Tensor, shape: tuple[int, int]) -> tuple[float, float]:
+    """(noise std s, edge λ+) of an m×n matrix from its singular values.
+
+    For i.i.d. noise of entry std s the squared singular values divided by n (m ≤ n) follow the
+    Marchenko–Pastur law with ratio β = m/n, whose top edge is s(√n + √m). s is estimated from the
+    *median* σ² (robust to a few large signal directions, Gavish & Donoho 2014):
+    s = sqrt(median(σ²) / (n · μ_β)), μ_β the MP median."""
+    S = singular_values.detach().double().flatten()
+    m, n = sorted((int(shape[0]), int(shape[1])))
+    s = math.sqrt(float(S.pow(2).median()) / (n * mp_median(m / n)))
+    return s, s * (math.sqrt(n) + math.sqrt(m))
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Every singular value of ``matrix`` (descending, float64), by an exact route: LAPACK on the float64
+    matrix for small sides, else the eigenvalues of the float64 Gram matrix of the smaller side (the
+    values are √λ; what the MP edge reads — σ around the median and above — is exact to ~1e-12 relative)."""
+    w = matrix.detach().to(torch.float64)
+    if min(w.shape) <= GESDD_MAX_SIDE:
+        return torch.linalg.svdvals(w)
+    g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+    return torch.linalg.eigvalsh(g).clamp_min(0).sqrt().flip(0)
+
+
+@dataclass(frozen=True)
+class AutoRank:
+    """``rank: auto``: the number of singular values above the Marchenko–Pastur edge (at least 1)."""
+
+    rank: int
+    edge: float
+    noise_std: float
+
+    def manifest(self) -> dict:
+        return {"rank_rule": "marchenko-pastur", "mp_edge": self.edge, "mp_noise_std": self.noise_std}
+
+
+def auto_rank(S: torch.Tensor, shape: tuple[int, int]) -> AutoRank:
+    """The ``rank: auto`` of a matrix with singular values ``S`` (all of them)."""
+    if S.numel() != min(int(shape[0]), int(shape[1])):
+        raise ValueError(f"auto rank needs every singular value ({min(shape)}), got {S.numel()}")
+    noise, edge = mp_edge(S, shape)
+    return AutoRank(max(1, int((S.double() > edge).sum())), edge, noise)

@@ -50,6 +50,13 @@ def _size(v) -> int:
     return size
 
 
+def _rank(v):
+    """An explicit rank: a positive integer, or ``auto`` (the Marchenko–Pastur rule)."""
+    if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"expected a positive integer or auto, got {v!r}")
+
+
 #: int fields refuse booleans and strings ("3"); float fields refuse booleans (ints are fine).
 Int = Annotated[StrictInt, BeforeValidator(_no_bool)]
 Float = Annotated[float, BeforeValidator(_no_bool)]
@@ -135,7 +142,10 @@ class Intervention(_Strict):
     layer: Int = Field(ge=0)
     matrix: str = Field(description="alias (fc_in, fc_up, fc_out, q, k, v, o, qkv) or group (mlp, attn)")
     rho: Float | None = Field(None, description="fraction of the maximum rank kept, in (0, 1]")
-    rank: Int | None = Field(None, ge=1, description="explicit rank instead of rho")
+    rank: Annotated[int | Literal["auto"] | None, BeforeValidator(_rank)] = Field(
+        None,
+        description="explicit rank instead of rho, or auto: the singular values above the Marchenko–Pastur "
+        "noise edge of the matrix")
     experts: Literal["all"] | list[Int] | None = Field(
         None, description="MoE: which experts' matrices to reduce (each on its own): all (the default) or a list of indices"
     )
@@ -175,7 +185,8 @@ class Reduction(_Strict):
 class BenchmarkSpec(_Strict):
     name: str = Field(description="a benchmark of laser_export.benchmarks.BENCHMARKS (README: Benchmarks and metrics)")
     path: str | None = Field(None, description="data file/archive/URL; default lookup per benchmark")
-    split: Literal["validation", "test"] = "test"
+    split: Literal["validation", "test", "all"] = Field(
+        "test", description="all: score every example (no validation part; validation_fraction is not used)")
     seed: Int | None = Field(0, description="seed of the split; null = the paper's unshuffled split")
     validation_fraction: Float = Field(0.2, gt=0, lt=1)
     subsample: Int | None = Field(

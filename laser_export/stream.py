@@ -216,6 +216,10 @@ def _plan_matrices(p, model, src: _Source) -> dict[str, _MatrixPlan]:
                               "use the in-memory path")
         stored, conv = src.by_key[key].shape, is_conv1d(model.get_submodule(name))
         shape = (stored[1], stored[0]) if conv else (stored[0], stored[1])
+        if t.is_auto:  # rank: auto reads its matrix once here, one target at a time
+            w = src.read(key)
+            t = t.with_auto_rank(w.t() if conv else w)
+            del w
         k = t.rank_for(shape)
         if k > min(shape):
             problems.append(f"{t.field}.rank: {name} has shape {list(shape)}, max rank {min(shape)}, got {k}")
@@ -271,7 +275,7 @@ class _Reducer:
     def ordered_entries(self, p) -> list[dict]:
         """One entry per target, in target order; untouched (full-rank) matrices measured here."""
         out = []
-        for mp in sorted(self.plans.values(), key=lambda m: p.targets.index(m.target)):
+        for mp in self.plans.values():  # planned in target order
             e = self.entries.get(id(mp.target))
             if e is None:
                 matrix = self.src.read(mp.key)

@@ -14,7 +14,10 @@ from laser_export.architectures import family_for
 from laser_export.benchmarks import load_split
 from laser_export.prefix import PrefixCache, PrefixCacheError
 from laser_export.recipe import load_recipe
-from laser_export.search import Candidate, ResultsLog, compose_greedy, run_search, snr
+from laser_export.search import Candidate, ResultsLog, compose_greedy, run_search
+# the function, not the submodule: once laser_export.search.snr is imported, the package attribute `snr`
+# is that module (the package resolves its names lazily)
+from laser_export.search.snr import snr
 
 from tinymodels import save_tiny, tiny_inputs, tiny_model, tiny_tokenizer
 

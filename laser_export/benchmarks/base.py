@@ -76,7 +76,7 @@ def examples_sha256(examples: Iterable[Example]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-SPLIT_NAMES = ("validation", "test")
+SPLIT_NAMES = ("validation", "test", "all")
 
 
 @dataclass
@@ -91,6 +91,8 @@ class Split:
     def get(self, split_name: str) -> list[Example]:
         if split_name not in SPLIT_NAMES:
             raise ValueError(f"unknown split {split_name!r}; expected one of {', '.join(SPLIT_NAMES)}")
+        if split_name == "all":  # every example (file order when validation_fraction is 0)
+            return self.validation + self.test
         return getattr(self, split_name)
 
     def info(self, split_name: str) -> dict:

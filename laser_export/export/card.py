@@ -317,7 +317,7 @@ def _warnings(ctx: CardContext) -> list[str]:
                 "> recipe author's, not measurements of this checkpoint, and the card's metadata carries no `model-index`",
                 "> results. Re-run the export without `--skip-verify` to measure them on the held-out split.", ""]
     out = []
-    if not report.passed:
+    if not report.passed and report.claims:
         failed = [c.name for c in report.claims if not c.passed]
         out += ["> [!CAUTION]",
                 f"> **Verification FAILED** for: {', '.join(failed) or 'one or more claims'}. The measured numbers",
@@ -374,6 +374,12 @@ def _intro(ctx: CardContext) -> list[str]:
     return out
 
 
+def _rho_cell(m) -> str:
+    """ρ, or for ``rank: auto`` the Marchenko–Pastur edge that chose the rank."""
+    edge = (m.model_extra or {}).get("mp_edge")
+    return f"auto (σ > MP edge {edge:.4g})" if edge is not None else str(m.rho)
+
+
 def _what_changed(ctx: CardContext) -> list[str]:
     out = ["## What changed", "",
            "ρ is the fraction of the matrix's maximum rank that is kept (rank = ⌊ρ · max rank⌋). Relative error is "
@@ -382,7 +388,7 @@ def _what_changed(ctx: CardContext) -> list[str]:
            "|---:|---|---|---|---:|---:|---:|---|---:|"]
     for m in ctx.manifest.matrices:
         out.append(f"| {m.layer} | `{_cell(m.matrix)}` | `{_cell(m.name)}` | {'×'.join(map(str, m.shape))} "
-                   f"| {m.rho} | {m.rank} / {m.max_rank} | {_f(m.relative_error)} | {m.storage} "
+                   f"| {_rho_cell(m)} | {m.rank} / {m.max_rank} | {_f(m.relative_error)} | {m.storage} "
                    f"| {_bytes(m.bytes_saved)} |")
     totals = ctx.manifest.totals
     dense_note = " (dense storage writes the reduced matrix back at full size: no memory is saved)."
@@ -449,8 +455,8 @@ def _claims(ctx: CardContext) -> list[str]:
         for which, claim in (("baseline", claims.baseline), ("reduced", claims.reduced)):
             rows.append(f"| {which}.accuracy | `{ctx.headline}` | {_f(claim.accuracy)} | — | ±{claims.tolerance} "
                         "| not verified |")
-    if not rows:
-        return []
+    if not rows:  # a verify report without claims: measured only
+        return ["### Claims", "", "Measured, no claims: the recipe makes none.", ""] if ctx.verified else []
     return ["### Claims", "", "| Claim | Metric | Claimed | Measured | Tolerance | Status |",
             "|---|---|---:|---:|---:|---|", *rows, ""]
 

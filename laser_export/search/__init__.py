@@ -19,7 +19,8 @@ from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, recipe_name, write_recipe
 from .results import ResultsLog, run_key
-from .snr import mp_median, snr, spearman
+from ..lowrank import mp_median  # the MP law: rank: auto and the SNR share it
+from .snr import snr, spearman
 from .sweep import KEPT_METRICS, LocalScorer, SearchResult, Swapper, evaluate_recipe, run_search
 
 __all__ = [

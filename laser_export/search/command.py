@@ -20,7 +20,7 @@ from ..architectures import num_layers
 from ..atomic import write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
-from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, set_key
+from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label, set_key
 from ..options import SearchOptions
 from .plot import plot_sweep
 from .recipe_writer import build_recipe_dict, header_comments, model_stem, recipe_name, write_recipe
@@ -51,13 +51,14 @@ def _plan_recipe(opts: SearchOptions, template: dict) -> dict:
         model = {k: v for k, v in model.items() if k not in _CHECKPOINT_FIELDS}
         model["source"] = opts.model
     t_bench = template.get("benchmark") or {}
-    bench_name = opts.benchmark or t_bench.get("name")
+    bench_name = _names(opts.benchmark)[0] if opts.benchmark else t_bench.get("name")  # the primary task
     if not model.get("source") or not bench_name:
         raise RecipeError(["search: give --model and --benchmark (or a --template recipe that names them)"])
     pick = lambda value, key, default: value if value is not None else t_bench.get(key, default)  # noqa: E731
     bench = {
         "name": bench_name,
-        "path": pick(opts.benchmark_path, "path", None),
+        "path": pick(_names(opts.benchmark_path, keep_empty=True)[0] or None if opts.benchmark_path else None,
+                     "path", None),
         "seed": pick(opts.seed, "seed", 0),
         "validation_fraction": pick(opts.validation_fraction, "validation_fraction", 0.2),
         "subsample": pick(opts.subsample, "subsample", None),
@@ -80,6 +81,67 @@ def _plan_recipe(opts: SearchOptions, template: dict) -> dict:
     return data
 
 
+def _names(spec: str | None, keep_empty: bool = False) -> list[str]:
+    parts = [x.strip() for x in (spec or "").split(",")]
+    return parts if keep_empty else [x for x in parts if x]
+
+
+@dataclass
+class _Task:
+    """One benchmark of a several-task search (``--benchmark a,b``)."""
+
+    name: str
+    weight: float
+    split: object
+    validation: list
+
+
+def _tasks(opts: SearchOptions, p, bench: dict, primary_split, primary_validation) -> list[_Task] | None:
+    """The tasks of ``--benchmark a,b,...`` (None for one task): same seed, validation fraction and
+    subsample as the primary; each task's scorer checked; weights normalised to sum 1."""
+    from ..benchmarks import BENCHMARKS, load_split
+    from ..evaluate import scorer_for
+
+    names = _names(opts.benchmark)
+    if len(names) < 2:
+        if opts.task_weights:
+            raise RecipeError(["--task-weights: only with several tasks (--benchmark a,b)"])
+        return None
+    paths = _names(opts.benchmark_path, keep_empty=True) if opts.benchmark_path else []
+    try:
+        weights = [float(w) for w in _names(opts.task_weights)] if opts.task_weights else [1.0] * len(names)
+    except ValueError:
+        raise RecipeError([f"--task-weights: numbers, got {opts.task_weights!r}"]) from None
+    problems = []
+    keyed = [(n, paths[i] if i < len(paths) else "") for i, n in enumerate(names)]
+    if len(set(keyed)) != len(keyed):
+        problems.append(f"--benchmark: a task (benchmark and path) is given twice in {opts.benchmark!r}")
+    # the label of a task: its benchmark name, with the data file's stem when a name repeats (jsonl,jsonl)
+    labels = [n if names.count(n) == 1 else f"{n}:{Path(p).stem}" for n, p in keyed]
+    if len(weights) != len(names) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        problems.append(f"--task-weights: {len(names)} non-negative numbers, not all 0, got {opts.task_weights!r}")
+    if len(paths) > len(names):
+        problems.append(f"--benchmark-path: {len(paths)} paths for {len(names)} tasks")
+    for name in names[1:]:
+        spec = BENCHMARKS.get(name)
+        if spec is None:
+            problems.append(f"--benchmark: unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
+        elif scorer_for(p.family, spec, "top1") != "causal":
+            problems.append(f"--benchmark: {name} is not scored by the causal first-token scorer the search uses")
+    if problems:
+        raise RecipeError(problems)
+    total = sum(weights)
+    tasks = [_Task(labels[0], weights[0] / total, primary_split, primary_validation)]
+    for i, name in enumerate(names[1:], 1):
+        split = load_split(name, path=(paths[i] if i < len(paths) else "") or None, seed=bench.get("seed"),
+                           validation_fraction=bench["validation_fraction"], subsample=bench.get("subsample"))
+        val = split.validation[: opts.max_examples] if opts.max_examples else split.validation
+        if not val or (not opts.skip_test and not split.test):
+            raise RecipeError([f"benchmark {name}: the split has {len(val)} validation and {len(split.test)} test examples"])
+        tasks.append(_Task(labels[i], weights[i] / total, split, val))
+    return tasks
+
+
 def output_paths(opts: SearchOptions) -> dict[str, Path]:
     """Every file a search writes: the recipe, the sweep JSON and heatmap next to it, the results log."""
     out = Path(opts.out)
@@ -98,7 +160,7 @@ def check_outputs(opts: SearchOptions, protect: Sequence[str | Path] = ()) -> No
 
     if opts.name is not None and (why := check_name(opts.name)):
         raise RecipeError([f"--name: {why}"])
-    held = [*protected_inputs(None, opts.template, opts.benchmark_path), *protect]
+    held = [*protected_inputs(None, opts.template, *_names(opts.benchmark_path)), *protect]
     if opts.model and Path(opts.model).expanduser().exists():
         held.append(Path(opts.model).expanduser())
     if opts.template:
@@ -138,6 +200,8 @@ class _Prepared:
     log: ResultsLog
     out: Path
     stem: Path
+    scan: dict | None = None  # --from-scan: {(layer, matrix): SNR row}
+    tasks: list[_Task] | None = None  # --benchmark a,b: every task (the first is the primary)
 
 
 def _check_scorer(p) -> None:
@@ -185,14 +249,19 @@ def prepare(opts: SearchOptions) -> _Prepared:
     if not validation or (not opts.skip_test and not split.test):
         raise RecipeError([f"benchmark: the split has {len(validation)} validation and {len(split.test)} test examples"])
 
+    tasks = _tasks(opts, p, bench, split, validation)
+    if tasks:
+        validation = [ex for t in tasks for ex in t.validation]
     with console.status("identifying the weights"):
         identity = weights_identity(p.source, memo_dir=memo_dir_if_present())
     key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
-                  trust_remote_code=p.recipe.model.trust_remote_code, benchmark=bench["name"],
+                  trust_remote_code=p.recipe.model.trust_remote_code, benchmark=",".join(f"{t.name}:{t.weight:g}" for t in tasks) if tasks else bench["name"],
                   validation=examples_sha256(validation), storage=p.recipe.storage,
                   reduction=p.recipe.reduction.model_dump())
     log = ResultsLog(results_path, key)
-    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem)
+    scan = scan_snr(opts.from_scan, p.config.model_type) if opts.from_scan else None
+    return _Prepared(p, template, bench, layers, matrices, rhos, split, validation, identity, key, log, out, stem, scan,
+                     tasks)
 
 
 def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
@@ -214,7 +283,8 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
             model, tokenizer, p.family, pr.validation, layers=pr.layers, matrices=pr.matrices, rhos=pr.rhos,
             batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
             prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
-            progress=opts.progress, pool=pool,
+            progress=opts.progress, pool=pool, strategy=opts.strategy, eta=opts.eta,
+            scan_snr=pr.scan, beam=opts.beam, tasks=[(t.name, len(t.validation), t.weight) for t in pr.tasks] if pr.tasks else None,
         )
     finally:
         if pool is not None:
@@ -225,27 +295,60 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
     return result
 
 
+def scan_snr(path: str, model_type: str) -> dict:
+    """{(layer, matrix): SNR row} from a ``laser-export scan`` JSON of a model of the same type."""
+    from ..scan import ScanError, load_scan
+
+    data = load_scan(path)
+    if data.get("model_type") != model_type:
+        raise ScanError(f"--from-scan: {path} scanned a {data.get('model_type')!r} model, this is {model_type!r}")
+    return {(r["layer"], r["matrix"]): {"snr": r["snr"], "noise_std": r["noise_std"], "threshold": r["mp_edge"],
+                                        "n_signal": r["n_signal"], "sigma_max": r["sigma_max"]}
+            for r in data["matrices"]}
+
+
 def _print_validation(result) -> None:
     from ..progress import console
 
-    top = sorted(result.candidates, key=lambda r: selection_key(r["metrics"]), reverse=True)[:10]
+    # halving: the candidates scored on every example first
+    top = sorted(result.candidates, key=lambda r: (r["metrics"].get("n", 0), selection_key(r["metrics"])),
+                 reverse=True)[:10]
     console.print(f"validation baseline top1 {result.baseline['top1']:.4f} (n={int(result.baseline['n'])})")
     for r in top:
         m = r["metrics"]
         # choice tasks (FEVER, TruthfulQA, ...) score top-1 only: no answer log-prob / log-loss
         extra = "".join(f" {k} {m[k]:.3f}" for k in ("logprob", "logloss") if k in m)
-        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={r['rho']:<5g} k={r['rank']:<4} top1 {m['top1']:.4f} "
+        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={rho_label(r['rho']):<5} k={r['rank']:<4} top1 {m['top1']:.4f} "
                       f"({r['delta_top1'] * 100:+.2f} pts){extra}")
+    if result.halving:
+        h = result.halving
+        cuts = " → ".join(f"{t['candidates']}@{t['examples']}" for t in h["rungs"])
+        console.print(f"halving (eta {h['eta']}): candidates@examples {cuts}; {h['scored_examples']} examples scored, "
+                      f"{h['scored_examples'] / h['grid_examples']:.2f} of the grid's {h['grid_examples']}")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 
 
 def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
-    """Baseline and the chosen recipe scored once on the held-out test split, with bootstrap CIs."""
-    base, red = evaluate_recipe(model, tokenizer, pr.plan.family, pr.split.test, chosen,
+    """The primary task's test summary; with several tasks, every task's under ``tasks`` (with its weight)
+    and ``objective``, the weighted mean of the tasks' test top-1 deltas."""
+    test = _test_on(pr, pr.split.test, model, tokenizer, chosen, svd, progress)
+    if pr.tasks:
+        test["tasks"] = {t.name: {**(test if i == 0 else _test_on(pr, t.split.test, model, tokenizer, chosen, svd,
+                                                                  progress)), "weight": t.weight}
+                         for i, t in enumerate(pr.tasks)}
+        for t in test["tasks"].values():
+            t.pop("tasks", None)
+        test["objective"] = sum(t["weight"] * t["delta_top1_bootstrap"]["estimate"] for t in test["tasks"].values())
+    return test
+
+
+def _test_on(pr: _Prepared, examples, model, tokenizer, chosen, svd, progress: bool) -> dict:
+    """Baseline and the chosen recipe scored once on held-out ``examples``, with bootstrap CIs."""
+    base, red = evaluate_recipe(model, tokenizer, pr.plan.family, examples, chosen,
                                 batch_size=pr.bench["batch_size"], storage=pr.plan.recipe.storage, svd=svd,
                                 progress=progress)
     test = {
-        "n": len(pr.split.test),
+        "n": len(examples),
         "baseline": {k: base.metrics.get(k) for k in KEPT_METRICS if k in base.metrics},
         "reduced": {k: red.metrics.get(k) for k in KEPT_METRICS if k in red.metrics},
         "delta_top1_bootstrap": stats.paired_bootstrap(base.hits("top1"), red.hits("top1")),
@@ -255,7 +358,7 @@ def _test(pr: _Prepared, model, tokenizer, chosen, svd, progress: bool) -> dict:
             base.hits("top1_no_article"), red.hits("top1_no_article"))
     from ..answer_balance import paired
 
-    balance = paired(pr.split.test, base, red)
+    balance = paired(examples, base, red)
     if balance is not None:
         test["answer_balance"] = balance
     return test
@@ -335,7 +438,14 @@ def print_test_summary(test: dict) -> None:
         return (f"  {label:<22} {b:.4f} → {r:.4f}  Δ {ci['estimate'] * 100:+.2f} pts  "
                 f"95% CI [{lo * 100:+.2f}, {hi * 100:+.2f}]  {verdict}")
 
-    console.print(f"test (n={test['n']}), held out:")
+    for name, t in (test.get("tasks") or {}).items():
+        ci = t["delta_top1_bootstrap"]
+        console.print(f"  task {name} (weight {t['weight']:.2f}, test n={t['n']}): top1 {t['baseline']['top1']:.4f} → "
+                      f"{t['reduced']['top1']:.4f}  Δ {ci['estimate'] * 100:+.2f} pts  95% CI "
+                      f"[{ci['ci95'][0] * 100:+.2f}, {ci['ci95'][1] * 100:+.2f}]")
+    if "objective" in test:
+        console.print(f"  weighted mean test Δ top1 over the tasks: {test['objective'] * 100:+.2f} pts")
+    console.print(f"test (n={test['n']}), held out{' (primary task)' if test.get('tasks') else ''}:")
     console.print(line("top1", "top1", test["delta_top1_bootstrap"]))
     if "delta_top1_no_article_bootstrap" in test:
         console.print(line("top1, articles ignored", "top1_no_article", test["delta_top1_no_article_bootstrap"]))

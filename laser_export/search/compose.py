@@ -46,3 +46,44 @@ def compose_greedy(
         if better:
             kept, current = trial, metrics
     return kept, current, trace
+
+
+def compose_beam(
+    ranked: Sequence[Candidate],
+    evaluate_set: Callable[[list[Candidate]], dict],
+    single: dict[Candidate, dict],
+    max_interventions: int,
+    width: int,
+) -> tuple[list[Candidate], dict, list[dict]]:
+    """Beam search over stacks: keep the ``width`` best sets of each size (by the selection key), extend
+    each by every other helpful candidate at a new site, and stop at ``max_interventions`` or when no set of
+    the next size beats the best so far. ``width=1`` is greedy over all extensions (not only the next in
+    rank). Returns (best set, its metrics, trace)."""
+    if not ranked:
+        return [], {}, []
+    beam = [([c], single[c]) for c in sorted(ranked, key=lambda c: selection_key(single[c]), reverse=True)[:width]]
+    best, best_m = beam[0]
+    trace: list[dict] = []
+    seen = {tuple(sorted(c.key for c in s)) for s, _ in beam}
+    for _ in range(1, max_interventions):
+        grown = []
+        for kept, _m in beam:
+            for cand in ranked:
+                if any(c.site == cand.site for c in kept):
+                    continue
+                trial = kept + [cand]
+                ident = tuple(sorted(c.key for c in trial))
+                if ident in seen:
+                    continue
+                seen.add(ident)
+                metrics = evaluate_set(trial)
+                trace.append({"set": [c.key for c in trial], "top1": metrics["top1"]})
+                grown.append((trial, metrics))
+        if not grown:
+            break
+        grown.sort(key=lambda sm: selection_key(sm[1]), reverse=True)
+        beam = grown[:width]
+        if selection_key(beam[0][1]) <= selection_key(best_m):
+            break
+        best, best_m = beam[0]
+    return best, best_m, trace

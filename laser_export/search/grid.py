@@ -9,21 +9,36 @@ from ..architectures import Family, expand_matrix
 from ..recipe import RecipeError
 
 
-@dataclass(frozen=True, order=True)
+#: the ``--rhos`` entry for ``rank: auto`` (the singular values above the Marchenko–Pastur edge)
+AUTO = "auto"
+
+
+def rho_label(rho: float | str) -> str:
+    return rho if rho == AUTO else f"{rho:g}"
+
+
+def rho_order(rho: float | str) -> tuple[int, float]:
+    """Sort key: the numeric ρ ascending, then auto."""
+    return (1, 0.0) if rho == AUTO else (0, float(rho))
+
+
+@dataclass(frozen=True)
 class Candidate:
     layer: int
     matrix: str
-    rho: float
+    rho: float | str  # a fraction of the max rank kept, or AUTO
 
     @property
     def key(self) -> str:
-        return f"L{self.layer}.{self.matrix}.rho{self.rho:g}"
+        return f"L{self.layer}.{self.matrix}.rank-auto" if self.rho == AUTO else f"L{self.layer}.{self.matrix}.rho{self.rho:g}"
 
     @property
     def site(self) -> tuple[int, str]:
         return (self.layer, self.matrix)
 
     def as_intervention(self) -> dict:
+        if self.rho == AUTO:
+            return {"layer": self.layer, "matrix": self.matrix, "rank": AUTO}
         return {"layer": self.layer, "matrix": self.matrix, "rho": self.rho}
 
 
@@ -75,8 +90,11 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
 
 def parse_rhos(spec: str | Iterable[float]) -> list[float]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = []
+    out, auto = [], False
     for item in items:
+        if str(item).strip() == AUTO:
+            auto = True
+            continue
         try:
             v = float(item)
         except ValueError:
@@ -84,9 +102,9 @@ def parse_rhos(spec: str | Iterable[float]) -> list[float]:
         if not 0 < v <= 1:
             raise RecipeError([f"--rhos: ρ is the fraction of the max rank kept, in (0, 1]; got {v}"])
         out.append(v)
-    if not out:
+    if not out and not auto:
         raise RecipeError(["--rhos: no values"])
-    return sorted(set(out))
+    return sorted(set(out)) + ([AUTO] if auto else [])
 
 
 def parse_matrices(spec: str | Iterable[str], family: Family) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..options import PLOT_METRICS
+from .grid import rho_label, rho_order
 
 
 _VIEW = {
@@ -43,7 +44,7 @@ def plot_sweep(result, path: str | Path, *, metric: str = "top1", model: str = "
     path = Path(path)
     mats = list(dict.fromkeys(r["matrix"] for r in result.candidates)) or ["-"]
     layers = sorted({r["layer"] for r in result.candidates})
-    rhos = sorted({r["rho"] for r in result.candidates})
+    rhos = sorted({r["rho"] for r in result.candidates}, key=rho_order)
     chosen = {(c.layer, c.matrix, c.rho) for c in result.chosen}
     best = (result.best.layer, result.best.matrix, result.best.rho) if result.best else None
 
@@ -75,7 +76,7 @@ def plot_sweep(result, path: str | Path, *, metric: str = "top1", model: str = "
                 if r["matrix"] == mat and key in r:
                     grid[layers.index(r["layer"]), rhos.index(r["rho"])] = r[key] * scale
             im = ax.imshow(grid, cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", origin="lower")
-            ax.set_xticks(range(len(rhos)), [f"{x:g}" for x in rhos], fontsize=9)
+            ax.set_xticks(range(len(rhos)), [rho_label(x) for x in rhos], fontsize=9)
             ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=9)
             ax.set_xlabel("ρ (fraction of rank kept)", fontsize=9)
             ax.set_ylabel("layer", fontsize=9)
@@ -107,7 +108,7 @@ def plot_sweep(result, path: str | Path, *, metric: str = "top1", model: str = "
 def heatmap_grid(result, matrix: str, key: str = "delta_top1") -> tuple[list[int], list[float], np.ndarray]:
     """(layers, rhos, values) of one panel, as plotted (for tests and notebooks)."""
     layers = sorted({r["layer"] for r in result.candidates})
-    rhos = sorted({r["rho"] for r in result.candidates})
+    rhos = sorted({r["rho"] for r in result.candidates}, key=rho_order)
     grid = np.full((len(layers), len(rhos)), np.nan)
     for r in result.candidates:
         if r["matrix"] == matrix and key in r:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..atomic import write_text
-from .grid import Candidate
+from .grid import Candidate, rho_label
 
 
 def model_stem(source: str) -> str:
@@ -35,6 +35,22 @@ def _ci(ci: dict) -> str:
     return f"{_pts(ci['estimate'])} pts, 95% paired-bootstrap CI [{_pts(ci['ci95'][0])}, {_pts(ci['ci95'][1])}]"
 
 
+def _task_lines(test: dict) -> list[str]:
+    """Several tasks searched at once: the objective and the other tasks' measured test deltas."""
+    tasks = test.get("tasks")
+    if not tasks:
+        return []
+    primary = next(iter(tasks))  # the first task: the recipe's benchmark
+    weights = ", ".join(f"{name} {t['weight']:g}" for name, t in tasks.items())
+    lines = [f"# Chosen for several tasks at once (primary task {primary}, whose numbers the claims are): the "
+             f"weighted mean paired top1 gain on validation (weights {weights}); on test {_pts(test['objective'])} pts."]
+    for name, t in tasks.items():
+        if name != primary:
+            lines.append(f"# Also measured on {name} test (n={t['n']}): top1 {t['baseline']['top1']:.4f} -> "
+                         f"{t['reduced']['top1']:.4f} ({_ci(t['delta_top1_bootstrap'])}).")
+    return lines
+
+
 def header_comments(*, source: str, benchmark: str, n_validation: int, n_candidates: int, layers: Sequence[int],
                     matrices: Sequence[str], rhos: Sequence[float], compose: int, test: dict,
                     tolerance: float) -> list[str]:
@@ -42,7 +58,7 @@ def header_comments(*, source: str, benchmark: str, n_validation: int, n_candida
     lines = [
         f"# Found by `laser-export search` on {source} / {benchmark}: validation split n={n_validation}, "
         f"{n_candidates} candidates (layers {layers[0]}-{layers[-1]}, {','.join(matrices)}, "
-        f"rho {','.join(f'{r:g}' for r in rhos)}), composition up to {compose}.",
+        f"rho {','.join(rho_label(r) for r in rhos)}), composition up to {compose}.",
         f"# Claims measured once on the held-out test split (n={test['n']}): top1 "
         f"{test['baseline']['top1']:.4f} -> {test['reduced']['top1']:.4f} ({_ci(test['delta_top1_bootstrap'])}).",
     ]
@@ -63,6 +79,7 @@ def header_comments(*, source: str, benchmark: str, n_validation: int, n_candida
     warning = side_warning(test.get("answer_balance"), "reduced", test["reduced"]["top1"])
     if warning:
         lines.append(f"# WARNING: {warning}.")
+    lines += _task_lines(test)
     lines.append(
         f"# tolerance {tolerance:g}: the scoring is deterministic on CPU; the slack only absorbs argmax near-ties "
         "that flip with thread count / batch layout."

@@ -9,21 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-
-def mp_median(beta: float, grid: int = 20001) -> float:
-    """Median of the Marchenko–Pastur law with ratio ``beta`` = m/n ≤ 1 and unit variance."""
-    if not 0 < beta <= 1:
-        raise ValueError(f"beta must be in (0, 1], got {beta}")
-    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
-    # x = lo + (hi-lo)(1-cos θ)/2 removes the square-root (and, at β=1, the 1/x) endpoint singularities
-    theta = np.linspace(0.0, math.pi, grid)
-    x = lo + (hi - lo) * (1 - np.cos(theta)) / 2
-    integrand = ((hi - lo) ** 2 / 4) * np.sin(theta) ** 2 / (2 * math.pi * beta * np.maximum(x, 1e-300))
-    if lo == 0.0:
-        integrand[0] = (hi - lo) / (2 * math.pi * beta)  # limit θ→0 at β=1
-    cdf = np.concatenate([[0.0], np.cumsum((integrand[1:] + integrand[:-1]) / 2 * np.diff(theta))])
-    cdf /= cdf[-1]
-    return float(np.interp(0.5, cdf, x))
+from ..lowrank import mp_edge
 
 
 def snr(singular_values: torch.Tensor, shape: tuple[int, int]) -> dict:
@@ -42,10 +28,7 @@ def snr(singular_values: torch.Tensor, shape: tuple[int, int]) -> dict:
     stands above what noise of that size would produce.
     """
     S = singular_values.detach().double().flatten().sort(descending=True).values
-    m, n = sorted((int(shape[0]), int(shape[1])))
-    beta = m / n
-    s = math.sqrt(float(S.pow(2).median()) / (n * mp_median(beta)))
-    edge = s * (math.sqrt(n) + math.sqrt(m))
+    s, edge = mp_edge(S, shape)  # the same noise estimate and edge as ``rank: auto``
     above = S[S > edge]
     below = S[S <= edge]
     noise = float(below.sum())
