@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from laser_export import evaluate  # noqa: E402
+from laser_export import stats  # noqa: E402
 from laser_export.benchmarks import load_split  # noqa: E402
 from laser_export.benchmarks.base import cache_dir  # noqa: E402
 from laser_export.intervene import SVDCache  # noqa: E402
@@ -63,7 +63,7 @@ def _arm(name, model, tok, family, val, test, args, **kw):
                      batch_size=args.batch_size, compose=1, progress=False, svd=SVDCache(), **kw)
     wall = time.perf_counter() - t
     base, red = evaluate_recipe(model, tok, family, test, [res.best], batch_size=args.batch_size, progress=False)
-    ci = evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1"))
+    ci = stats.paired_bootstrap(base.hits("top1"), red.hits("top1"))
     m = next(r for r in res.candidates if (r["layer"], r["matrix"], r["rho"]) == (res.best.layer, res.best.matrix,
                                                                                    res.best.rho))["metrics"]
     print(f"{name:<8} {wall:7.1f} s  winner {res.best.key}  validation top1 {m['top1']:.4f} "
@@ -134,7 +134,7 @@ def _compose_arms(model, tok, family, val, test, args):
                          results=ResultsLog(log, "bench"), beam=beam)
         wall = time.perf_counter() - t
         base, red = evaluate_recipe(model, tok, family, test, res.chosen, batch_size=args.batch_size, progress=False)
-        ci = evaluate.paired_bootstrap(base.hits("top1"), red.hits("top1"))
+        ci = stats.paired_bootstrap(base.hits("top1"), red.hits("top1"))
         print(f"compose {name:<7} {wall:7.1f} s  {'+'.join(c.key for c in res.chosen)}  validation top1 "
               f"{res.chosen_metrics['top1']:.4f}, {len(res.compose_trace)} sets scored; test Δtop1 "
               f"{ci['estimate'] * 100:+.2f} pts [{ci['ci95'][0] * 100:+.2f}, {ci['ci95'][1] * 100:+.2f}]", flush=True)

@@ -100,7 +100,7 @@ def _tasks(opts: SearchOptions, p, bench: dict, primary_split, primary_validatio
     """The tasks of ``--benchmark a,b,...`` (None for one task): same seed, validation fraction and
     subsample as the primary; each task's scorer checked; weights normalised to sum 1."""
     from ..benchmarks import BENCHMARKS, load_split
-    from ..evaluate import scorer_for
+    from ..selection import scorer_for
 
     names = _names(opts.benchmark)
     if len(names) < 2:

@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .. import evaluate
+from .. import stats
 from ..benchmarks import examples_sha256
 from .compose import selection_key
 from .grid import Candidate
@@ -86,7 +86,7 @@ def _cut(ranked: list[Candidate], scores: dict[Candidate, Scores], keep: int, la
     leader = scores[ranked[0]].values("top1")
     extra = []
     for c in ranked[keep:]:
-        ci = evaluate.paired_bootstrap(leader, scores[c].values("top1"), seed=0)["ci95"]
+        ci = stats.paired_bootstrap(leader, scores[c].values("top1"), seed=0)["ci95"]
         if ci[1] >= 0:  # not shown worse than the leader
             extra.append(c)
     return kept + extra, extra
