@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -94,3 +96,44 @@ def write_via(path: str | Path, write: Callable[[Path], None]) -> Path:
     with _replacing(path) as tmp:
         write(tmp)
     return Path(path)
+
+
+#: a temporary sibling written by :func:`_replacing`: ``.NAME.PID-RANDOM.part``
+_PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^./]+\.part$")
+#: a ``.part`` without a pid (an older writer's) counts as dead once untouched this long
+_STALE_PART_S = 3600
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (ours always does; one we may not signal is taken as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_part_debris(folder: str | Path) -> list[Path]:
+    """Remove ``.part`` temporaries in ``folder`` left by writers that were killed (their pid is gone; a
+    ``.part`` without a pid once untouched for an hour). Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if not (p.name.startswith(".") and p.name.endswith(".part")) or not p.is_file():
+            continue
+        m = _PART.match(p.name)
+        try:
+            dead = (not pid_alive(int(m["pid"]))) if m else time.time() - p.stat().st_mtime > _STALE_PART_S
+            if dead:
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            continue
+    return removed

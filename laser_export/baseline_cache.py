@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_text, write_via
+from .atomic import clean_part_debris, write_text, write_via
 from .defaults import PREFIX_CACHE_GB_VAR
 from .evaluate import ScoreResult
 
@@ -50,9 +50,7 @@ PREFIX_FORMAT = 2
 #: below this much free space the cache is not used (a prefix file alone can be ~2 GB)
 MIN_FREE_BYTES = 64 << 20
 #: ``.NAME.<pid>-XXXX.part``: a temporary of :mod:`laser_export.atomic` (pid of the writer)
-_PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^./]+\.part$")
 #: a ``.part`` without a pid (older writers) is debris once untouched this long
-_STALE_PART_S = 3600
 
 
 def default_dir() -> Path:
@@ -87,40 +85,6 @@ def check_cache_settings() -> None:
     :class:`~laser_export.defaults.EnvironmentSettingError` (exit 2). An unusable cache *folder* is not an
     error: :meth:`BaselineCache.open` warns and the run goes on without the cache."""
     prefix_budget_bytes()
-
-
-def clean_part_debris(folder: str | Path) -> list[Path]:
-    """Remove ``.part`` temporaries in ``folder`` left by writers that were killed (their pid is gone; a
-    ``.part`` without a pid once untouched for an hour). Returns what was removed."""
-    removed = []
-    try:
-        entries = list(Path(folder).iterdir())
-    except OSError:
-        return removed
-    for p in entries:
-        if not (p.name.startswith(".") and p.name.endswith(".part")) or not p.is_file():
-            continue
-        m = _PART.match(p.name)
-        try:
-            dead = (not _pid_alive(int(m["pid"]))) if m else time.time() - p.stat().st_mtime > _STALE_PART_S
-            if dead:
-                p.unlink()
-                removed.append(p)
-        except OSError:
-            continue
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def prefix_identity(cache) -> dict:

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .atomic import pid_alive
 from .errors import InputError
 
 MANIFEST = "manifest.json"
@@ -233,18 +234,6 @@ def check_report_path(path: Path, flag: str, protect: Iterable[str | Path] = (),
 _DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_debris(out_dir: str | Path) -> list[tuple[Path, str]]:
     """Leftovers of killed runs next to ``out_dir``: (path, 'tmp' | 'old') whose process is gone."""
     out = _resolve(out_dir, f"--out {out_dir}")
@@ -253,7 +242,7 @@ def find_debris(out_dir: str | Path) -> list[tuple[Path, str]]:
     found = []
     for p in sorted(out.parent.iterdir()):
         m = _DEBRIS.match(p.name)
-        if m and m["name"] == out.name and p.is_dir() and not _pid_alive(int(m["pid"])):
+        if m and m["name"] == out.name and p.is_dir() and not pid_alive(int(m["pid"])):
             found.append((p, m["kind"]))
     return found
 

@@ -58,13 +58,14 @@ def _protected(p: Plan) -> list[Path]:
 def _write_json(path: Path, data: dict) -> None:
     """Write a report atomically (:func:`laser_export.atomic.write_json`): a kill never leaves half a report; it
     is valid JSON (no NaN); an unwritable path is an OutputError."""
-    from .atomic import write_json
+    from .atomic import clean_part_debris, write_json
     from .policy import OutputError
     from .verify import check_report_json
 
     check_report_json(data, str(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        clean_part_debris(path.parent)  # what killed report writes left there
         write_json(path, data)
     except OSError as err:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None

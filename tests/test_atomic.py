@@ -77,3 +77,36 @@ def test_write_via_a_path_writer_is_atomic_too(tmp_path):
         atomic.write_via(p, half)
     assert p.read_bytes() == b"new whole file"
     assert [x.name for x in tmp_path.iterdir()] == ["prefix.safetensors"]
+
+
+def test_part_debris_of_a_killed_writer_is_removed_and_a_live_one_kept(tmp_path):
+    """A writer killed mid-write leaves `.NAME.PID-RANDOM.part`; the next write into that folder (reports, cache
+    entries) removes it when PID is gone, and never touches a live writer's temporary."""
+    import subprocess
+    import sys
+
+    from laser_export.atomic import clean_part_debris
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    killed = tmp_path / f".r.json.{dead_pid}-abc123.part"
+    live = tmp_path / f".r.json.{os.getpid()}-def456.part"
+    other = tmp_path / "keep.part"
+    for f in (killed, live, other):
+        f.write_bytes(b"x" * 10)
+    assert clean_part_debris(tmp_path) == [killed]
+    assert not killed.exists() and live.exists() and other.exists()
+
+
+def test_a_report_write_cleans_the_debris_of_killed_report_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from laser_export.runner import _write_json
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    debris = tmp_path / f".verify.json.{dead_pid}-zz.part"
+    debris.write_bytes(b"{half a report")
+    _write_json(tmp_path / "verify.json", {"passed": True})
+    assert not debris.exists() and json.loads((tmp_path / "verify.json").read_text()) == {"passed": True}
