@@ -376,7 +376,11 @@ def target_matrix(model: nn.Module, family: Family, t: Target) -> tuple[str, tor
         ref = block_ref(model, family, t.layer, t.alias, t.expert)
         return ref.name, ref.matrix(model)
     name = module_name(model, family, t.layer, t.alias)
-    return name, matrix_of(model.get_submodule(name))
+    module = model.get_submodule(name)
+    if is_conv1d(module) != (family.weight_layout == "conv1d"):  # the family file's declared layout must hold
+        raise ArchitectureError(f"families/{family.name}.json: weight_layout is {family.weight_layout!r}, but {name} "
+                                f"is a {type(module).__name__}")
+    return name, matrix_of(module)
 
 
 def resolve(model: nn.Module, family: Family, targets: Sequence[Target]) -> list[tuple[Target, str, tuple[int, int], int]]:

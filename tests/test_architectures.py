@@ -58,6 +58,18 @@ def test_every_alias_resolves_to_a_linear_map(model_type):
             assert (type(mod).__name__ == "Conv1D") == (fam.weight_layout == "conv1d"), (alias, type(mod))
 
 
+def test_a_family_file_whose_weight_layout_is_wrong_is_refused_naming_it():
+    """weight_layout is data the package reads: a family file that declares the wrong layout is an error
+    naming the file, never a silently transposed matrix."""
+    from laser_export.architectures import ArchitectureError
+    from laser_export.intervene import Target, target_matrix
+
+    model = tiny_model("gpt2")
+    fam = family_for("gpt2").model_copy(update={"weight_layout": "linear"})
+    with pytest.raises(ArchitectureError, match=r"families/.*weight_layout is 'linear'.*Conv1D"):
+        target_matrix(model, fam, Target(0, 0, "fc_in"))
+
+
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_family_capabilities_match_the_model(model_type):
     """auto_class builds the same class as the tiny model; task/pipeline_tag/scorers agree; the card
