@@ -311,7 +311,8 @@ def _main(argv: list[str] | None) -> int:
         check_environment()  # LASER_EXPORT_* settings: refused now, not after the expensive part
         cls = options_class(name)
         opts = args if cls is None else from_namespace(cls, args)
-        if getattr(opts, "progress", True) is False:
+        if getattr(opts, "progress", True) is False or not sys.stderr.isatty():
+            # --no-progress, or output into a file or a pipe: tqdm bars would print a line per refresh there
             from .progress import quiet_third_party_bars
 
             quiet_third_party_bars()

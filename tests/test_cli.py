@@ -260,3 +260,14 @@ def test_verify_replays_from_the_reduced_layer_and_matches_full_forwards(workspa
     for side in ("baseline", "reduced"):
         for k, v in full["metrics"][side].items():
             assert cached["metrics"][side][k] == pytest.approx(v, abs=1e-5), (side, k)
+
+
+def test_no_third_party_progress_lines_when_the_output_is_not_a_terminal(workspace, tmp_path, capsys, monkeypatch):
+    """Into a log file or a pipe, transformers' tqdm bars would print a line per refresh ("Writing model shards"
+    twice, GGUF de-quantization ~40 lines): the CLI silences them when stderr is not a terminal."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    recipe = _recipe(workspace, tmp_path / "r.yaml")
+    assert main([str(recipe), "--out", str(tmp_path / "out"), "--skip-verify"]) == 0
+    out = capsys.readouterr()
+    assert "Writing model shards" not in out.err + out.out and "it/s]" not in out.err + out.out
