@@ -460,6 +460,10 @@ CASES: list[Case] = [
          recipe=DATA('{"prompt": "p", "choices": ["a", "b"], "label": 5}\n')),
     Case("data-empty-file", X, "contains no examples", recipe=DATA("\n\n")),
     Case("data-answer-int", X, "'answer' must be a non-empty string", recipe=DATA('{"prompt": "p", "answer": 3}\n')),
+    Case("data-single-choice", X, "has 1 choice; a choice task needs at least 2",
+         recipe=DATA('{"prompt": "p", "choices": ["a"], "label": 0}\n')),
+    Case("data-duplicate-choices", X, "lists the choice 'a' more than once",
+         recipe=DATA('{"prompt": "p", "choices": ["a", "a", "b"], "label": 1}\n')),
     Case("data-duplicate-ids", X, "duplicate example id 'a'",
          recipe=DATA('{"id": "a", "prompt": "p", "answer": "x"}\n{"id": "a", "prompt": "q", "answer": "y"}\n')),
     Case("counterfact-subject-type", X, "requested_rewrite.subject must be a non-empty string", recipe=DATA(json.dumps([

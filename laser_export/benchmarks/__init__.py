@@ -212,10 +212,27 @@ def load_examples(
         raise BenchmarkError(f"{name}: example {blank.id!r} has an empty (whitespace-only) prompt or answer")
     if not examples:
         raise BenchmarkError(f"{name}: no examples loaded from {path or 'the default location'}")
+    _check_choices(examples, name, path)
     check_unique_ids(examples, name)
     if max_examples is not None:
         examples = examples[:max_examples]
     return examples
+
+
+def _check_choices(examples: Sequence[Example], name: str, path) -> None:
+    """A choice example needs two or more distinct choices: with one, any model scores 100%; with duplicates,
+    the copies tie and the label can never win (0% for any model)."""
+    for ex in examples:
+        if not ex.is_choice:
+            continue
+        where = f"{name}: {path or 'the default file'}: example {ex.id!r}"
+        if len(ex.choices) < 2:
+            raise BenchmarkError(f"{where} has {len(ex.choices)} choice; a choice task needs at least 2 "
+                                 "(any model would score 100%)")
+        dup = sorted({c for c in ex.choices if list(ex.choices).count(c) > 1})
+        if dup:
+            raise BenchmarkError(f"{where} lists the choice {dup[0]!r} more than once (the copies tie: the label "
+                                 "could never be predicted)")
 
 
 def subsample_examples(examples: Sequence[Example], n: int, seed: int | None) -> list[Example]:
