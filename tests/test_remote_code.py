@@ -106,3 +106,21 @@ def test_with_laser_export_imported_both_paths_load_the_same_model(tmp_path, mon
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, model(x).logits, rtol=0, atol=1e-6)
         torch.testing.assert_close(remote(x).logits, model(x).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_remote_code_refuses_tampered_ranks_even_with_ignore_mismatched_sizes(tmp_path, clean_python):
+    """A rank in quantization_config that disagrees with the stored factors: transformers, told to
+    ignore_mismatched_sizes, would leave those factors uninitialised (NaN logits); the shipped code refuses
+    (with laser_export imported its own quantizer refuses first: test_hostile)."""
+    _export("llama", "factorised", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    ranks = config["quantization_config"]["ranks"]
+    ranks["model.layers.2.mlp.gate_proj"] = int(ranks["model.layers.2.mlp.gate_proj"]) + 3
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    code = ("import transformers\n"
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=True, "
+            "ignore_mismatched_sizes=True)\nprint('LOADED')\n")
+    res = run_clean(clean_python, code, cwd=tmp_path)
+    assert res.returncode != 0 and "LOADED" not in res.stdout
+    assert "LaserLoadError" in res.stderr and "does not have the shape its recorded rank implies" in res.stderr

@@ -131,6 +131,10 @@ class LaserLoadMixin:
                 continue
             missing = [k for k in info.get("missing_keys", ()) if k.startswith(name + ".")]
             problems += [f"{k} is missing from the checkpoint" for k in missing]
+            # under ignore_mismatched_sizes=True transformers leaves a mis-shaped factor uninitialised: refuse it
+            mismatched = [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", ())]
+            problems += [f"{k} in the checkpoint does not have the shape its recorded rank implies"
+                         for k in mismatched if str(k).startswith(name + ".")]
         if problems:
             raise LaserLoadError("factorised checkpoint is incomplete: " + "; ".join(problems[:10]))
         return (model, info) if want_info else model
