@@ -379,6 +379,7 @@ def test_non_finite_scores_are_not_cached(tmp_path):
     assert store.load("k", {"m": 1}, ["b"])[0] is None  # other examples
 
 
+@pytest.mark.slow  # an end-to-end CLI run (export + ONNX/push/full forwards): run by .ci/run's slow suite
 def test_a_forward_that_transforms_the_logits_is_never_replayed(ws, monkeypatch):
     """A model whose forward scales its logits (remote code): replay (blocks + norm + head) is not its
     forward, so the reduced pass runs full forwards and the numbers equal --no-prefix-cache's."""

@@ -169,6 +169,7 @@ def test_check_uses_recipe_hints_for_uncached_hub_models(tmp_path, monkeypatch, 
     assert "add model.model_type and model.num_layers" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end CLI run (export + ONNX/push/full forwards): run by .ci/run's slow suite
 def test_onnx_export_with_parity_in_the_manifest(workspace, tmp_path):
     recipe = _recipe(workspace, tmp_path / "r.yaml", claims=None, export={"formats": ["safetensors", "onnx"]})
     out = tmp_path / "out"
@@ -202,6 +203,7 @@ def test_onnx_for_an_unsupported_family_is_a_recipe_error(tmp_path, capsys):
     assert "export.formats: ONNX export supports" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an end-to-end CLI run (export + ONNX/push/full forwards): run by .ci/run's slow suite
 def test_run_with_push_then_load_factorised_model_from_the_hub(workspace, tmp_path, capsys, hub_online):
     import os
     import subprocess

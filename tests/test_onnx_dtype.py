@@ -88,6 +88,7 @@ def test_quantized_file_of_a_large_model_keeps_its_weights_in_onnx_data(tmp_path
     assert info["quantized"]["max_abs_diff"] < info["quantized"]["max_abs_logit"]
 
 
+@pytest.mark.slow  # an end-to-end CLI run (export + ONNX/push/full forwards): run by .ci/run's slow suite
 def test_run_writes_fp16_and_quantized_onnx_and_the_transformers_js_config(tmp_path):
     import yaml
 
