@@ -70,12 +70,15 @@ def test_import_laser_export_still_registers_the_factorised_loader():
     assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr[-2000:]
 
 
-def test_no_progress_silences_transformers_and_hub_bars(tiny, tmp_path, capsys):
+def test_no_progress_silences_transformers_and_hub_bars(tiny, tmp_path, capsys, monkeypatch):
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()
     enable_progress_bars()
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: third-party bars stay (not a log file)
     assert main([str(tiny / "r.yaml"), "--out", str(tmp_path / "with")]) == 0
     noisy = capsys.readouterr().err
     assert "it/s]" in noisy  # transformers' own tqdm bar ("Writing model shards ...")

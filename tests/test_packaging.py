@@ -41,7 +41,7 @@ def test_sdist_and_wheel_install_into_a_fresh_venv_and_run(tmp_path):
     cli = python.parent / "laser-export"
     res = subprocess.run([str(cli), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env=clean_env(tmp_path))
-    assert res.returncode == 0 and "laser-export check" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0 and "usage: laser-export" in res.stdout and "check RECIPE" in res.stdout, res.stderr[-2000:]
     res = run_clean(python, "import laser_export, sys; print(laser_export.__file__, laser_export.__version__)",
                     cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
