@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import metrics as _metrics
-from .benchmarks.base import Example
+from .benchmarks.base import BenchmarkError, Example
 
 ARTICLE_WORDS = ("a", "an", "the", "A", "An", "The")
 _LEADING_ARTICLE = re.compile(r"^(?:a|an|the)\s+(?=\S)", re.IGNORECASE)
@@ -91,6 +91,14 @@ def article_token_ids(tokenizer) -> list[int]:
             if len(toks) == 1:
                 ids.add(toks[0])
     return sorted(ids)
+
+
+def _first_stripped(tokenizer, ex: Example, answer: str) -> int:
+    """First token of the answer without its leading article (the top1_no_article target)."""
+    ids = _continuation_ids(tokenizer, strip_leading_article(answer))
+    if not ids:
+        raise BenchmarkError(f"example {ex.id!r}: answer {answer!r} without its leading article tokenises to nothing")
+    return ids[0]
 
 
 def strip_leading_article(answer: str) -> str:
@@ -258,16 +266,16 @@ def _causal_rows(tokenizer, examples: Sequence[Example]) -> tuple[list[_Row], li
     for i, ex in enumerate(examples):
         prompt = _prompt_ids(tokenizer, ex.prompt)
         if not prompt:
-            raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
+            raise BenchmarkError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
         candidates = _candidates(ex)
         for j, cand in enumerate(candidates):
             cont = _continuation_ids(tokenizer, cand)
             if not cont:
-                raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
+                raise BenchmarkError(f"example {ex.id!r}: answer/choice {cand!r} tokenises to nothing")
             rows.append(_Row(i, j, prompt, cont))
         answer_first.append([] if ex.is_choice else [r.cont[0] for r in rows[-len(candidates) :]])
         stripped_first.append(
-            [] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers]
+            [] if ex.is_choice else [_first_stripped(tokenizer, ex, a) for a in ex.answers]
         )
     return rows, answer_first, stripped_first
 
@@ -404,14 +412,14 @@ def _masked_rows(tokenizer, examples: Sequence[Example], mask_id: int, mask_toke
         for cand in _candidates(ex):
             cont = _continuation_ids(tokenizer, cand)
             if not cont:
-                raise ValueError(f"example {ex.id!r}: candidate {cand!r} tokenises to nothing")
+                raise BenchmarkError(f"example {ex.id!r}: answer/choice {cand!r} tokenises to nothing")
             firsts.append(cont[0])
         if ex.is_choice and len(set(firsts)) != len(firsts):
             raise ValueError(
                 f"example {ex.id!r}: choices {list(ex.choices)} share a first token; a single mask cannot tell them apart"
             )
         targets.append(firsts)
-        stripped.append([] if ex.is_choice else [_continuation_ids(tokenizer, strip_leading_article(a))[0] for a in ex.answers])
+        stripped.append([] if ex.is_choice else [_first_stripped(tokenizer, ex, a) for a in ex.answers])
     return rows, at, targets, stripped
 
 
@@ -484,7 +492,7 @@ def score_generate(
             raise ValueError(f"example {ex.id!r}: the generate scorer scores answers, not choices")
         ids = _prompt_ids(tokenizer, ex.prompt)
         if not ids:
-            raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
+            raise BenchmarkError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
         prompts.append(ids)
     generated: dict[int, list[int]] = {}
     device = _model_device(model)

@@ -343,3 +343,18 @@ def test_metric_lists_derive_from_the_one_table():
     assert set(METRIC_LABELS) <= set(table)
     assert not table["logloss"].higher_is_better and table["top1"].higher_is_better
     assert metrics.format_value("top1", 0.5) == "50.00%" and metrics.format_value("logloss", 1.25) == "1.2500"
+
+
+def test_an_answer_that_tokenises_to_nothing_is_bad_input_naming_the_example(model, tokenizer, monkeypatch):
+    """An answer (or its article-stripped form) the tokenizer turns into no tokens: a BenchmarkError (exit 2)
+    naming the example — before, the stripped form failed with a bare IndexError."""
+    from laser_export.benchmarks.base import BenchmarkError
+
+    real = ev._continuation_ids
+    monkeypatch.setattr(ev, "_continuation_ids", lambda tok, text: [] if text == "x" else real(tok, text))
+    ex = Example(id="e1", prompt="the capital is", answers=("the x",))
+    with pytest.raises(BenchmarkError, match=r"example 'e1': answer 'the x' without its leading article tokenises to nothing"):
+        score_examples(model, tokenizer, [ex], progress=False)
+    ex2 = Example(id="e2", prompt="the capital is", answers=("x",))
+    with pytest.raises(BenchmarkError, match=r"example 'e2': answer/choice 'x' tokenises to nothing"):
+        score_examples(model, tokenizer, [ex2], progress=False)
