@@ -11,16 +11,8 @@ import torch
 from laser_export.architectures import family_for
 from laser_export.benchmarks import load_split
 from laser_export.search import Candidate, ResultsLog, run_search
-from laser_export.search.halving import Scores, _cut, rung_sizes
+from laser_export.search.halving import Scores, _cut
 from tinymodels import tiny_model, tiny_tokenizer
-
-
-def test_rung_sizes():
-    assert rung_sizes(300, 36, eta=3, min_examples=24) == [33, 100, 300]
-    assert rung_sizes(60, 36, eta=3, min_examples=24) == [60]  # too few examples for a cut
-    assert rung_sizes(1000, 4, eta=2, min_examples=10) == [250, 500, 1000]  # as many cuts as candidates allow
-    with pytest.raises(ValueError):
-        rung_sizes(10, 10, eta=1)
 
 
 def test_last_cut_keeps_candidates_tied_with_the_leader():
@@ -53,7 +45,8 @@ def test_halving_matches_grid_on_survivors_and_scores_fewer(tmp_path):
               progress=False)
     grid = run_search(model, tok, fam, val, **kw)
     log = tmp_path / "h.jsonl"
-    hv = run_search(model, tok, fam, val, strategy="halving", halving_min_examples=6, results=ResultsLog(log, "k"), **kw)
+    hv = run_search(model, tok, fam, val, strategy="halving", eta=3, halving_min_examples=6,
+                    results=ResultsLog(log, "k"), **kw)
     info = hv.halving
     assert [r["examples"] for r in info["rungs"]] == [6, 18, 54]
     assert info["scored_examples"] < 0.6 * info["grid_examples"]
@@ -67,7 +60,7 @@ def test_halving_matches_grid_on_survivors_and_scores_fewer(tmp_path):
     assert hv.baseline["top1"] == pytest.approx(grid.baseline["top1"], abs=1e-12)
     assert all(k in info["survivors"] for k in [hv.best.key])
     # resumed: every chunk score comes from the log, no scoring pass
-    again = run_search(model, tok, fam, val, strategy="halving", halving_min_examples=6,
+    again = run_search(model, tok, fam, val, strategy="halving", eta=3, halving_min_examples=6,
                        results=ResultsLog(log, "k"), **kw)
     assert again.n_scored == 0 and again.best == hv.best
     assert again.halving["rungs"] == info["rungs"]
@@ -90,7 +83,9 @@ def test_cli_search_halving_from_scan_with_auto_rank(tmp_path):
                    "--validation-fraction", "0.5", "--out", str(out), "--no-progress"])
     assert rc == 0
     sweep = json.loads((tmp_path / "found.sweep.json").read_text())
-    assert sweep["halving"]["eta"] == 3 and sweep["halving"]["rungs"][-1]["examples"] == 40
+    # 6 candidates on 40 examples: no cut fits a first part of 24 examples, so one rung (the grid), and it says so
+    assert sweep["halving"]["sizes"] == [40] and sweep["halving"]["rungs"][-1]["examples"] == 40
+    assert sweep["halving"]["within_budget"] is False and sweep["halving"]["worst_case_ratio"] == 1.0
     assert len({(r["layer"], r["matrix"]) for r in sweep["candidates"]}) == 3  # pruned by the scan's SNR
     scan = json.loads(scan_json.read_text())
     assert {r["snr"] for r in sweep["snr"]} <= {r["snr"] for r in scan["matrices"]}

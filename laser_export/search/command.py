@@ -323,8 +323,10 @@ def _print_validation(result) -> None:
     if result.halving:
         h = result.halving
         cuts = " → ".join(f"{t['candidates']}@{t['examples']}" for t in h["rungs"])
+        over = f", over the {h['budget']:.2f} budget: too few examples or candidates for a cheaper plan"
         console.print(f"halving (eta {h['eta']}): candidates@examples {cuts}; {h['scored_examples']} examples scored, "
-                      f"{h['scored_examples'] / h['grid_examples']:.2f} of the grid's {h['grid_examples']}")
+                      f"{h['scored_examples'] / h['grid_examples']:.2f} of the grid's {h['grid_examples']} (worst case "
+                      f"{h['worst_case_ratio']:.2f}{'' if h['within_budget'] else over})")
     console.print(f"chosen on validation: {set_key(result.chosen)} → top1 {result.chosen_metrics['top1']:.4f}")
 
 

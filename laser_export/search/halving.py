@@ -14,7 +14,19 @@ it has been scored on. What stays the same as the grid:
 
 Noise: at the last cut (the one before the full split) a candidate is never dropped while the paired
 bootstrap 95% CI of its top-1 difference to the leader (on the examples scored so far) includes 0; it goes
-on to the full split with the leader.
+on to the full split with the leader. Earlier cuts are by rank only.
+
+The schedule (:func:`plan`) is chosen so that this rule cannot break the cost bound: its *worst case* —
+the CI rule keeping every candidate alive at the last cut — scores at most ``BUDGET`` (35%) of the grid's
+example scorings (``n × (candidates + 1)``, baseline included). Rungs are geometric (part ``i`` is
+``n / eta^(K-1-i)``, the last one all ``n``), as in successive halving / Hyperband (Jamieson & Talwalkar
+2016; Li et al. 2018). Among the rates ``eta`` in 2..8 and rung counts ``K`` whose first part has at least
+``min_examples`` examples and whose worst case is within the budget, the plan takes the largest first part
+(the noisiest cut sees the most examples), then the smallest ``eta`` (the gentlest cuts). Worst case
+with rounding ignored: ``[1 + C·eta^-(K-1)·(eta + (K-2)(1 - 1/eta))] / (C + 1)`` — e.g. 0.25 for
+``C = 36``, ``eta = 2``, ``K = 5``, which needs ``n >= 16 × min_examples`` (384 at the default 24); with
+``eta = 3``, ``K = 3`` (the old default) it is 0.42, over the budget. When no schedule fits (too few
+examples or candidates), the plan with the smallest worst case is run and ``within_budget`` says so.
 """
 
 from __future__ import annotations
@@ -30,16 +42,94 @@ from .compose import selection_key
 from .grid import Candidate
 from .results import ResultsLog
 
+#: the largest share of the grid's example scorings a halving may spend in its worst case
+BUDGET = 0.35
+#: the halving rates the plan chooses from (a rate of 8 keeps the best eighth at each cut)
+ETAS = tuple(range(2, 9))
+#: the smallest first part (examples every candidate is scored on before the first cut)
+MIN_EXAMPLES = 24
 
-def rung_sizes(n_examples: int, n_candidates: int, eta: int = 3, min_examples: int = 24) -> list[int]:
-    """Cumulative example counts per rung, the last one ``n_examples``: each rung ``eta`` times the one
-    before; as many rungs as keep the first one at least ``min_examples`` and leave a candidate to cut."""
+
+def rung_sizes(n_examples: int, eta: int, rungs: int) -> list[int]:
+    """Cumulative example counts of ``rungs`` geometric rungs: ``n / eta^(rungs-1-i)``, the last ``n``."""
     if eta < 2:
         raise ValueError(f"eta must be at least 2, got {eta}")
-    rungs = 1
-    while (n_examples / eta ** rungs >= min_examples) and (n_candidates / eta ** rungs >= 1):
-        rungs += 1
+    if rungs < 1:
+        raise ValueError(f"rungs must be at least 1, got {rungs}")
     return [max(1, round(n_examples / eta ** (rungs - 1 - i))) for i in range(rungs - 1)] + [n_examples]
+
+
+def schedule_cost(n_examples: int, n_candidates: int, eta: int, sizes: Sequence[int], *, ci_keeps_all: bool) -> int:
+    """Example scorings of a halving with these rungs (the chunk baselines, ``n`` in all, included): the
+    rank cuts keep ``ceil(alive / eta)``; at the last cut the CI rule keeps every candidate
+    (``ci_keeps_all``, the worst case) or none beyond the rank cut (the best case)."""
+    total, alive, lo = n_examples, n_candidates, 0
+    for i, hi in enumerate(sizes):
+        total += alive * (hi - lo)
+        lo = hi
+        if i < len(sizes) - 1 and not (ci_keeps_all and i == len(sizes) - 2):
+            alive = max(1, math.ceil(alive / eta))
+    return total
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A halving plan: its rate, cumulative rung sizes and cost bounds (example scorings)."""
+
+    n_examples: int
+    n_candidates: int
+    eta: int
+    sizes: tuple[int, ...]
+    budget: float = BUDGET
+
+    @property
+    def grid(self) -> int:
+        return self.n_examples * (self.n_candidates + 1)
+
+    @property
+    def worst(self) -> int:
+        return schedule_cost(self.n_examples, self.n_candidates, self.eta, self.sizes, ci_keeps_all=True)
+
+    @property
+    def best(self) -> int:
+        return schedule_cost(self.n_examples, self.n_candidates, self.eta, self.sizes, ci_keeps_all=False)
+
+    @property
+    def within_budget(self) -> bool:
+        return self.worst <= self.budget * self.grid
+
+    def as_dict(self) -> dict:
+        return {"eta": self.eta, "sizes": list(self.sizes), "budget": self.budget,
+                "worst_case_ratio": self.worst / self.grid, "best_case_ratio": self.best / self.grid,
+                "within_budget": self.within_budget}
+
+
+def _valid(sizes: Sequence[int], n_candidates: int, eta: int, min_examples: int) -> bool:
+    """Rungs that strictly grow, a first part of at least ``min_examples`` and two or more candidates at
+    every cut (the single rung, the grid itself, is always valid)."""
+    if len(sizes) == 1:
+        return True
+    alive = n_candidates
+    for _ in sizes[:-1]:
+        if alive < 2:
+            return False
+        alive = math.ceil(alive / eta)
+    return sizes[0] >= min_examples and all(a < b for a, b in zip(sizes, sizes[1:]))
+
+
+def plan(n_examples: int, n_candidates: int, eta: int | None = None, *, min_examples: int = MIN_EXAMPLES,
+         budget: float = BUDGET) -> Schedule:
+    """The halving schedule (module docstring): ``eta`` fixed, or chosen from :data:`ETAS` when None."""
+    options = []
+    for e in [eta] if eta is not None else ETAS:
+        rungs = 1
+        while _valid(rung_sizes(n_examples, e, rungs), n_candidates, e, min_examples):
+            options.append(Schedule(n_examples, n_candidates, e, tuple(rung_sizes(n_examples, e, rungs)), budget))
+            rungs += 1
+    fits = [s for s in options if s.within_budget]
+    if fits:
+        return max(fits, key=lambda s: (s.sizes[0], -s.eta, -len(s.sizes)))
+    return min(options, key=lambda s: (s.worst, -s.sizes[0], s.eta, len(s.sizes)))
 
 
 @dataclass
@@ -71,6 +161,7 @@ class HalvingResult:
     trace: list[dict]
     scored_examples: int  # examples scored (chunk baselines + candidates), resumed rows included
     n_passes: int = 0  # scoring passes actually run (not resumed)
+    schedule: Schedule | None = None
 
 
 def _per_example(result, kept: Sequence[str]) -> list[dict]:
@@ -99,18 +190,21 @@ def successive_halving(
     *,
     kept_metrics: Sequence[str],
     results: ResultsLog,
-    eta: int = 3,
+    eta: int | None = None,
     seed: int = 0,
-    min_examples: int = 24,
+    min_examples: int = MIN_EXAMPLES,
+    budget: float = BUDGET,
     is_identity: Callable[[Candidate], bool] = lambda c: False,
     on_scored: Callable[[Candidate, int], None] | None = None,
 ) -> HalvingResult:
     """Run the rungs. ``make_scorer(chunk)`` returns an object with ``baseline_result()`` and
     ``score_result(cands)`` (ScoreResults) on ``chunk``; ``is_identity(c)``: the candidate is the model
-    itself (full rank), scored as the baseline without a pass."""
+    itself (full rank), scored as the baseline without a pass. The rungs: :func:`plan` (``eta`` None:
+    chosen); the example subsets are drawn with ``seed``."""
     order = list(range(len(examples)))
     random.Random(f"halving-{seed}").shuffle(order)
-    sizes = rung_sizes(len(examples), len(candidates), eta, min_examples)
+    schedule = plan(len(examples), len(candidates), eta, min_examples=min_examples, budget=budget)
+    sizes, eta = schedule.sizes, schedule.eta
     base, scores = Scores(), {c: Scores() for c in candidates}
     alive, trace, scored, lo, passes = list(candidates), [], 0, 0, 0
     for i, hi in enumerate(sizes):
@@ -145,4 +239,35 @@ def successive_halving(
         trace.append(entry)
         passes += scorer.n_scored if scorer is not None else 0
         lo = hi
-    return HalvingResult(base, scores, alive, trace, scored, passes)
+    return HalvingResult(base, scores, alive, trace, scored, passes, schedule)
+
+
+@dataclass
+class _Rows:
+    per_example: list[dict]
+
+
+class TableScorer:
+    """A halving scorer that reads per-example values already measured on every example (e.g. a grid's):
+    ``table[None]`` the baseline's rows, ``table[candidate]`` a candidate's, in ``examples`` order. Replaying
+    a halving from a grid this way scores nothing: the bench uses it to draw many subsets (seeds) at no
+    model cost, and :func:`successive_halving` runs unchanged on it."""
+
+    def __init__(self, examples: Sequence, table: dict, chunk: Sequence | None = None):
+        self.examples, self.table, self.n_scored = examples, table, 0
+        index = {id(ex): i for i, ex in enumerate(examples)}
+        self.rows = [index[id(ex)] for ex in (examples if chunk is None else chunk)]
+
+    def chunk(self, chunk: Sequence) -> "TableScorer":
+        return TableScorer(self.examples, self.table, chunk)
+
+    def _take(self, key) -> _Rows:
+        self.n_scored += 1
+        return _Rows([self.table[key][i] for i in self.rows])
+
+    def baseline_result(self) -> _Rows:
+        return self._take(None)
+
+    def score_result(self, cands: Sequence[Candidate]) -> _Rows:
+        (c,) = cands
+        return self._take(c)

@@ -287,7 +287,7 @@ def _grid_scores(scorer, swap: Swapper, grid, baseline, results: ResultsLog, pro
     return {c: results.get(swap.ident(c))["metrics"] for c in grid}
 
 
-def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int | None, seed: int, min_examples: int,
                     progress: bool):
     """(baseline metrics on every example, metrics per candidate at its last rung, baseline on the same
     examples per candidate, the halving result)."""
@@ -313,14 +313,15 @@ def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, see
     return hv.baseline.metrics, single, base_same, hv
 
 
-def _halving_outcome(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+def _halving_outcome(local: LocalScorer, grid, results: ResultsLog, eta: int | None, seed: int, min_examples: int,
                      progress: bool):
     """(baseline, metrics per candidate, its baseline on the same examples, survivors, the sweep JSON's
     ``halving`` section, per-candidate extra row fields, the halving result)."""
     baseline, single, base_same, hv = _halving_scores(local, grid, results, eta, seed, min_examples, progress)
     reached = {c: max(i for i, t in enumerate(hv.trace) if hv.scores[c].metrics["n"] >= t["examples"]) for c in grid}
-    section = {"eta": eta, "seed": seed, "rungs": hv.trace, "scored_examples": hv.scored_examples,
-               "grid_examples": len(local.examples) * (len(grid) + 1), "survivors": [c.key for c in hv.survivors]}
+    section = {**hv.schedule.as_dict(), "seed": seed, "min_examples": min_examples, "rungs": hv.trace,
+               "scored_examples": hv.scored_examples, "grid_examples": len(local.examples) * (len(grid) + 1),
+               "survivors": [c.key for c in hv.survivors]}
     return (baseline, single, base_same.__getitem__, hv.survivors, section, {c: {"rung": reached[c]} for c in grid},
             hv)
 
@@ -415,7 +416,7 @@ def run_search(
     use_prefix_cache: bool = True,
     pool=None,
     strategy: str = "grid",
-    eta: int = 3,
+    eta: int | None = None,
     halving_seed: int = 0,
     halving_min_examples: int = 24,
     scan_snr: dict | None = None,
@@ -425,7 +426,8 @@ def run_search(
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
     ``strategy``: ``grid`` scores every candidate on every example; ``halving`` runs successive halving
-    (:mod:`.halving`, rate ``eta``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
+    (:mod:`.halving`, rate ``eta`` — None: chosen by :func:`.halving.plan` — first part at least
+    ``halving_min_examples``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
     {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
     ``tasks``: several benchmarks in ``examples`` (see :func:`metrics_of`). ``beam``: compose by a beam
     search of that width (:func:`.compose.compose_beam`) instead of greedily.
