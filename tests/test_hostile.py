@@ -173,6 +173,19 @@ def _model_with(c: Ctx, edit_config=None, files=None, drop=()) -> str:
     return str(m)
 
 
+def _tokenizer_drops(c: Ctx, char: str) -> str:
+    """A model copy whose tokenizer normalises ``char`` away (an answer of only that character: no tokens)."""
+    from tokenizers import normalizers
+
+    from tinymodels import tiny_tokenizer
+
+    m = c.model_copy()
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace(char, "")
+    tok.save_pretrained(m)
+    return str(m)
+
+
 def _truncate_weights(c: Ctx) -> str:
     m = c.model_copy()
     f = m / "model.safetensors"
@@ -464,6 +477,12 @@ CASES: list[Case] = [
          recipe=DATA('{"prompt": "p", "choices": ["a"], "label": 0}\n')),
     Case("data-duplicate-choices", X, "lists the choice 'a' more than once",
          recipe=DATA('{"prompt": "p", "choices": ["a", "a", "b"], "label": 1}\n')),
+    Case("data-answer-tokenises-to-nothing", X, "example 'line1': answer/choice '~' tokenises to nothing",
+         recipe=lambda c: {**DATA('{"prompt": "w4 w5", "answer": "~"}\n' * 2)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
+    Case("data-prompt-too-long", X, "example 'line1': prompt is 1,000,001 characters (limit 1,000,000",
+         recipe=DATA('{"prompt": "%s", "answer": "w5"}\n' % ("w" * 1_000_001))),
+    Case("data-line-too-long", X, "d.jsonl:1: line longer than 16 MiB",
+         recipe=DATA(b'{"prompt": "' + b"w4 " * (6 * 2**20) + b'", "answer": "w5"}\n')),
     Case("data-duplicate-ids", X, "duplicate example id 'a'",
          recipe=DATA('{"id": "a", "prompt": "p", "answer": "x"}\n{"id": "a", "prompt": "q", "answer": "y"}\n')),
     Case("counterfact-subject-type", X, "requested_rewrite.subject must be a non-empty string", recipe=DATA(json.dumps([
