@@ -539,6 +539,13 @@ CASES: list[Case] = [
     Case("debris-old-restored", X, "restored the previous export",
          setup=lambda c: ((c.tmp / ".out.old-999999999-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-999999999-x" / "old")),
          check=_old_export_intact, new=("out", "out/*")),
+    Case("debris-old-restored-pid-reused", X, "restored the previous export",  # pid 1 runs, but started long before
+         setup=lambda c: ((c.tmp / ".out.old-1t2-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-1t2-x" / "old")),
+         check=_old_export_intact, new=("out", "out/*")),
+    Case("debris-old-of-a-live-run-mentioned", 0, "moved aside by a run that still runs",
+         setup=lambda c: ((c.tmp / f".out.old-{os.getpid()}-x").mkdir(),
+                          shutil.copytree(c.ws / "export", c.tmp / f".out.old-{os.getpid()}-x" / "old")),
+         argv=run_args("--dry-run")),
     Case("dry-run-plan", 0, "dry run: no weights loaded, nothing written", recipe=B(), argv=run_args("--dry-run"),
          check=lambda c: "would write:" in c.data["stderr"] and "verify report; 30 examples scored with the reduced model" in c.data["stderr"]
          and "baseline cache holds it" in c.data["stderr"] and "LASER_EXPORT_PREFIX_CACHE_GB" in c.data["stderr"] or pytest.fail(c.data["stderr"])),
