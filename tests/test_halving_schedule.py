@@ -141,3 +141,38 @@ def test_table_scorer_replay_resumes_from_the_log():
     a = successive_halving(examples, cands, scorer.chunk, kept_metrics=["top1"], results=log, seed=5)
     b = successive_halving(examples, cands, scorer.chunk, kept_metrics=["top1"], results=log, seed=5)
     assert a.n_passes > 0 and b.n_passes == 0 and a.survivors == b.survivors and a.trace == b.trace
+
+
+@pytest.mark.slow  # ~15 s on an idle 2-core machine: a grid and two halvings on the tiny model
+def test_replay_from_the_grid_reproduces_a_measured_halving(tmp_path):
+    """What bench/search_strategies.py relies on to draw many seeds: successive halving on a TableScorer fed
+    the grid's per-example values gives the measured halving's rungs, survivors and scored-example count."""
+    import json
+
+    import torch
+
+    from laser_export.architectures import family_for
+    from laser_export.benchmarks import load_split
+    from laser_export.search import LocalScorer, run_search
+    from laser_export.search.sweep import KEPT_METRICS
+    from tinymodels import tiny_model, tiny_tokenizer
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(f"w{int(t)}" for t in torch.randint(0, 100, (3,), generator=g)),
+                                        "answer": f"w{int(torch.randint(0, 100, (1,), generator=g))}"}) + "\n"
+                            for _ in range(60)))
+    val = load_split("jsonl", path=path, seed=0, validation_fraction=0.9).validation
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    cands = [Candidate(l, m, r) for l in (2, 1) for m in ("fc_in", "fc_out") for r in (0.1, 0.5)]
+    kept = [k for k in KEPT_METRICS if k != "n"]
+    scorer = LocalScorer(model, tok, fam, val, batch_size=8, cache_start=1)
+    rows = lambda r: [{k: v for k, v in row.items() if k in kept} for row in r.per_example]  # noqa: E731
+    table = {None: rows(scorer.baseline_result()), **{c: rows(scorer.score_result([c])) for c in cands}}
+    for seed in (0, 1):
+        real = run_search(model, tok, fam, val, layers=[1, 2], matrices=["fc_in", "fc_out"], rhos=[0.1, 0.5],
+                          batch_size=8, compose=1, progress=False, strategy="halving", eta=3, halving_seed=seed,
+                          halving_min_examples=6).halving
+        hv = _run(val, cands, table, seed=seed, eta=3, min_examples=6)
+        assert hv.trace == real["rungs"] and hv.scored_examples == real["scored_examples"]
+        assert [c.key for c in hv.survivors] == real["survivors"]
