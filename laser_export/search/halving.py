@@ -23,8 +23,8 @@ example scorings (``n × (candidates + 1)``, baseline included). Rungs are geome
 2016; Li et al. 2018). Among the rates ``eta`` in 2..8 and rung counts ``K`` whose first part has at least
 ``min_examples`` examples and whose worst case is within the budget, the plan takes the largest first part
 (the noisiest cut sees the most examples), then the smallest ``eta`` (the gentlest cuts). Worst case
-with rounding ignored: ``[1 + C·eta^-(K-1)·(eta + (K-2)(1 - 1/eta))] / (C + 1)`` — e.g. 0.25 for
-``C = 36``, ``eta = 2``, ``K = 5``, which needs ``n >= 16 × min_examples`` (384 at the default 24); with
+with rounding ignored: ``[1 + C·eta^-(K-1)·(eta + (K-2)(1 - 1/eta))] / (C + 1)`` — e.g. 0.24 (0.25 with
+rounding) for ``C = 36``, ``eta = 2``, ``K = 5``, which needs ``n >= 16 × min_examples`` (384 at the default 24); with
 ``eta = 3``, ``K = 3`` (the old default) it is 0.42, over the budget. When no schedule fits (too few
 examples or candidates), the plan with the smallest worst case is run and ``within_budget`` says so.
 """
