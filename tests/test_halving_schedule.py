@@ -29,48 +29,51 @@ def _grid(n_layers=3, n_matrices=3, n_rhos=4):
 
 
 def test_rung_sizes_are_geometric():
-    assert rung_sizes(384, 2, 5) == [24, 48, 96, 192, 384]
-    assert rung_sizes(300, 3, 3) == [33, 100, 300]
-    assert rung_sizes(60, 3, 1) == [60]
+    assert rung_sizes(384, 3, 4, 42) == [42, 126, 378, 384]
+    assert rung_sizes(60, 3, 1, 24) == [60]
     with pytest.raises(ValueError):
-        rung_sizes(10, 1, 2)
+        rung_sizes(10, 1, 2, 5)
 
 
 def test_schedule_cost_by_hand():
-    # 36 candidates, n 384, rungs 24/48/96/192/384 at eta 2: 36 → 18 → 9 → 5 → 3 (or 5 if the CI keeps all)
-    sizes = (24, 48, 96, 192, 384)
-    best = 384 + 36 * 24 + 18 * 24 + 9 * 48 + 5 * 96 + 3 * 192
-    worst = 384 + 36 * 24 + 18 * 24 + 9 * 48 + 5 * 96 + 5 * 192
-    assert schedule_cost(384, 36, 2, sizes, ci_keeps_all=False) == best
-    assert schedule_cost(384, 36, 2, sizes, ci_keeps_all=True) == worst
-    s = Schedule(384, 36, 2, sizes)
+    # 36 candidates, rungs 42/126/378/384 at eta 3: 36 → 12 → 4 → 2 (or 4 if the CI rule keeps all)
+    sizes = (42, 126, 378, 384)
+    best = 384 + 36 * 42 + 12 * 84 + 4 * 252 + 2 * 6
+    worst = 384 + 36 * 42 + 12 * 84 + 4 * 252 + 4 * 6
+    assert schedule_cost(384, 36, 3, sizes, ci_keeps_all=False) == best
+    assert schedule_cost(384, 36, 3, sizes, ci_keeps_all=True) == worst
+    s = Schedule(384, 36, 3, sizes)
     assert s.grid == 384 * 37 and s.worst == worst and s.within_budget
     assert s.as_dict()["worst_case_ratio"] == pytest.approx(worst / (384 * 37))
 
 
 def test_plan_for_the_36_candidate_grid():
     s = plan(384, 36)
-    assert (s.eta, s.sizes) == (2, (24, 48, 96, 192, 384))
+    assert (s.eta, s.sizes) == (3, (42, 126, 378, 384))
     assert s.worst / s.grid <= BUDGET and s.within_budget
-    # the old default (eta 3, three rungs) could spend 42% of the grid when the CI rule kept all 12 at the last cut
+    # the former schedule (n / eta^(K-1-i), three rungs) could spend 42% of the grid when the CI rule kept all
+    # 12 at the last cut; with eta 3 one rank cut never fits 36 candidates, whatever the first part
     old = Schedule(300, 36, 3, (33, 100, 300))
     assert old.worst / old.grid > BUDGET
-    assert plan(384, 36, 3).worst / plan(384, 36, 3).grid > BUDGET  # eta 3 needs n >= 27 x 24 for four rungs
-    assert plan(648, 36, 3).within_budget and plan(648, 36, 3).sizes == (24, 72, 216, 648)
-    assert plan(384, 36, 4).sizes == (24, 96, 384) and plan(384, 36, 4).within_budget
+    assert not Schedule(384, 36, 3, (24, 384)).within_budget and not Schedule(384, 36, 3, (24, 72, 384)).within_budget
+    assert not plan(216, 36).within_budget and plan(217, 36).sizes == (24, 72, 216, 217)
+    # a first part as large as the budget allows: one more example would break it or the rung order
+    assert plan(384, 36, 4).sizes == (41, 164, 384) and not Schedule(384, 36, 4, (42, 168, 384)).within_budget
+    assert plan(384, 36, 2).sizes == (47, 94, 188, 376, 384)
 
 
+@pytest.mark.parametrize("eta", [2, 3, 4])
 @pytest.mark.parametrize("n_candidates", [36, 37, 48, 64, 100, 250])
 @pytest.mark.parametrize("n", [384, 400, 512, 1000, 3000])
-def test_plan_is_within_budget_structurally(n, n_candidates):
-    s = plan(n, n_candidates)
-    assert s.within_budget and s.sizes[0] >= 24 and s.sizes[-1] == n
+def test_plan_is_within_budget_structurally(n, n_candidates, eta):
+    s = plan(n, n_candidates, eta)
+    assert s.within_budget and s.worst <= BUDGET * s.grid and s.sizes[0] >= 24 and s.sizes[-1] == n
     assert all(a < b for a, b in zip(s.sizes, s.sizes[1:]))
 
 
 def test_plan_when_the_budget_cannot_be_met():
-    s = plan(216, 36)  # first part >= 24 leaves at most four rungs at eta 2: worst case 39%
-    assert not s.within_budget and s.sizes[0] >= 24 and s.worst / s.grid < 0.4
+    s = plan(216, 36)  # four rungs at eta 3 need n > 9 x 24: the cheapest valid plan, flagged
+    assert not s.within_budget and s.sizes == (24, 72, 216)
     assert plan(40, 6).sizes == (40,)  # too few examples for a cut: the grid itself
     assert plan(54, 12, 3, min_examples=6).sizes == (6, 18, 54)
 
@@ -105,7 +108,7 @@ def test_separated_candidates_cost_the_best_case():
     quality[cands[7]] = 0.95  # one clear winner: everyone else is shown worse at the last cut
     hv = _run(examples, cands, _table(examples, cands, random.Random(1), quality))
     assert hv.scored_examples == hv.schedule.best
-    assert cands[7] in hv.survivors and len(hv.survivors) == 3
+    assert cands[7] in hv.survivors and len(hv.survivors) == 2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -18,15 +18,18 @@ on to the full split with the leader. Earlier cuts are by rank only.
 
 The schedule (:func:`plan`) is chosen so that this rule cannot break the cost bound: its *worst case* —
 the CI rule keeping every candidate alive at the last cut — scores at most ``BUDGET`` (35%) of the grid's
-example scorings (``n × (candidates + 1)``, baseline included). Rungs are geometric (part ``i`` is
-``n / eta^(K-1-i)``, the last one all ``n``), as in successive halving / Hyperband (Jamieson & Talwalkar
-2016; Li et al. 2018). Among the rates ``eta`` in 2..8 and rung counts ``K`` whose first part has at least
-``min_examples`` examples and whose worst case is within the budget, the plan takes the largest first part
-(the noisiest cut sees the most examples), then the smallest ``eta`` (the gentlest cuts). Worst case
-with rounding ignored: ``[1 + C·eta^-(K-1)·(eta + (K-2)(1 - 1/eta))] / (C + 1)`` — e.g. 0.24 (0.25 with
-rounding) for ``C = 36``, ``eta = 2``, ``K = 5``, which needs ``n >= 16 × min_examples`` (384 at the default 24); with
-``eta = 3``, ``K = 3`` (the old default) it is 0.42, over the budget. When no schedule fits (too few
-examples or candidates), the plan with the smallest worst case is run and ``within_budget`` says so.
+example scorings (``n × (candidates + 1)``, baseline included). Rung ``i`` (all but the last) holds
+``first · eta^i`` examples, the last all ``n``, the cuts keeping the best ``1/eta`` as in successive halving /
+Hyperband (Jamieson & Talwalkar 2016; Li et al. 2018; ``eta`` 3 by default, theirs). For that rate the plan
+takes the number of rungs and the largest first part (at least ``min_examples``) whose worst case fits the
+budget: what the budget allows is spent on seeing more examples before each cut, the noisy part of
+halving (:func:`schedule_cost` counts the worst case exactly). For 36 candidates at eta 3 one rank cut is
+never enough (36 → 12, then 12 kept by the CI rule on all the rest: with the baseline already 13/37 = 0.351 of
+the grid), so four rungs are needed, ``n >= 9 × 24 + 1``; at ``n = 384`` the plan is 42 → 126 → 378 → 384
+examples for 36 → 12 → 4 → 2 to 4 candidates, worst case 0.28. The former schedule (``n / eta^(K-1-i)``;
+three rungs below ``n = 27 × 24``: 36 → 12 → 4 to 12 candidates on ``n/9``, ``n/3``, ``n``) could spend
+0.42. When no schedule fits (too few examples or candidates), the valid one with the smallest worst case
+is run and ``within_budget`` says so.
 """
 
 from __future__ import annotations
@@ -44,19 +47,19 @@ from .results import ResultsLog
 
 #: the largest share of the grid's example scorings a halving may spend in its worst case
 BUDGET = 0.35
-#: the halving rates the plan chooses from (a rate of 8 keeps the best eighth at each cut)
-ETAS = tuple(range(2, 9))
+#: the default halving rate (keep the best third at each cut), Hyperband's usual choice
+ETA = 3
 #: the smallest first part (examples every candidate is scored on before the first cut)
 MIN_EXAMPLES = 24
 
 
-def rung_sizes(n_examples: int, eta: int, rungs: int) -> list[int]:
-    """Cumulative example counts of ``rungs`` geometric rungs: ``n / eta^(rungs-1-i)``, the last ``n``."""
+def rung_sizes(n_examples: int, eta: int, rungs: int, first: int) -> list[int]:
+    """Cumulative example counts of ``rungs`` rungs: ``first · eta^i`` for all but the last, then ``n``."""
     if eta < 2:
         raise ValueError(f"eta must be at least 2, got {eta}")
     if rungs < 1:
         raise ValueError(f"rungs must be at least 1, got {rungs}")
-    return [max(1, round(n_examples / eta ** (rungs - 1 - i))) for i in range(rungs - 1)] + [n_examples]
+    return [first * eta**i for i in range(rungs - 1)] + [n_examples]
 
 
 def schedule_cost(n_examples: int, n_candidates: int, eta: int, sizes: Sequence[int], *, ci_keeps_all: bool) -> int:
@@ -117,19 +120,39 @@ def _valid(sizes: Sequence[int], n_candidates: int, eta: int, min_examples: int)
     return sizes[0] >= min_examples and all(a < b for a, b in zip(sizes, sizes[1:]))
 
 
-def plan(n_examples: int, n_candidates: int, eta: int | None = None, *, min_examples: int = MIN_EXAMPLES,
+def _largest_first(n: int, c: int, eta: int, rungs: int, min_examples: int, budget: float) -> Schedule | None:
+    """The schedule of ``rungs`` rungs at rate ``eta`` with the largest first part whose worst case fits the
+    budget (the worst case grows with the first part: bisection); None when even ``min_examples`` is over it
+    or leaves no valid schedule."""
+    def make(first: int) -> Schedule:
+        return Schedule(n, c, eta, tuple(rung_sizes(n, eta, rungs, first)), budget)
+
+    lo, hi = min_examples, -(-n // eta ** (rungs - 2)) - 1  # the last cut before the full split
+    if lo > hi or not _valid(make(lo).sizes, c, eta, min_examples) or not make(lo).within_budget:
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if make(mid).within_budget else (lo, mid - 1)
+    return make(lo)
+
+
+def plan(n_examples: int, n_candidates: int, eta: int = ETA, *, min_examples: int = MIN_EXAMPLES,
          budget: float = BUDGET) -> Schedule:
-    """The halving schedule (module docstring): ``eta`` fixed, or chosen from :data:`ETAS` when None."""
-    options = []
-    for e in [eta] if eta is not None else ETAS:
-        rungs = 1
-        while _valid(rung_sizes(n_examples, e, rungs), n_candidates, e, min_examples):
-            options.append(Schedule(n_examples, n_candidates, e, tuple(rung_sizes(n_examples, e, rungs)), budget))
-            rungs += 1
-    fits = [s for s in options if s.within_budget]
+    """The halving schedule at rate ``eta`` (module docstring): the number of rungs and the largest first part
+    whose worst case fits the budget; else the valid schedule with the smallest worst case."""
+    n, c = n_examples, n_candidates
+    fits, fallback = [], [Schedule(n, c, eta, (n,), budget)]
+    rungs = 3  # two rungs: the only cut is the last, where the CI rule may keep everyone (the grid's cost)
+    while min_examples * eta ** (rungs - 2) < n:
+        best = _largest_first(n, c, eta, rungs, min_examples, budget)
+        fits += [best] if best else []
+        sizes = rung_sizes(n, eta, rungs, min_examples)
+        if _valid(sizes, c, eta, min_examples):
+            fallback.append(Schedule(n, c, eta, tuple(sizes), budget))
+        rungs += 1
     if fits:
-        return max(fits, key=lambda s: (s.sizes[0], -s.eta, -len(s.sizes)))
-    return min(options, key=lambda s: (s.worst, -s.sizes[0], s.eta, len(s.sizes)))
+        return max(fits, key=lambda s: (s.sizes[0], -len(s.sizes)))
+    return min(fallback, key=lambda s: (s.worst, -s.sizes[0], len(s.sizes)))
 
 
 @dataclass
@@ -190,7 +213,7 @@ def successive_halving(
     *,
     kept_metrics: Sequence[str],
     results: ResultsLog,
-    eta: int | None = None,
+    eta: int = ETA,
     seed: int = 0,
     min_examples: int = MIN_EXAMPLES,
     budget: float = BUDGET,
@@ -199,8 +222,8 @@ def successive_halving(
 ) -> HalvingResult:
     """Run the rungs. ``make_scorer(chunk)`` returns an object with ``baseline_result()`` and
     ``score_result(cands)`` (ScoreResults) on ``chunk``; ``is_identity(c)``: the candidate is the model
-    itself (full rank), scored as the baseline without a pass. The rungs: :func:`plan` (``eta`` None:
-    chosen); the example subsets are drawn with ``seed``."""
+    itself (full rank), scored as the baseline without a pass. The rungs: :func:`plan`; the example subsets
+    are drawn with ``seed``."""
     order = list(range(len(examples)))
     random.Random(f"halving-{seed}").shuffle(order)
     schedule = plan(len(examples), len(candidates), eta, min_examples=min_examples, budget=budget)
