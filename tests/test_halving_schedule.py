@@ -48,18 +48,19 @@ def test_schedule_cost_by_hand():
 
 
 def test_plan_for_the_36_candidate_grid():
-    s = plan(384, 36)
-    assert (s.eta, s.sizes) == (3, (42, 126, 378, 384))
+    s = plan(384, 36)  # the gentlest rate that fits: halving proper
+    assert (s.eta, s.sizes) == (2, (47, 94, 188, 376, 384))
     assert s.worst / s.grid <= BUDGET and s.within_budget
-    # the former schedule (n / eta^(K-1-i), three rungs) could spend 42% of the grid when the CI rule kept all
-    # 12 at the last cut; with eta 3 one rank cut never fits 36 candidates, whatever the first part
+    # a first part as large as the budget or the rung order allows
+    assert plan(384, 36, 3).sizes == (42, 126, 378, 384) and 42 * 9 < 384 <= 43 * 9
+    assert plan(384, 36, 4).sizes == (41, 164, 384) and not Schedule(384, 36, 4, (42, 168, 384)).within_budget
+    # the former schedule (n / eta^(K-1-i), eta 3, three rungs) could spend 42% of the grid when the CI rule
+    # kept all 12 at the last cut; at eta 3 one rank cut never fits 36 candidates, whatever the first part
     old = Schedule(300, 36, 3, (33, 100, 300))
     assert old.worst / old.grid > BUDGET
     assert not Schedule(384, 36, 3, (24, 384)).within_budget and not Schedule(384, 36, 3, (24, 72, 384)).within_budget
-    assert not plan(216, 36).within_budget and plan(217, 36).sizes == (24, 72, 216, 217)
-    # a first part as large as the budget allows: one more example would break it or the rung order
-    assert plan(384, 36, 4).sizes == (41, 164, 384) and not Schedule(384, 36, 4, (42, 168, 384)).within_budget
-    assert plan(384, 36, 2).sizes == (47, 94, 188, 376, 384)
+    assert not plan(216, 36, 3).within_budget and plan(217, 36, 3).sizes == (24, 72, 216, 217)
+    assert plan(192, 36).eta == 5  # eta 2 needs n > 8 x 24: the next rate that fits
 
 
 @pytest.mark.parametrize("eta", [2, 3, 4])
@@ -72,8 +73,9 @@ def test_plan_is_within_budget_structurally(n, n_candidates, eta):
 
 
 def test_plan_when_the_budget_cannot_be_met():
-    s = plan(216, 36)  # four rungs at eta 3 need n > 9 x 24: the cheapest valid plan, flagged
+    s = plan(216, 36, 3)  # four rungs at eta 3 need n > 9 x 24: the cheapest valid plan, flagged
     assert not s.within_budget and s.sizes == (24, 72, 216)
+    assert not plan(100, 36).within_budget and plan(100, 36).sizes[0] >= 24
     assert plan(40, 6).sizes == (40,)  # too few examples for a cut: the grid itself
     assert plan(54, 12, 3, min_examples=6).sizes == (6, 18, 54)
 
@@ -108,7 +110,7 @@ def test_separated_candidates_cost_the_best_case():
     quality[cands[7]] = 0.95  # one clear winner: everyone else is shown worse at the last cut
     hv = _run(examples, cands, _table(examples, cands, random.Random(1), quality))
     assert hv.scored_examples == hv.schedule.best
-    assert cands[7] in hv.survivors and len(hv.survivors) == 2
+    assert cands[7] in hv.survivors and len(hv.survivors) == -(-hv.trace[-2]["candidates"] // hv.schedule.eta)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -19,17 +19,17 @@ on to the full split with the leader. Earlier cuts are by rank only.
 The schedule (:func:`plan`) is chosen so that this rule cannot break the cost bound: its *worst case* —
 the CI rule keeping every candidate alive at the last cut — scores at most ``BUDGET`` (35%) of the grid's
 example scorings (``n × (candidates + 1)``, baseline included). Rung ``i`` (all but the last) holds
-``first · eta^i`` examples, the last all ``n``, the cuts keeping the best ``1/eta`` as in successive halving /
-Hyperband (Jamieson & Talwalkar 2016; Li et al. 2018; ``eta`` 3 by default, theirs). For that rate the plan
-takes the number of rungs and the largest first part (at least ``min_examples``) whose worst case fits the
-budget: what the budget allows is spent on seeing more examples before each cut, the noisy part of
-halving (:func:`schedule_cost` counts the worst case exactly). For 36 candidates at eta 3 one rank cut is
-never enough (36 → 12, then 12 kept by the CI rule on all the rest: with the baseline already 13/37 = 0.351 of
-the grid), so four rungs are needed, ``n >= 9 × 24 + 1``; at ``n = 384`` the plan is 42 → 126 → 378 → 384
-examples for 36 → 12 → 4 → 2 to 4 candidates, worst case 0.28. The former schedule (``n / eta^(K-1-i)``;
-three rungs below ``n = 27 × 24``: 36 → 12 → 4 to 12 candidates on ``n/9``, ``n/3``, ``n``) could spend
-0.42. When no schedule fits (too few examples or candidates), the valid one with the smallest worst case
-is run and ``within_budget`` says so.
+``first · eta^i`` examples, the last all ``n``; each cut keeps the best ``1/eta`` (successive halving,
+Karnin et al. 2013, Jamieson & Talwalkar 2016, is ``eta = 2``; Hyperband, Li et al. 2018, uses 3). The plan
+spends what the budget allows on evidence before each drop: the gentlest rate (smallest ``eta``, from 2, unless
+``eta`` is given) for which some schedule fits, and for it the number of rungs and the largest first part (at
+least ``min_examples``) whose worst case fits (:func:`schedule_cost` counts it exactly). For 36 candidates
+at ``n = 384`` that is eta 2 on 47 → 94 → 188 → 376 → 384 examples for 36 → 18 → 9 → 5 → 3 to 5 candidates,
+worst case 0.334 (eta 3 would be 42 → 126 → 378 → 384, 0.277: it drops two thirds at each cut on fewer
+examples). At eta 3 one rank cut never fits 36 candidates (36 → 12, then 12 kept by the CI rule on the rest:
+with the baseline already 13/37 = 0.351 of the grid), which is what the former schedule (``n / eta^(K-1-i)``,
+eta 3, three rungs below ``n = 648``) did: up to 0.42. When no schedule fits (too few examples or
+candidates), the valid one with the smallest worst case is run and ``within_budget`` says so.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from .results import ResultsLog
 
 #: the largest share of the grid's example scorings a halving may spend in its worst case
 BUDGET = 0.35
-#: the default halving rate (keep the best third at each cut), Hyperband's usual choice
-ETA = 3
+#: the rates the plan tries, gentlest first (2: keep the best half at each cut, successive *halving* proper)
+ETAS = tuple(range(2, 9))
 #: the smallest first part (examples every candidate is scored on before the first cut)
 MIN_EXAMPLES = 24
 
@@ -136,11 +136,9 @@ def _largest_first(n: int, c: int, eta: int, rungs: int, min_examples: int, budg
     return make(lo)
 
 
-def plan(n_examples: int, n_candidates: int, eta: int = ETA, *, min_examples: int = MIN_EXAMPLES,
-         budget: float = BUDGET) -> Schedule:
-    """The halving schedule at rate ``eta`` (module docstring): the number of rungs and the largest first part
-    whose worst case fits the budget; else the valid schedule with the smallest worst case."""
-    n, c = n_examples, n_candidates
+def _plan_at(n: int, c: int, eta: int, min_examples: int, budget: float) -> tuple[Schedule | None, list[Schedule]]:
+    """At rate ``eta``: (the schedule with the largest first part whose worst case fits the budget, or None;
+    every valid schedule with a first part of ``min_examples``, the fallbacks)."""
     fits, fallback = [], [Schedule(n, c, eta, (n,), budget)]
     rungs = 3  # two rungs: the only cut is the last, where the CI rule may keep everyone (the grid's cost)
     while min_examples * eta ** (rungs - 2) < n:
@@ -150,9 +148,20 @@ def plan(n_examples: int, n_candidates: int, eta: int = ETA, *, min_examples: in
         if _valid(sizes, c, eta, min_examples):
             fallback.append(Schedule(n, c, eta, tuple(sizes), budget))
         rungs += 1
-    if fits:
-        return max(fits, key=lambda s: (s.sizes[0], -len(s.sizes)))
-    return min(fallback, key=lambda s: (s.worst, -s.sizes[0], len(s.sizes)))
+    return (max(fits, key=lambda s: (s.sizes[0], -len(s.sizes))) if fits else None), fallback
+
+
+def plan(n_examples: int, n_candidates: int, eta: int | None = None, *, min_examples: int = MIN_EXAMPLES,
+         budget: float = BUDGET) -> Schedule:
+    """The halving schedule (module docstring): at ``eta``, or at the smallest rate of :data:`ETAS` with a
+    schedule within the budget; else the valid schedule with the smallest worst case."""
+    fallback = []
+    for e in [eta] if eta is not None else ETAS:
+        best, more = _plan_at(n_examples, n_candidates, e, min_examples, budget)
+        if best is not None:
+            return best
+        fallback += more
+    return min(fallback, key=lambda s: (s.worst, -s.sizes[0], s.eta, len(s.sizes)))
 
 
 @dataclass
@@ -213,7 +222,7 @@ def successive_halving(
     *,
     kept_metrics: Sequence[str],
     results: ResultsLog,
-    eta: int = ETA,
+    eta: int | None = None,
     seed: int = 0,
     min_examples: int = MIN_EXAMPLES,
     budget: float = BUDGET,
@@ -222,8 +231,8 @@ def successive_halving(
 ) -> HalvingResult:
     """Run the rungs. ``make_scorer(chunk)`` returns an object with ``baseline_result()`` and
     ``score_result(cands)`` (ScoreResults) on ``chunk``; ``is_identity(c)``: the candidate is the model
-    itself (full rank), scored as the baseline without a pass. The rungs: :func:`plan`; the example subsets
-    are drawn with ``seed``."""
+    itself (full rank), scored as the baseline without a pass. The rungs: :func:`plan` (``eta`` None: the
+    gentlest rate within the budget); the example subsets are drawn with ``seed``."""
     order = list(range(len(examples)))
     random.Random(f"halving-{seed}").shuffle(order)
     schedule = plan(len(examples), len(candidates), eta, min_examples=min_examples, budget=budget)

@@ -287,7 +287,7 @@ def _grid_scores(scorer, swap: Swapper, grid, baseline, results: ResultsLog, pro
     return {c: results.get(swap.ident(c))["metrics"] for c in grid}
 
 
-def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int | None, seed: int, min_examples: int,
                     progress: bool):
     """(baseline metrics on every example, metrics per candidate at its last rung, baseline on the same
     examples per candidate, the halving result)."""
@@ -313,7 +313,7 @@ def _halving_scores(local: LocalScorer, grid, results: ResultsLog, eta: int, see
     return hv.baseline.metrics, single, base_same, hv
 
 
-def _halving_outcome(local: LocalScorer, grid, results: ResultsLog, eta: int, seed: int, min_examples: int,
+def _halving_outcome(local: LocalScorer, grid, results: ResultsLog, eta: int | None, seed: int, min_examples: int,
                      progress: bool):
     """(baseline, metrics per candidate, its baseline on the same examples, survivors, the sweep JSON's
     ``halving`` section, per-candidate extra row fields, the halving result)."""
@@ -416,7 +416,7 @@ def run_search(
     use_prefix_cache: bool = True,
     pool=None,
     strategy: str = "grid",
-    eta: int = 3,
+    eta: int | None = None,
     halving_seed: int = 0,
     halving_min_examples: int = 24,
     scan_snr: dict | None = None,
@@ -426,8 +426,9 @@ def run_search(
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
     ``strategy``: ``grid`` scores every candidate on every example; ``halving`` runs successive halving
-    (:mod:`.halving`, rate ``eta``, rungs by :func:`.halving.plan`, first part at least
-    ``halving_min_examples``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
+    (:mod:`.halving`, rate ``eta`` — None: the gentlest within the budget — and rungs by
+    :func:`.halving.plan`, first part at least ``halving_min_examples``, subsets drawn with ``halving_seed``)
+    — in process only. ``scan_snr``:
     {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
     ``tasks``: several benchmarks in ``examples`` (see :func:`metrics_of`). ``beam``: compose by a beam
     search of that width (:func:`.compose.compose_beam`) instead of greedily.
