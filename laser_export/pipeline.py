@@ -165,6 +165,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
 
     if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
         problems.append(f"export.formats: onnx: {why}")
+    from .export.gguf import llama_cpp_missing
+
+    if why := llama_cpp_missing(recipe.export.gguf_types):
+        problems.append(f"export.gguf_types: {why}")
     if problems:
         raise RecipeError(problems)
 
