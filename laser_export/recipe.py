@@ -214,6 +214,27 @@ class PerplexitySpec(_Strict):
         return self
 
 
+class LmEvalSpec(_Strict):
+    """lm-evaluation-harness tasks that verify measures before and after the reduction (collateral cost, with
+    paired-bootstrap CIs over the same documents). Needs the ``laser-export[lm-eval]`` extra."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names (e.g. arc_easy, hellaswag)")
+    num_fewshot: Int | None = Field(None, ge=0, description="few-shot examples per prompt (null: each task's default)")
+    limit: Int | None = Field(None, ge=1, description="score only the first N documents of each task")
+    batch_size: Int = Field(1, ge=1)
+    include_path: str | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, v):
+        blank = [i for i, t in enumerate(v) if not t.strip()]
+        if blank:
+            raise ValueError(f"task names must not be empty (item {blank[0]})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"task names must be distinct, got {v}")
+        return v
+
+
 class Claim(_Strict):
     accuracy: Float = Field(ge=0, le=1)
 
@@ -277,6 +298,7 @@ class Recipe(_Strict):
     benchmark: BenchmarkSpec | None = None
     claims: Claims | None = None
     perplexity: PerplexitySpec | None = None
+    lm_eval: LmEvalSpec | None = None
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")

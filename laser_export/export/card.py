@@ -187,7 +187,7 @@ def public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
     name only — a card is published, the local layout is not."""
     recipe = recipe.model_copy(deep=True)
     for obj, name in ((recipe.model, "source"), (recipe.model, "offload_folder"), (recipe.benchmark, "path"),
-                      (recipe.perplexity, "path")):
+                      (recipe.perplexity, "path"), (recipe.lm_eval, "include_path")):
         value = getattr(obj, name, None) if obj is not None else None
         if isinstance(value, str) and _is_local(value):
             public = _public_name(value)
@@ -282,8 +282,26 @@ def _eval_results(ctx: CardContext) -> list[EvalResult]:
     return results
 
 
+def _lm_eval_section(ctx: CardContext) -> dict | None:
+    """The verify report's lm-eval measurement (``report["lm_eval"]``), when there is one."""
+    if ctx.report is None or not ctx.report.model_extra:
+        return None
+    section = ctx.report.model_extra.get("lm_eval")
+    return section if isinstance(section, dict) and section else None
+
+
+def _lm_eval(ctx: CardContext) -> list[str]:
+    from ..lm_eval_card import card_lines
+
+    return card_lines(_lm_eval_section(ctx))
+
+
 def _card_data(ctx: CardContext) -> ModelCardData:
     eval_results = _eval_results(ctx)
+    if ctx.verified:
+        from ..lm_eval_card import eval_results as lm_eval_results
+
+        eval_results += lm_eval_results(_lm_eval_section(ctx), ctx.family.pipeline_tag if ctx.family else "text-generation")
     tags = ["laser", "low-rank", "rank-reduction", "svd", "laser-export", f"laser-{ctx.storage}"]
     if ctx.source.model_type:
         tags.append(ctx.source.model_type)
@@ -570,7 +588,7 @@ def _recipe_and_citation(ctx: CardContext) -> list[str]:
             "## Citation", "", "```bibtex", BIBTEX, "```", ""]
 
 
-SECTIONS = (_intro, _what_changed, _results, _claims, _costs, _limits, _formats, _how_to_load, _recipe_and_citation)
+SECTIONS = (_intro, _what_changed, _results, _claims, _costs, _lm_eval, _limits, _formats, _how_to_load, _recipe_and_citation)
 
 
 def render_card(
