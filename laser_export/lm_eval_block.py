@@ -149,10 +149,10 @@ def _public_dataset(path) -> str | None:
 
 
 def _per_doc(samples: list[dict]) -> dict:
-    """{(metric, filter): {doc_id: value}} and {doc_id: doc_hash} of lm-eval's logged samples."""
+    """{(metric, filter): {doc_id: value}} and {doc_id: (doc_hash, prompt_hash)} of lm-eval's logged samples."""
     values, hashes = {}, {}
     for s in samples:
-        hashes[s["doc_id"]] = s.get("doc_hash")
+        hashes[s["doc_id"]] = (s.get("doc_hash"), s.get("prompt_hash"))
         for m in s.get("metrics") or []:
             values.setdefault((m, s.get("filter", "none")), {})[s["doc_id"]] = s.get(m)
     return values, hashes
@@ -186,7 +186,7 @@ def _task_report(name: str, base: dict, red: dict) -> dict:
     vr, hr = _per_doc(sr)
     if hb != hr:
         raise LmEvalMismatch(f"lm_eval: task {name}: the baseline and reduced passes scored different documents "
-                             f"({len(hb)} vs {len(hr)}); no paired comparison")
+                             f"or prompts ({len(hb)} vs {len(hr)} documents); no paired comparison")
     cfg = base["configs"].get(name, {})
     rb, rr = base["results"].get(name, {}), red["results"].get(name, {})
     higher = base.get("higher_is_better", {}).get(name, {})

@@ -190,3 +190,23 @@ def test_card_table_and_model_index_name_lm_eval_its_version_and_the_limit():
     # not verified (--skip-verify): no model-index results at all
     skipped = str(render_card(BASE, "name: lme\n", manifest, {**report, "skip_verify": True}))
     assert "model-index" not in skipped.split("---")[1]
+
+
+def test_two_passes_over_the_same_model_pair_exactly_even_with_few_shot(ws):
+    """The tasks are loaded once; both passes see the same documents and the same few-shot prompts (lm-eval's
+    seeds), so an unchanged model gives Δ = 0 with a [0, 0] interval on every metric."""
+    from laser_export.lm_eval_block import prepare
+    from transformers import AutoModelForCausalLM
+
+    spec = parse_recipe({**BASE, "lm_eval": {"tasks": ["laser_local_mc"], "include_path": str(ws / "tasks"),
+                                             "num_fewshot": 2, "limit": 8, "batch_size": 4}}).lm_eval
+    passes = prepare(spec)
+    model, tok = AutoModelForCausalLM.from_pretrained(ws / "llama"), tiny_tokenizer()
+    tok.pad_token = None  # HFLM sets one on the tokenizer it gets
+    passes.baseline(model, tok)
+    section = passes.reduced(model, tok)
+    assert tok.pad_token is None  # lm-eval configured a copy of the tokenizer, not the one that is exported
+    task = section["tasks"]["laser_local_mc"]
+    assert task["n"] == 8 and task["num_fewshot"] == 2
+    for m in task["metrics"].values():
+        assert m["baseline"] == m["reduced"] and m["delta"] == {"estimate": 0.0, "ci95": [0.0, 0.0], "n": 8}
