@@ -210,3 +210,19 @@ def test_two_passes_over_the_same_model_pair_exactly_even_with_few_shot(ws):
     assert task["n"] == 8 and task["num_fewshot"] == 2
     for m in task["metrics"].values():
         assert m["baseline"] == m["reduced"] and m["delta"] == {"estimate": 0.0, "ci95": [0.0, 0.0], "n": 8}
+
+
+def test_language_is_validated_and_carried_to_the_card_front_matter():
+    from laser_export.export.card import render_card
+
+    assert parse_recipe({**BASE, "model": {"source": "x/y", "language": "en"}}).model.language == "en"
+    assert parse_recipe({**BASE, "model": {"source": "x/y", "language": ["en", "fra", "yue"]}}).model.language == \
+        ["en", "fra", "yue"]
+    for bad in ("english", "EN", "zz", "qqq", ["en", "en"], [], 3, ["en", 1]):
+        (problem,) = _problems({**BASE, "model": {"source": "x/y", "language": bad}})
+        assert problem.startswith("model.language: "), problem
+    manifest = {"model": {"source": "x/y", "model_type": "llama"}, "storage": "dense", "matrices": []}
+    for lang, want in (("en", "en"), (["en", "fr"], ["en", "fr"]), (None, None)):
+        recipe = {**BASE, "model": {"source": "x/y", **({"language": lang} if lang else {})}}
+        meta = yaml.safe_load(str(render_card(recipe, "name: lme\n", manifest, None)).split("---")[1])
+        assert meta.get("language") == want
