@@ -43,6 +43,18 @@ def lm_eval_version() -> str:
     return version("lm_eval")
 
 
+def lm_eval_missing() -> str | None:
+    """Why the ``lm_eval:`` block cannot run here (lm-eval not installed), without importing lm-eval; else None."""
+    import importlib.util
+    import sys
+
+    if "lm_eval" in sys.modules:
+        present = sys.modules["lm_eval"] is not None
+    else:
+        present = importlib.util.find_spec("lm_eval") is not None
+    return None if present else f"needs lm-eval, which is not installed: {EXTRA}"
+
+
 def _import_lm_eval():
     try:
         import lm_eval  # noqa: F401
@@ -60,7 +72,7 @@ def task_manager(include_path: str | None, defaults: bool = True):
         raise RecipeError([f"lm_eval.include_path: {include_path} is not a folder"])
     key = (None if include_path is None else os.path.abspath(os.path.expanduser(include_path)), defaults)
     if key not in _MANAGERS:
-        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about a model object are noise here
         _MANAGERS[key] = TaskManager(include_path=key[0], include_defaults=defaults)
     return _MANAGERS[key]
 
@@ -90,7 +102,6 @@ class LmEvalPasses:
     spec: object
     tasks: dict  # leaf task name -> lm-eval Task (data loaded once, before the weights)
     manager: object = None  # the TaskManager that loaded them (simple_evaluate builds a full one without it)
-    progress: bool = True
     base: dict | None = field(default=None, repr=False)
 
     def _evaluate(self, model, tokenizer) -> dict:

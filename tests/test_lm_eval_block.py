@@ -66,6 +66,26 @@ def test_missing_lm_eval_is_an_input_error_naming_the_extra(monkeypatch):
     assert "lm_eval: needs lm-eval" in str(e.value) and "laser-export[lm-eval]" in str(e.value)
 
 
+def test_check_refuses_the_block_without_lm_eval_and_for_a_masked_lm(tmp_path, capsys, monkeypatch):
+    from laser_export.cli import main
+
+    save_tiny("llama", tmp_path / "llama")
+    save_tiny("roberta", tmp_path / "roberta")
+
+    def recipe(model):
+        path = tmp_path / f"{model}.yaml"
+        path.write_text(yaml.safe_dump({**BASE, "model": {"source": str(tmp_path / model)},
+                                        "lm_eval": {"tasks": ["arc_easy"]}}))
+        return str(path)
+
+    assert main(["check", recipe("roberta")]) == 2
+    assert "lm_eval: lm-eval's HFLM scores causal LMs; roberta is masked-lm" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert main(["check", recipe("llama")]) == 2
+    assert "lm_eval: needs lm-eval, which is not installed: pip install 'laser-export[lm-eval]'" in \
+        capsys.readouterr().err
+
+
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'laser-export[lm-eval]')")
 
 
@@ -142,6 +162,14 @@ def test_verify_measures_lm_eval_before_and_after_with_paired_cis_and_the_card_s
     # the reduced model is really another model here (ρ = 0.05 of a tiny MLP changes the scores)
     assert acc["reduced"] != acc["baseline"] or task["metrics"]["acc_norm,none"]["reduced"] != \
         task["metrics"]["acc_norm,none"]["baseline"] or d["ci95"] != [0.0, 0.0]
+
+    # the export built from this report carries it: verify_report.json and the card's lm-eval table
+    out = tmp_path / "out"
+    assert main(["apply", str(tmp_path / "r.yaml"), "--report", str(report_path), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads((out / "verify_report.json").read_text())["lm_eval"] == section
+    readme = (out / "README.md").read_text()
+    assert "## lm-eval tasks" in readme and str(ws) not in readme  # no local path (include_path) on the card
 
     manifest = {"model": {"source": "x/y", "model_type": "llama"}, "storage": "dense", "matrices": []}
     recipe = {**BASE, "lm_eval": {"tasks": ["laser_local_mc"], "limit": 20}}
