@@ -254,3 +254,18 @@ def test_language_is_validated_and_carried_to_the_card_front_matter():
         recipe = {**BASE, "model": {"source": "x/y", **({"language": lang} if lang else {})}}
         meta = yaml.safe_load(str(render_card(recipe, "name: lme\n", manifest, None)).split("---")[1])
         assert meta.get("language") == want
+
+
+def test_card_limits_do_not_say_other_tasks_were_unmeasured_when_lm_eval_measured_some():
+    from laser_export.export.card import render_card
+
+    manifest = {"model": {"source": "x/y", "model_type": "llama"}, "storage": "dense", "matrices": []}
+    recipe = {**BASE, "benchmark": {"name": "jsonl", "path": "b.jsonl"}}
+    bench = {"name": "jsonl", "split": "test", "seed": 0, "validation_fraction": 0.2, "sizes": {"test": 9},
+             "n_scored": 9, "examples_sha256": "ab", "limit": None}
+    report = {"recipe": "lme", "benchmark": bench, "metrics": {"baseline": {"top1": 0.1}, "reduced": {"top1": 0.2}},
+              "passed": True}
+    plain = str(render_card(recipe, "name: lme\n", manifest, report))
+    assert "General language-modelling quality (perplexity) and other tasks were not measured" in plain
+    with_lm = str(render_card(recipe, "name: lme\n", manifest, {**report, "lm_eval": SECTION}))
+    assert "tasks other than the lm-eval ones above were not measured" in with_lm

@@ -532,6 +532,8 @@ def _limits(ctx: CardContext) -> list[str]:
     if ctx.recipe.benchmark is None:
         return out + [""]
     other = "Other tasks were" if _perplexity(ctx) is not None else "General language-modelling quality (perplexity) and other tasks were"
+    if _lm_eval_section(ctx) is not None:
+        other = other.replace("Other tasks", "Tasks other than the lm-eval ones above").replace("other tasks", "tasks other than the lm-eval ones above")
     out += [f"- One benchmark ({ctx.recipe.benchmark.name}), one held-out split. {other} not measured here and may "
             "be worse.", "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.", ""]
     return out
