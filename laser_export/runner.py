@@ -138,11 +138,16 @@ class _Measure:
     lm_eval: object = None  # the recipe's lm_eval block, prepared (lm_eval_block.LmEvalPasses)
 
 
-def _prepare_lm_eval(p: Plan, progress: bool):
-    """The recipe's lm-eval tasks, checked and their data loaded before the weights (None: no lm_eval block)."""
+def _prepare_lm_eval(p: Plan, progress: bool, dry_run: bool = False):
+    """The recipe's lm-eval tasks, checked and their data loaded before the weights (None: no lm_eval block).
+    A dry run checks the task names only: loading the data may download it."""
     if p.recipe.lm_eval is None:
         return None
-    from .lm_eval_block import prepare
+    from .lm_eval_block import check_tasks, prepare
+
+    if dry_run:
+        check_tasks(p.recipe.lm_eval)
+        return None
 
     with status(f"loading lm-eval tasks {', '.join(p.recipe.lm_eval.tasks)}", progress):
         return prepare(p.recipe.lm_eval)
@@ -224,7 +229,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     check_report_path(path, flag, [*_protected(p), opts.recipe])
     cache = _open_cache(opts.baseline_cache, opts.dry_run)
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run)
-    lm_eval = _prepare_lm_eval(p, opts.progress)
+    lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
     measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache, lm_eval)
@@ -298,7 +303,7 @@ def run(opts: RunOptions) -> RunResult:
                   f"{recipe.storage}")
     cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run) if verifying else None
-    lm_eval = _prepare_lm_eval(p, opts.progress) if verifying else None
+    lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run) if verifying else None
     if recipe.lm_eval is not None and not verifying:
         console.print("lm_eval: not measured (run measures only when it verifies claims; `laser-export verify` "
                       "measures without claims)")

@@ -128,6 +128,12 @@ def test_unknown_task_is_exit_2_naming_the_field_before_weights_load(ws, tmp_pat
     assert rc == 2, err
     assert "lm_eval.tasks[1]: unknown lm-eval task 'no_such_task_xyz'" in err
     assert not (tmp_path / "r.json").exists()
+    # --dry-run checks the names too (it loads no task data: that may download)
+    assert main(["verify", str(_recipe(ws, tmp_path / "r.yaml", tasks=["no_such_task_xyz"])), "--dry-run",
+                 "--report", str(tmp_path / "r.json"), "--no-progress"]) == 2
+    assert "lm_eval.tasks[0]: unknown lm-eval task 'no_such_task_xyz'" in capsys.readouterr().err
+    assert main(["verify", str(_recipe(ws, tmp_path / "r.yaml")), "--dry-run", "--report", str(tmp_path / "r.json"),
+                 "--no-progress"]) == 0
 
 
 def test_verify_measures_lm_eval_before_and_after_with_paired_cis_and_the_card_shows_it(ws, tmp_path):
