@@ -32,6 +32,8 @@ from torch import nn
 
 from .architectures import ArchitectureError, Family, base_prefix, is_fused, matrix_spec, row_block
 
+FUSED_ATTR = "_laser_fused"  # on a fused module: {tensor: {(expert, start, stop): (left, right)}}
+
 
 @dataclass(frozen=True)
 class BlockRef:
@@ -69,11 +71,18 @@ class BlockRef:
         old = view.clone() if undoable else None
         with torch.no_grad():
             view.copy_(new.to(device=view.device, dtype=view.dtype))
+        # the block's factors, if it was factorised (a factorised export used as the source): no longer its value
+        store = (getattr(model.get_submodule(self.module), FUSED_ATTR, None) or {}).get(self.tensor, {})
+        rows = self.rows or (0, int(view.shape[0]))
+        key = (self.expert, rows[0], rows[1])
+        factors = store.pop(key, None)
 
         def restore():
             if old is not None:
                 with torch.no_grad():
                     self.matrix(model).copy_(old)
+                if factors is not None:
+                    store[key] = factors
 
         return restore
 
@@ -93,10 +102,7 @@ def block_ref(model: nn.Module, family: Family, layer: int, alias: str, expert: 
 
 
 # ---------------------------------------------------------------- factorised storage of fused blocks
-FUSED_ATTR = "_laser_fused"  # on a fused module: {tensor: {(expert, start, stop): (left, right)}}
-
-
-def _block_rows(shape, expert: int | None, rows: tuple[int, int] | None) -> tuple[int, int]:
+def global_rows(shape, expert: int | None, rows: tuple[int, int] | None) -> tuple[int, int]:
     """The block's rows in the fused tensor seen as 2-D ``[(experts·)rows, in]``."""
     n = int(shape[-2])
     base = (expert or 0) * n
@@ -149,11 +155,11 @@ def fused_records(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def _keep_mask(shape, blocks: list[dict]) -> torch.Tensor:
+def keep_mask(shape, blocks: list[dict]) -> torch.Tensor:
     """Rows of the 2-D view that stay dense (not in any factorised block)."""
     keep = torch.ones(math.prod(shape[:-1]), dtype=torch.bool, device="cpu")
     for b in blocks:
-        g0, g1 = _block_rows(shape, b["expert"], tuple(b["rows"]))
+        g0, g1 = global_rows(shape, b["expert"], tuple(b["rows"]))
         keep[g0:g1] = False
     return keep
 
@@ -164,7 +170,7 @@ def expected_shapes(fused: dict[str, dict]) -> dict[str, list[int]]:
     out = {}
     for name, rec in fused.items():
         shape, blocks = rec["shape"], rec["blocks"]
-        out[name] = [int(_keep_mask(shape, blocks).sum()) * int(shape[-1])]
+        out[name] = [int(keep_mask(shape, blocks).sum()) * int(shape[-1])]
         module, _, tensor = name.rpartition(".")
         for b in blocks:
             left, right = factor_names(tensor, b["expert"], tuple(b["rows"]))
@@ -187,7 +193,7 @@ def stored_form(model: nn.Module):
             module = model.get_submodule(module_name)
             dense = getattr(module, tensor)
             rows2d = dense.data.reshape(-1, dense.shape[-1])
-            remainder = rows2d[_keep_mask(rec["shape"], rec["blocks"]).to(rows2d.device)].reshape(-1)
+            remainder = rows2d[keep_mask(rec["shape"], rec["blocks"]).to(rows2d.device)].reshape(-1)
             saved.append((module, tensor, dense, []))
             module._parameters[tensor] = nn.Parameter(remainder, requires_grad=False)
             for (e, r0, r1), (left, right) in getattr(module, FUSED_ATTR)[tensor].items():
@@ -233,12 +239,12 @@ def assemble_fused(model: nn.Module, fused: dict[str, dict], keep_factors: bool 
         remainder = module._parameters[tensor].data
         dense = torch.empty(shape, dtype=remainder.dtype, device=remainder.device)
         rows2d = dense.view(-1, shape[-1])
-        rows2d[_keep_mask(shape, blocks).to(dense.device)] = remainder.view(-1, shape[-1])
+        rows2d[keep_mask(shape, blocks).to(dense.device)] = remainder.view(-1, shape[-1])
         store = {}
         for b in blocks:
             e, rows = b["expert"], tuple(b["rows"])
             left, right = (module._parameters.pop(n).data for n in factor_names(tensor, e, rows))
-            g0, g1 = _block_rows(shape, e, rows)
+            g0, g1 = global_rows(shape, e, rows)
             rows2d[g0:g1] = (left.float() @ right.float()).to(dense.dtype)
             store[(e, rows[0], rows[1])] = (left, right)
         module._parameters[tensor] = nn.Parameter(dense)
