@@ -197,8 +197,8 @@ def stored_form(model: nn.Module):
             saved.append((module, tensor, dense, []))
             module._parameters[tensor] = nn.Parameter(remainder, requires_grad=False)
             for (e, r0, r1), (left, right) in getattr(module, FUSED_ATTR)[tensor].items():
-                for pname, t in zip(factor_names(tensor, e, (r0, r1)), (left, right)):
-                    module.register_parameter(pname, nn.Parameter(t, requires_grad=False))
+                for pname, t in zip(factor_names(tensor, e, (r0, r1)), (left, right)):  # in the tensor's dtype
+                    module.register_parameter(pname, nn.Parameter(t.to(dense.dtype), requires_grad=False))
                     saved[-1][3].append(pname)
         yield fused
     finally:

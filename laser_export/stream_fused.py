@@ -31,6 +31,7 @@ from .fused import global_rows, keep_mask, block_ref, factor_names
 from .intervene import SVDCache, frobenius_norm, truncation_error
 from .artifacts import matrix_entry
 from .lowrank import factorised_saves_bytes
+from .errors import InputError
 from .recipe import RecipeError
 
 
@@ -57,15 +58,17 @@ class _Block:
     factorised: bool
 
 
-def _error(msg: str):
-    from .stream import StreamError
+class FusedLayoutError(InputError):
+    """A fused tensor's rows are not where streaming can find them in the checkpoint (use the in-memory path)."""
 
-    return StreamError(msg)
+
+def _error(msg: str) -> FusedLayoutError:
+    return FusedLayoutError(msg)
 
 
 def pieces(model, name: str, t: torch.Tensor, by_key: dict) -> list[Piece] | None:
     """Where the rows of ``name`` (tensor ``t`` of ``model``, meta) are in the checkpoint; None when it is not
-    there (a tied weight saved once). StreamError when the mapping is not a plain split of rows."""
+    there (a tied weight saved once). FusedLayoutError when the mapping is not a plain split of rows."""
     from transformers.core_model_loading import revert_weight_conversion
 
     rows = math.prod(t.shape[:-1]) if t.dim() > 1 else t.numel()
