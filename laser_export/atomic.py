@@ -36,7 +36,7 @@ def _replacing(path: str | Path) -> Iterator[Path]:
     is left behind, and on an error (or an interrupt) ``path`` is untouched."""
     path = Path(path)
     # the writer's pid in the name: a killed writer's .part is recognisable debris (baseline_cache cleans it)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{process_tag()}-", suffix=".part")
     os.close(fd)
     try:
         yield Path(tmp)
@@ -98,10 +98,42 @@ def write_via(path: str | Path, write: Callable[[Path], None]) -> Path:
     return Path(path)
 
 
+#: a :func:`process_tag` in a name (older writers wrote the pid alone)
+TAG = r"\d+(?:t\d+)?"
 #: a temporary sibling written by :func:`_replacing`: ``.NAME.PID-RANDOM.part``
-_PART = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^./]+\.part$")
+_PART = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>{TAG})-[^./]+\.part$")
 #: a ``.part`` without a pid (an older writer's) counts as dead once untouched this long
 _STALE_PART_S = 3600
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_tag() -> str:
+    """This process in a temporary file's name: ``PID`` plus ``tSTART`` (its start time) where known, so a
+    later process that got the same pid is not taken for the writer (:func:`tag_alive`)."""
+    pid = os.getpid()
+    start = _start_ticks(pid)
+    return str(pid) if start is None else f"{pid}t{start}"
+
+
+def tag_alive(tag: str) -> bool:
+    """Whether the process a :func:`process_tag` names still runs: its pid is alive and, when the tag holds a
+    start time and the system tells it, the process with that pid started then (not a reused pid)."""
+    pid, _, start = tag.partition("t")
+    if not pid_alive(int(pid)):
+        return False
+    if not start or int(pid) == os.getpid():
+        return True
+    now = _start_ticks(int(pid))
+    return now is None or now == int(start)
 
 
 def pid_alive(pid: int) -> bool:
@@ -130,7 +162,7 @@ def clean_part_debris(folder: str | Path) -> list[Path]:
             continue
         m = _PART.match(p.name)
         try:
-            dead = (not pid_alive(int(m["pid"]))) if m else time.time() - p.stat().st_mtime > _STALE_PART_S
+            dead = (not tag_alive(m["pid"])) if m else time.time() - p.stat().st_mtime > _STALE_PART_S
             if dead:
                 p.unlink()
                 removed.append(p)

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import clean_part_debris, write_text, write_via
+from .atomic import clean_part_debris, process_tag, write_text, write_via
 from .defaults import PREFIX_CACHE_GB_VAR
 from .evaluate import ScoreResult
 
@@ -154,7 +154,7 @@ def _unusable(root: Path) -> str | None:
         if root.exists():
             if not root.is_dir():
                 return "is not a folder"
-            fd, probe = tempfile.mkstemp(dir=root, prefix=f".probe.{os.getpid()}-", suffix=".part")
+            fd, probe = tempfile.mkstemp(dir=root, prefix=f".probe.{process_tag()}-", suffix=".part")
             os.close(fd)
             os.unlink(probe)
             where = root

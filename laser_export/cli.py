@@ -83,6 +83,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
+    def print_help(self, file=None):
+        """The help, written so that a failed write (``--help > /dev/full``) raises (argparse's own printing
+        swallows OSError: the help was lost with exit 0); :func:`main` reports it."""
+        out = file or sys.stdout
+        out.write(self.format_help())
+        out.flush()
+
 
 def _argtype(check, name: str):
     """An argparse ``type`` from an option's check: its ValueError message becomes the usage error."""

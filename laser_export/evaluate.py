@@ -580,3 +580,27 @@ __all__ = [
     "token_f1",
     "strip_leading_article",
 ]
+
+
+def check_tokenisation(scorer: str, tokenizer, examples: Sequence[Example]) -> None:
+    """What the scorer would refuse in ``examples``, found with the tokenizer alone (no weights, no forward):
+    a prompt or answer that tokenises to nothing, a masked prompt without exactly one mask, choices a mask cannot
+    tell apart, a tokenizer without the special tokens the scorer needs. Raises :class:`BenchmarkError` naming the
+    example, so a data problem fails before the weights load instead of after them."""
+    try:
+        if scorer == "causal":
+            _causal_rows(tokenizer, examples)
+        elif scorer == "masked":
+            if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+                raise ValueError("masked-LM scoring needs a tokenizer with mask and pad tokens")
+            _masked_rows(tokenizer, examples, tokenizer.mask_token_id, tokenizer.mask_token)
+        elif scorer in ("generate", "masked_generate"):
+            for ex in examples:
+                if ex.is_choice:
+                    raise ValueError(f"example {ex.id!r}: the {scorer} scorer scores answers, not choices")
+                if scorer == "generate" and not _prompt_ids(tokenizer, ex.prompt):
+                    raise ValueError(f"example {ex.id!r}: prompt tokenises to nothing and the tokenizer adds no BOS")
+    except BenchmarkError:
+        raise
+    except ValueError as exc:
+        raise BenchmarkError(str(exc)) from None

@@ -13,9 +13,12 @@ client (same event hooks as huggingface_hub's own) whose ``send`` clamps each re
 connect/read/write timeouts to the time left, checks the deadline between the chunks of every body it
 reads, and raises ``DeadlineExceeded`` (an ``httpx2.TransportError`` that huggingface_hub does
 *not* retry) once it has passed, so its own retries (5, with back-off) cannot stretch the wait.
-Transfers that bypass httpx (Xet uploads/downloads through ``hf_xet``) are not covered: a file the Hub
-announces as Xet-backed (``X-Xet-Hash``) credits the operation with its size, so the requests that follow
-its Xet download are not refused for the time the download took.
+Transfers through ``hf_xet`` (Xet uploads/downloads) bypass httpx, so no deadline could bound them: inside a
+deadline huggingface_hub's public ``HF_HUB_DISABLE_XET`` setting is turned on for the operation, and every
+byte moves over HTTP (the Hub serves Xet-backed files over HTTP and takes LFS uploads), bounded. A user who
+wants Xet's transfers anyway sets ``HF_HUB_DISABLE_XET=0`` explicitly (:func:`xet_in_use`): those transfers are
+then not bounded (said where it matters), and a file the Hub announces as Xet-backed (``X-Xet-Hash``) credits
+the operation with its size, so the requests after its Xet download are not refused for the time it took.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Iterator
 from .defaults import HUB_TIMEOUT_VAR
 
 __all__ = ["MIN_RATE", "Operation", "deadline", "is_deadline_error", "session",
-           "http_client", "redact"]
+           "http_client", "redact", "xet_in_use"]
 
 #: bytes per second a transfer must sustain to earn more time than its deadline
 MIN_RATE = 64 * 1024
@@ -177,6 +180,28 @@ def http_client():
     return _classes()["client"](follow_redirects=True, timeout=None)
 
 
+def xet_in_use() -> bool:
+    """Whether our network operations move bytes through ``hf_xet`` (not bounded by a deadline): only when it is
+    installed and the user asked for it explicitly with ``HF_HUB_DISABLE_XET`` set to a false value (0/false/no)."""
+    import importlib.util
+
+    asked = os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in ("0", "false", "no", "off")
+    return asked and importlib.util.find_spec("hf_xet") is not None
+
+
+@contextmanager
+def _xet_off() -> Iterator[None]:
+    """huggingface_hub's ``HF_HUB_DISABLE_XET`` on for the block (unless :func:`xet_in_use`)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_DISABLE_XET = saved or not xet_in_use()
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_XET = saved
+
+
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[Operation]:
     """Bound the network operation run inside the block to ``seconds`` (plus transfer credit, see the
@@ -192,7 +217,8 @@ def deadline(seconds: float | None) -> Iterator[Operation]:
         if _State.deadline is None or new < _State.deadline:
             _State.deadline, _State.seconds, _State.expired = new, float(seconds), False
     try:
-        yield op
+        with _xet_off():
+            yield op
     finally:
         with _State.lock:
             op.expired = _State.expired or (_State.deadline is not None and time.monotonic() >= _State.deadline)

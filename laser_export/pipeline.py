@@ -27,6 +27,7 @@ class Plan:
     config_from_hints: bool = False
     loaded_dtype: str | None = None  # the dtype the weights were loaded in (model.dtype "auto" resolved)
     compute_dtype: str | None = None  # the dtype the forward passes run in (model.compute_dtype resolved)
+    tokenizer: object = None  # loaded before the weights when the examples are checked (runner._select)
 
 
 @dataclass
@@ -164,6 +165,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
 
     if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
         problems.append(f"export.formats: onnx: {why}")
+    from .export.gguf import llama_cpp_missing
+
+    if why := llama_cpp_missing(recipe.export.gguf_types):
+        problems.append(f"export.gguf_types: {why}")
     if problems:
         raise RecipeError(problems)
 
@@ -171,7 +176,7 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
 def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
     with status(f"loading {p.source.describe()}", progress):
-        tokenizer = p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
+        tokenizer = p.tokenizer or p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
                                     device_map=m.device_map, offload_folder=m.offload_folder)
     p.loaded_dtype = str(model.dtype).removeprefix("torch.")

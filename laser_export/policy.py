@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .atomic import pid_alive
+from .atomic import TAG, process_tag, tag_alive
 from .errors import InputError
 
 MANIFEST = "manifest.json"
@@ -231,18 +231,20 @@ def check_report_path(path: Path, flag: str, protect: Iterable[str | Path] = (),
 
 # -- folders -------------------------------------------------------------------------------------------
 
-_DEBRIS = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
+_DEBRIS = re.compile(rf"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>{TAG})-[^/]*$")
 
 
-def find_debris(out_dir: str | Path) -> list[tuple[Path, str]]:
-    """Leftovers of killed runs next to ``out_dir``: (path, 'tmp' | 'old') whose process is gone."""
+def find_debris(out_dir: str | Path, *, alive: bool = False) -> list[tuple[Path, str]]:
+    """Leftovers of killed runs next to ``out_dir``: (path, 'tmp' | 'old') whose process is gone (the pid
+    and the start time in the name, so a reused pid is not taken for the writer); ``alive``: those of runs
+    that still run instead."""
     out = _resolve(out_dir, f"--out {out_dir}")
     if not out.parent.is_dir():
         return []
     found = []
     for p in sorted(out.parent.iterdir()):
         m = _DEBRIS.match(p.name)
-        if m and m["name"] == out.name and p.is_dir() and not pid_alive(int(m["pid"])):
+        if m and m["name"] == out.name and p.is_dir() and tag_alive(m["pid"]) == alive:
             found.append((p, m["kind"]))
     return found
 
@@ -256,7 +258,9 @@ def clean_debris(out_dir: str | Path, *, dry_run: bool = False) -> list[str]:
     new export is in place and the backup is removed. ``dry_run`` only reports.
     """
     out = _resolve(out_dir, f"--out {out_dir}")
-    done = []
+    done = [f"the previous export {out} is at {path} (moved aside by a run that still runs, pid "
+            f"{path.name.split('.old-')[1].split('-')[0].split('t')[0]}); left as it is"
+            for path, kind in find_debris(out, alive=True) if kind == "old" and not out.exists()]
     for path, kind in find_debris(out):
         if kind == "old" and (path / "old").is_dir() and not out.exists():
             done.append(f"{'would restore' if dry_run else 'restored'} the previous export {out} from {path.name} "
@@ -275,7 +279,7 @@ def clean_debris(out_dir: str | Path, *, dry_run: bool = False) -> list[str]:
 def _swap_in(tmp: Path, out: Path, out_dir: str | Path) -> None:
     """Rename ``tmp`` to ``out``; an existing export is moved aside first and removed once ``tmp`` is in."""
     if out.is_dir() and any(out.iterdir()):
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{process_tag()}-", dir=out.parent))
         os.replace(out, backup / "old")
         try:
             os.replace(tmp, out)
@@ -305,7 +309,7 @@ def atomic_folder(
     (also a safetensors writer's own error about them) become :class:`OutputError`."""
     out = check_output(out_dir, overwrite=overwrite, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{process_tag()}-", dir=out.parent))
     try:
         yield tmp
         _normal_permissions(tmp)

@@ -71,12 +71,13 @@ def _write_json(path: Path, data: dict) -> None:
         raise OutputError(f"{path}: cannot write: {err.strerror}") from None
 
 
-def _select(p: Plan, limit: int | None, progress: bool = True):
-    """Load the benchmark data before the weights, so a data problem fails fast."""
+def _select(p: Plan, limit: int | None, progress: bool = True, tokenise: bool = True):
+    """Load the benchmark data (and, with ``tokenise``, tokenise it) before the weights, so a data problem fails
+    fast. A dry run does not tokenise: the tokenizer of a Hub source would be downloaded."""
     from .benchmarks import BenchmarkError
     from .verify import check_scorable, select_examples
 
-    check_scorable(p)
+    scorer = check_scorable(p)
     with status(f"loading benchmark {p.recipe.benchmark.name}", progress):
         examples, info = select_examples(p, limit)
     if not examples:
@@ -85,7 +86,18 @@ def _select(p: Plan, limit: int | None, progress: bool = True):
             f"benchmark.split: the {bench.split} split is empty ({info['sizes']['validation']} validation, "
             f"{info['sizes']['test']} test examples with validation_fraction {bench.validation_fraction})"
         )
+    if tokenise:
+        _check_tokenisation(p, scorer, examples, progress)
     return examples, info
+
+
+def _check_tokenisation(p: Plan, scorer: str, examples, progress: bool) -> None:
+    """Tokenise the examples before the weights load (the tokenizer is kept for the load)."""
+    from .evaluate import check_tokenisation
+
+    with status("tokenising the examples", progress):
+        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+        check_tokenisation(scorer, p.tokenizer, examples)
 
 
 def _verify_writes(report: Path, n: int, cache) -> list[str]:
@@ -193,7 +205,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
     cache = _open_cache(opts.baseline_cache, opts.dry_run)
-    selected = _select(p, opts.limit, opts.progress)
+    selected = _select(p, opts.limit, opts.progress, not opts.dry_run)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
     measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
@@ -266,7 +278,7 @@ def run(opts: RunOptions) -> RunResult:
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
     cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
-    selected = _select(p, opts.limit, opts.progress) if verifying else None
+    selected = _select(p, opts.limit, opts.progress, not opts.dry_run) if verifying else None
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,
                          planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id, cache)))

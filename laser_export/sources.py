@@ -17,7 +17,6 @@ from .errors import InputError
 import importlib.util
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,24 +203,14 @@ def check_config(config, where: str) -> None:
 
 def check_safetensors_file(path: Path) -> dict:
     """Parse a safetensors header and check that the file holds all the data it announces."""
+    from .st_header import HeaderError, parse
+
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SourceError(f"model.source: {path} is not a safetensors file (shorter than its 8-byte header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                raise SourceError(f"model.source: {path} is not a safetensors file (header length {n} is impossible)")
-            header = json.loads(f.read(n))
-    except SourceError:
-        raise
+        header, n, size = parse(path)
     except OSError as err:
         raise SourceError(f"model.source: cannot read {path}: {err.strerror}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise SourceError(f"model.source: {path} is corrupt (its safetensors header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise SourceError(f"model.source: {path} is corrupt (safetensors header is not an object)")
+    except HeaderError as err:
+        raise SourceError(f"model.source: {path} is not a safetensors file or is corrupt ({err})") from None
     end = 0
     for name, info in header.items():
         if name == "__metadata__":

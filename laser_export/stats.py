@@ -31,3 +31,17 @@ def paired_bootstrap(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
         means[s : s + m] = diff[idx].mean(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return {"estimate": float(diff.mean()), "ci95": [float(lo), float(hi)], "n": int(n)}
+
+
+#: A top-1 gain is called partly answer format when the article-excluded top-1 delta is under this share of
+#: it, or its 95% CI includes 0 (the rule of the model card and of the search's recipe header alike).
+FORMAT_GAIN_RATIO = 0.5
+
+
+def partly_format(top1: float | None, no_article: float | None, no_article_ci95) -> bool:
+    """Is a positive top-1 delta partly a change of answer format (whether the first token is an article)?"""
+    if top1 is None or top1 <= 0:
+        return False
+    if no_article is None or no_article < FORMAT_GAIN_RATIO * top1:
+        return True
+    return bool(no_article_ci95) and len(no_article_ci95) == 2 and no_article_ci95[0] <= 0.0 <= no_article_ci95[1]

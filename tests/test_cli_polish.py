@@ -239,11 +239,13 @@ def test_refusing_an_existing_out_needs_no_torch(tiny, tmp_path):
     assert res.stdout.strip() == "False"
 
 
-def test_help_into_a_full_device_is_one_line_not_a_traceback():
+@pytest.mark.parametrize("argv", [["--help"], ["search", "--help"], ["run", "-h"], ["check", "--help"]])
+def test_help_into_a_full_device_is_one_line_not_a_traceback(argv):
+    """A command's help (argparse's) was lost with exit 0: argparse swallows the OSError of its own write."""
     if not Path("/dev/full").exists():
         pytest.skip("no /dev/full on this system")
     with open("/dev/full", "w") as full:
-        res = subprocess.run([sys.executable, "-m", "laser_export", "--help"], stdout=full, stderr=subprocess.PIPE,
+        res = subprocess.run([sys.executable, "-m", "laser_export", *argv], stdout=full, stderr=subprocess.PIPE,
                              text=True, timeout=60)
     assert "Traceback" not in res.stderr, res.stderr
     assert res.returncode == 1 and "No space left on device" in res.stderr

@@ -173,6 +173,19 @@ def _model_with(c: Ctx, edit_config=None, files=None, drop=()) -> str:
     return str(m)
 
 
+def _tokenizer_drops(c: Ctx, char: str) -> str:
+    """A model copy whose tokenizer normalises ``char`` away (an answer of only that character: no tokens)."""
+    from tokenizers import normalizers
+
+    from tinymodels import tiny_tokenizer
+
+    m = c.model_copy()
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Replace(char, "")
+    tok.save_pretrained(m)
+    return str(m)
+
+
 def _truncate_weights(c: Ctx) -> str:
     m = c.model_copy()
     f = m / "model.safetensors"
@@ -464,6 +477,12 @@ CASES: list[Case] = [
          recipe=DATA('{"prompt": "p", "choices": ["a"], "label": 0}\n')),
     Case("data-duplicate-choices", X, "lists the choice 'a' more than once",
          recipe=DATA('{"prompt": "p", "choices": ["a", "a", "b"], "label": 1}\n')),
+    Case("data-answer-tokenises-to-nothing", X, "example 'line1': answer/choice '~' tokenises to nothing",
+         recipe=lambda c: {**DATA('{"prompt": "w4 w5", "answer": "~"}\n' * 2)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
+    Case("data-prompt-too-long", X, "example 'line1': prompt is 1,000,001 characters (limit 1,000,000",
+         recipe=DATA('{"prompt": "%s", "answer": "w5"}\n' % ("w" * 1_000_001))),
+    Case("data-line-too-long", X, "d.jsonl:1: line longer than 16 MiB",
+         recipe=DATA(b'{"prompt": "' + b"w4 " * (6 * 2**20) + b'", "answer": "w5"}\n')),
     Case("data-duplicate-ids", X, "duplicate example id 'a'",
          recipe=DATA('{"id": "a", "prompt": "p", "answer": "x"}\n{"id": "a", "prompt": "q", "answer": "y"}\n')),
     Case("counterfact-subject-type", X, "requested_rewrite.subject must be a non-empty string", recipe=DATA(json.dumps([
@@ -520,6 +539,13 @@ CASES: list[Case] = [
     Case("debris-old-restored", X, "restored the previous export",
          setup=lambda c: ((c.tmp / ".out.old-999999999-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-999999999-x" / "old")),
          check=_old_export_intact, new=("out", "out/*")),
+    Case("debris-old-restored-pid-reused", X, "restored the previous export",  # pid 1 runs, but started long before
+         setup=lambda c: ((c.tmp / ".out.old-1t2-x").mkdir(), shutil.copytree(c.ws / "export", c.tmp / ".out.old-1t2-x" / "old")),
+         check=_old_export_intact, new=("out", "out/*")),
+    Case("debris-old-of-a-live-run-mentioned", 0, "moved aside by a run that still runs",
+         setup=lambda c: ((c.tmp / f".out.old-{os.getpid()}-x").mkdir(),
+                          shutil.copytree(c.ws / "export", c.tmp / f".out.old-{os.getpid()}-x" / "old")),
+         argv=run_args("--dry-run")),
     Case("dry-run-plan", 0, "dry run: no weights loaded, nothing written", recipe=B(), argv=run_args("--dry-run"),
          check=lambda c: "would write:" in c.data["stderr"] and "verify report; 30 examples scored with the reduced model" in c.data["stderr"]
          and "baseline cache holds it" in c.data["stderr"] and "LASER_EXPORT_PREFIX_CACHE_GB" in c.data["stderr"] or pytest.fail(c.data["stderr"])),

@@ -280,9 +280,10 @@ def test_lfs_upload_with_wrong_content_is_refused(tmp_path, hub_online):
         assert r.status_code == 200 and hub.lfs_object(oid).read_bytes() == b"the real bytes"
 
 
-def test_push_with_xet_enabled_names_the_setting(tmp_path, tiny_export, hub_online, monkeypatch):
-    """With hf_xet installed, huggingface_hub uploads LFS files over Xet: a server without Xet fails the
-    push, and the message says how to use LFS instead."""
+def test_push_with_xet_asked_for_names_the_setting(tmp_path, tiny_export, hub_online, monkeypatch):
+    """By default a push (under its deadline) uploads large files through LFS over httpx, bounded, even with
+    hf_xet installed. HF_HUB_DISABLE_XET=0 asks for Xet: a server without Xet fails the push, and the message
+    says how to use LFS instead."""
     pytest.importorskip("hf_xet")
     import huggingface_hub.constants as hc
 
@@ -290,6 +291,9 @@ def test_push_with_xet_enabled_names_the_setting(tmp_path, tiny_export, hub_onli
     monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", False)
     folder, _, _ = tiny_export
     with HubServer(tmp_path / "hub") as hub:
-        with pytest.raises(PushError, match="HF_HUB_DISABLE_XET=1"):
+        push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=False)  # LFS, no Xet request
+        assert not any("xet-write-token" in p for m, p in hub.requests)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
+        with pytest.raises(PushError, match="set HF_HUB_DISABLE_XET=1"):
             push_folder(folder, REPO_ID, endpoint=hub.endpoint, token=False)
         assert any("xet-write-token" in p for m, p in hub.requests)

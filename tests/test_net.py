@@ -367,3 +367,27 @@ def test_a_xet_backed_file_credits_the_deadline_for_its_size(hub_online):
             net.session().get(server.url + "/c")
     finally:
         server.close()
+
+
+def test_xet_is_off_inside_a_deadline_unless_asked_for(monkeypatch):
+    """issue 21: hf_xet's transfers bypass httpx, so a deadline could not bound them; inside a deadline
+    huggingface_hub's HF_HUB_DISABLE_XET is on, so every byte goes over httpx (bounded). HF_HUB_DISABLE_XET=0
+    asks for Xet explicitly (then unbounded). Outside the block the setting is what it was."""
+    import importlib.util
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    from laser_export import net
+
+    monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with net.deadline(5):
+        assert constants.HF_HUB_DISABLE_XET and not is_xet_available()
+    assert constants.HF_HUB_DISABLE_XET is False
+    with net.deadline(None):  # no deadline: huggingface_hub's own default
+        assert constants.HF_HUB_DISABLE_XET is False
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "0")
+    assert net.xet_in_use() == (importlib.util.find_spec("hf_xet") is not None)
+    with net.deadline(5):
+        assert constants.HF_HUB_DISABLE_XET is (not net.xet_in_use())

@@ -207,6 +207,7 @@ def load_examples(
         ) from None
     except OSError as exc:
         raise BenchmarkError(f"{name}: cannot read {path or 'the default file'}: {exc.strerror or exc}") from None
+    _check_lengths(examples, name, path)
     blank = next((ex for ex in examples if not ex.prompt.strip() or not all(a.strip() for a in ex.answers)), None)
     if blank is not None:
         raise BenchmarkError(f"{name}: example {blank.id!r} has an empty (whitespace-only) prompt or answer")
@@ -217,6 +218,21 @@ def load_examples(
     if max_examples is not None:
         examples = examples[:max_examples]
     return examples
+
+
+#: The longest prompt/answer/choice text (characters): far beyond any model's context, short enough that
+#: a tokenizer never allocates gigabytes for it (a 1 GiB prompt line aborted inside the tokenizer).
+MAX_TEXT_CHARS = 1_000_000
+
+
+def _check_lengths(examples: Sequence[Example], name: str, path) -> None:
+    for ex in examples:
+        for what, text in (("prompt", ex.prompt), *(("answer/choice", a) for a in (ex.choices or ex.answers))):
+            if len(text) > MAX_TEXT_CHARS:
+                raise BenchmarkError(
+                    f"{name}: {path or 'the default file'}: example {ex.id!r}: {what} is {len(text):,} characters "
+                    f"(limit {MAX_TEXT_CHARS:,}; no model here has a context that long)"
+                )
 
 
 def _check_choices(examples: Sequence[Example], name: str, path) -> None:

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from .base import BenchmarkError, Example, check_unique_ids
 
+#: The longest line read (bytes): a longer one is refused before it is held, decoded or tokenised whole.
+MAX_LINE_BYTES = 16 * 2**20
+
 ALLOWED_KEYS = ("prompt", "answer", "answers", "choices", "label", "id", "group", "meta")
 
 
@@ -89,8 +92,11 @@ def load(path: str | os.PathLike | None) -> list[Example]:
     except OSError as exc:
         raise BenchmarkError(f"jsonl: cannot read {p}: {exc.strerror}") from None
     with f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             where = f"jsonl: {p}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise BenchmarkError(f"{where}: line longer than {MAX_LINE_BYTES // 2**20} MiB (one example per line; "
+                                     "no model scores a prompt that long)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:

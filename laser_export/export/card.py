@@ -23,6 +23,7 @@ from ..artifacts import BenchmarkInfo, Delta, Manifest, SourceInfo, VerifyReport
 from ..metrics import LABELS
 from ..progress import count
 from ..recipe import Recipe
+from ..stats import partly_format
 
 __all__ = ["render_card", "format_gain_assessment", "PAPER_CITATION"]
 
@@ -39,7 +40,6 @@ BIBTEX = """@inproceedings{sharma2024truth,
 
 METRIC_LABELS = LABELS  # the metrics table's wording (laser_export.metrics)
 # A gain on article-excluded top-1 smaller than this fraction of the top-1 gain counts as "much smaller".
-FORMAT_GAIN_RATIO = 0.5
 # LASER edits the base weights without training; of the Hub's relations (adapter, merge, quantized, finetune)
 # "finetune" (a modified full copy of the base weights) is the closest.
 BASE_MODEL_RELATION = "finetune"
@@ -114,7 +114,7 @@ def format_gain_assessment(delta: dict | None) -> tuple[bool, list[str]]:
     d1, d2 = t1.estimate, na.estimate
     if d1 is None or d1 <= 0:
         return False, notes
-    if d2 is None or d2 < FORMAT_GAIN_RATIO * d1 or _contains_zero(na.ci95):
+    if partly_format(d1, d2, na.ci95):
         return True, notes + [
             f"**Part of the gain is answer format, not recall.** Top-1 improves by {_signed(d1)} but top-1 "
             f"with leading articles excluded changes by {_signed(d2)} (95% CI {_ci(na.ci95)})"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import CheckFailed
 from ..defaults import HUB_TIMEOUT
-from ..net import deadline, redact
+from ..net import deadline, redact, xet_in_use
 
 __all__ = ["PushError", "push_folder", "hub_repo_url", "retry_command", "folder_operations", "DEFAULT_TIMEOUT"]
 
@@ -134,8 +134,8 @@ def push_folder(
 
     ``timeout``: the deadline of each of the push's network steps (create the repo; upload the large
     files through LFS, with credit for the bytes sent; the commit), see :mod:`laser_export.net`
-    (None: no limit). Uploads through Xet (``hf_xet`` installed and not ``HF_HUB_DISABLE_XET``) run
-    outside httpx and are not bounded. A stalled server fails the push with the retry command. Server
+    (None: no limit). Under a deadline large files go through LFS over httpx, bounded (Xet is turned off for
+    the push: hf_xet's transfers bypass httpx); ``HF_HUB_DISABLE_XET=0`` asks for Xet anyway, unbounded. A stalled server fails the push with the retry command. Server
     error text in the message has every token the client could send, Authorization headers and URL
     passwords redacted. A symbolic link or non-regular file in the folder refuses the push.
     """
@@ -175,17 +175,22 @@ def push_folder(
     return redact(str(info.commit_url or hub_repo_url(repo_id, endpoint=endpoint)))
 
 
-def _xet_uploads() -> bool:
+def _xet_uploads(timeout: float | None) -> bool:
+    """Whether the upload step moves the large files through ``hf_xet``: under a deadline only when the user
+    asked for it (:func:`laser_export.net.xet_in_use`; a deadline turns Xet off otherwise), without one
+    huggingface_hub's own default."""
     import importlib.util
 
     from huggingface_hub import constants
 
+    if timeout is not None:
+        return xet_in_use()
     return not constants.HF_HUB_DISABLE_XET and importlib.util.find_spec("hf_xet") is not None
 
 
 def _commit(root: Path, files: list[str], repo_id: str, *, private, token, endpoint, revision, message, timeout, steps):
     """create_repo, preupload_lfs_files, create_commit: three network steps, each with its deadline
-    (the upload step's grows with the bytes sent; with Xet it is not bounded: hf_xet is not httpx)."""
+    (the upload step's grows with the bytes sent; with Xet, asked for explicitly, it is not bounded)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -193,7 +198,7 @@ def _commit(root: Path, files: list[str], repo_id: str, *, private, token, endpo
         steps.append(op)
         api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(root / rel)) for rel in files]
-    xet = _xet_uploads()
+    xet = _xet_uploads(timeout)
     if not xet:  # the LFS batch call needs every sha256: hash here (local work) rather than on the clock
         for operation in operations:
             operation.upload_info.sha256  # noqa: B018 - computed and cached by huggingface_hub
@@ -216,7 +221,8 @@ def _reason(e: BaseException, step, timeout: float | None) -> str:
         text += f" (no answer within the {timeout:g} s Hub timeout; raise it with --hub-timeout)"
     if "offline" in type(e).__name__.lower() or "HF_HUB_OFFLINE" in text:
         text += " (HF_HUB_OFFLINE is set: unset it to push)"
-    if "xet" in text.lower() and _xet_uploads():
-        text += (" (large files are uploaded through Xet because hf_xet is installed; for a Hub-compatible "
-                 "server without Xet, set HF_HUB_DISABLE_XET=1 to upload them through LFS)")
+    if "xet" in text.lower() and _xet_uploads(timeout):
+        text += (" (large files were uploaded through Xet: hf_xet is installed and HF_HUB_DISABLE_XET=0 asks for "
+                 "it; for a Hub-compatible server without Xet, unset it or set HF_HUB_DISABLE_XET=1 to upload them "
+                 "through LFS)")
     return text

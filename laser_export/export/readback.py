@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 from ..artifacts import CheckpointInfo
@@ -39,21 +38,13 @@ def checkpoint_files(folder: Path) -> list[str]:
 
 def read_header(path: Path) -> tuple[dict, int]:
     """(tensor name → header entry, bytes of data after the header) of a safetensors file; ExportError when it is
-    not one. The one safetensors header parser of the export code."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ExportError(f"{path.name}: shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise ExportError(f"{path.name}: header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ExportError(f"{path.name}: the safetensors header is not JSON") from None
-    if not isinstance(header, dict):
-        raise ExportError(f"{path.name}: the safetensors header is not an object")
+    not one (the parse: :mod:`laser_export.st_header`)."""
+    from ..st_header import HeaderError, parse
+
+    try:
+        header, n, size = parse(path)
+    except HeaderError as err:
+        raise ExportError(f"{path.name}: {err}") from None
     header.pop("__metadata__", None)
     return header, size - 8 - n
 
