@@ -143,6 +143,45 @@ def test_masked_lm_row_blocks_and_the_router_factorise_too(tmp_path, model_type,
     torch.testing.assert_close(logits["factorised"], logits["dense"], rtol=0, atol=1e-5)
 
 
+def test_factorised_svd_and_load_work_one_expert_at_a_time(monkeypatch, tmp_path):
+    """Every decomposition of a factorised MoE reduction sees one expert's block; the loader rebuilds the fused
+    tensor block by block without a float64 temporary of the whole tensor."""
+    import laser_export.intervene as iv
+
+    shapes, wide = [], []
+    real_svd, real_to = iv.compute_svd, torch.Tensor.to
+
+    def spy(matrix, **kw):
+        shapes.append(tuple(matrix.shape))
+        return real_svd(matrix, **kw)
+
+    monkeypatch.setattr(iv, "compute_svd", spy)
+    model, fam = tiny_model("mixtral"), family_for("mixtral")
+    targets = plan_targets([Intervention(layer=0, matrix="mlp", rank=4)], model.config, fam)
+    entries = reduce_model(model, fam, targets, storage="factorised")
+    assert sorted(set(shapes)) == [(32, 48), (48, 32)] and len(shapes) == 12
+    assert {e["storage"] for e in entries} == {"factorised"}
+
+    def to_spy(self, *args, **kw):  # any cast to float64 of a tensor larger than one expert's matrix
+        out = real_to(self, *args, **kw)
+        if out.dtype == torch.float64 and out.numel() > 48 * 32:
+            wide.append(tuple(self.shape))
+        return out
+
+    from laser_export.fused import assemble_fused, fused_records, prepare_fused, stored_form
+
+    with stored_form(model) as fused:
+        stored = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(torch.Tensor, "to", to_spy)
+    fresh = tiny_model("mixtral", seed=1)
+    prepare_fused(fresh, fused)
+    fresh.load_state_dict(stored, strict=True)
+    assemble_fused(fresh, fused)
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert wide == [] and fused_records(fresh) == fused
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
 def test_a_block_whose_factors_would_not_save_bytes_stays_dense():
     model, fam = tiny_model("mixtral"), family_for("mixtral")  # 48x32: factors save bytes below rank 19
     targets = plan_targets([Intervention(layer=0, matrix="fc_in", rank=20, experts=[0])], model.config, fam)
