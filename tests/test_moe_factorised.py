@@ -253,6 +253,11 @@ def clean_python(tmp_path_factory):
 REMOTE = """
 import numpy, sys, torch, transformers
 x = torch.from_numpy(numpy.load({x!r}))
+try:  # first, before the remote code registers the loader: plain transformers stops on the remainder's shape
+    transformers.AutoModelForCausalLM.from_pretrained({good!r})
+    print('PLAIN LOADED')
+except Exception as err:
+    print('PLAIN REFUSED', type(err).__name__)
 m = transformers.AutoModelForCausalLM.from_pretrained({good!r}, trust_remote_code=True).eval()
 assert 'laser_export' not in sys.modules and type(m).__name__.startswith('Laser')
 with torch.no_grad():
@@ -283,6 +288,7 @@ def test_remote_code_loads_the_factorised_export_and_refuses_a_tampered_one(expo
     res = run_clean(clean_python, code, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("REFUSED LaserLoadError") == 2 and "TAMPERED" not in res.stdout, res.stdout
+    assert "PLAIN REFUSED" in res.stdout and "PLAIN LOADED" not in res.stdout, res.stdout
     with torch.no_grad():
         dense = AutoModelForCausalLM.from_pretrained(tmp / "dense").eval()(x).logits.numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), dense, rtol=0, atol=1e-5)
