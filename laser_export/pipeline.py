@@ -97,6 +97,13 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
         raise RecipeError([
             f"perplexity: measured for causal LMs; {family.name} (model_type {config.model_type!r}) is {family.task}"
         ])
+    if recipe.lm_eval is not None:
+        from .lm_eval_block import lm_eval_missing
+
+        if family.task != "causal-lm":
+            raise RecipeError([f"lm_eval: lm-eval's HFLM scores causal LMs; {family.name} is {family.task}"])
+        if why := lm_eval_missing():
+            raise RecipeError([f"lm_eval: {why}"])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 
@@ -165,6 +172,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
 
     if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
         problems.append(f"export.formats: onnx: {why}")
+    from .export.gguf import llama_cpp_missing
+
+    if why := llama_cpp_missing(recipe.export.gguf_types):
+        problems.append(f"export.gguf_types: {why}")
     if problems:
         raise RecipeError(problems)
 
@@ -236,14 +247,13 @@ def densify_targets(p: Plan, model) -> list[str]:
 def check_finite_targets(p: Plan, model) -> None:
     """Every target matrix is finite: the SVD of a matrix with inf/NaN is undefined (NaN factors or
     a LinAlgError). A SourceError naming the module, raised before anything is written."""
-    import torch
-
+    from .finite import count_nonfinite
     from .intervene import target_matrix
 
     problems = []
     for t in p.targets:
         name, w = target_matrix(model, p.family, t)  # also an accelerate-offloaded weight, or a fused block
-        bad = int((~torch.isfinite(w)).sum())
+        bad = count_nonfinite(w)
         if bad:
             problems.append(
                 f"model.source: {name} ({t.field}, layer {t.layer} {t.alias}) holds {bad} non-finite values "

@@ -192,10 +192,10 @@ class ScoresNotFinite(CheckFailed):
 
 
 def _first_nonfinite(model) -> str | None:
-    import torch
+    from .finite import count_nonfinite
 
     for name, t in model.named_parameters():
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if count_nonfinite(t):
             return name
     return None
 
@@ -418,6 +418,10 @@ def print_report(report: dict) -> None:
             f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
             f"(×{ppl['ratio']:.4f})"
         )
+    if report.get("lm_eval"):
+        from .lm_eval_block import print_lm_eval
+
+        print_lm_eval(report["lm_eval"])
     for side in ("baseline", "reduced"):
         warning = answer_balance.side_warning(report.get("answer_balance"), side, report["metrics"][side].get("top1"))
         if warning:
