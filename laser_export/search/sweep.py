@@ -442,10 +442,9 @@ def run_search(
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
     ``strategy``: ``grid`` scores every candidate on every example; ``halving`` runs successive halving
-    (:mod:`.halving`, rate ``eta`` — None: the gentlest within the budget — and rungs by
-    :func:`.halving.plan`, first part at least ``halving_min_examples``, subsets drawn with ``halving_seed``)
-    — in process only. ``scan_snr``:
-    {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
+    (rate ``eta``, None: planned; first part >= ``halving_min_examples``; subsets drawn with ``halving_seed``;
+    :func:`.halving.plan`) — in process only. ``scan_snr``: {(layer, matrix): snr row} from ``laser-export
+    scan`` orders/prunes the sites instead of the SVDs.
     ``tasks``: several benchmarks in ``examples`` (see :func:`metrics_of`). ``beam``: compose by a beam
     search of that width (:func:`.compose.compose_beam`) instead of greedily. ``per_expert``: each expert of
     an MoE alias is its own candidate (default: the experts of a layer are reduced together).
