@@ -1,0 +1,86 @@
+"""Issue 21, re-trial (helper H12): variants of the issue's cases that still failed on main, each a test that
+failed before its fix. The issue's own cases are covered where their behaviour lives (see the issue note)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from laser_export.cli import main
+from tinymodels import save_tiny
+
+WORDS = [f"w{i}" for i in range(4, 100)]
+CLAIMS = {"baseline": {"accuracy": 0.0}, "reduced": {"accuracy": 0.0}, "tolerance": 1.0}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit21")
+    save_tiny("llama", root / "llama")
+    (root / "bench.jsonl").write_text("".join(
+        json.dumps({"prompt": f"{WORDS[i % 90]} {WORDS[(3 * i + 1) % 90]}", "answer": WORDS[(i * 11) % 90]}) + "\n"
+        for i in range(24)))
+    return root
+
+
+def _recipe(path: Path, source: Path, bench: Path, **top) -> Path:
+    data = {"name": "audit", "model": {"source": str(source)}, "storage": "factorised",
+            "interventions": [{"layer": 2, "matrix": "fc_in", "rho": 0.25}],
+            "benchmark": {"name": "jsonl", "path": str(bench), "split": "test", "seed": 0,
+                          "validation_fraction": 0.25, "batch_size": 8},
+            "claims": CLAIMS, **top}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _with_stale_index(ws: Path, dest: Path) -> Path:
+    """The tiny model plus a stale sharded index (and its shard, all zeros) beside model.safetensors:
+    transformers loads model.safetensors and never the index."""
+    shutil.copytree(ws / "llama", dest)
+    state = load_file(dest / "model.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, dest / "model-00001-of-00001.safetensors",
+              metadata={"format": "pt"})
+    (dest / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in state}}))
+    return dest
+
+
+def _bump_weights(folder: Path) -> None:
+    state = load_file(folder / "model.safetensors")
+    state["model.embed_tokens.weight"] += 1
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+# ------------------------------------------ the identity is what transformers loads (model.safetensors wins)
+
+
+def test_identity_follows_model_safetensors_not_a_stale_index_beside_it(ws, tmp_path):
+    """Before: the identity hashed the index's shards while transformers (and the stream) loaded
+    model.safetensors: new weights kept the old identity (caches hit, an old report was accepted)."""
+    from laser_export.identity import weight_files, weights_identity
+
+    src = _with_stale_index(ws, tmp_path / "m")
+    assert weight_files(src) == [src / "model.safetensors"]
+    before = weights_identity(str(src))
+    _bump_weights(src)
+    assert weights_identity(str(src)) != before
+
+
+def test_apply_report_of_old_weights_is_refused_with_a_stale_index_beside_them(ws, tmp_path, capsys):
+    """apply --report: a report measured on other weights is refused, also when a stale index sits beside
+    model.safetensors (before: exit 0, the card certified weights that were never measured)."""
+    src = _with_stale_index(ws, tmp_path / "m")
+    recipe = _recipe(tmp_path / "r.yaml", src, ws / "bench.jsonl")
+    report = tmp_path / "rep.json"
+    assert main(["verify", str(recipe), "--report", str(report), "--no-progress", "--no-cache"]) == 0
+    _bump_weights(src)
+    capsys.readouterr()
+    assert main(["apply", str(recipe), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
+    assert "measured another model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
