@@ -672,7 +672,19 @@ CASES: list[Case] = [
     Case("search-name-too-long", X, "--name:", argv=lambda c: SEARCH(c, "--name", "n" * 300)),
     Case("search-svd-cache-inf", X, "--svd-cache-gb: expected a finite number >= 0, got inf",
          argv=lambda c: SEARCH(c, "--svd-cache-gb", "inf")),
+    # ---- issue 21 re-trial (H12): what still failed late or wrote where it must not
+    Case("search-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing", argv=lambda c: [
+        "search", "--model", _tokenizer_drops(c, "~"), "--benchmark", "jsonl", "--benchmark-path", _tilde_data(c),
+        "--out", str(c.tmp / "found.yaml"), "--layers", "2", "--matrices", "fc_in", "--rhos", "0.5"]),
 ]
+
+
+def _tilde_data(c: Ctx) -> str:
+    """Benchmark data whose every fourth prompt is '~' (a tokenizer that drops '~' makes it empty)."""
+    path = c.tmp / "tilde.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "~" if i % 4 == 0 else f"w{4 + i} w5", "answer": "w6"}) + "\n"
+                            for i in range(24)))
+    return str(path)
 
 
 #: case-id prefixes whose error must come before any weights load (load_model raises in those tests)
@@ -732,9 +744,11 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
     ctx, argv = _prepare(case, ws, tmp_path, monkeypatch)
     if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load
+        import laser_export.pipeline as pipeline
         import laser_export.runner as runner
 
         monkeypatch.setattr(runner, "load_model", _raiser(lambda: AssertionError("weights were loaded")))
+        monkeypatch.setattr(pipeline, "load_model", _raiser(lambda: AssertionError("weights were loaded")))  # search
     ws_before = _snapshot(ws)
     tmp_before = _snapshot(tmp_path)
     try:

@@ -218,6 +218,17 @@ def _check_scorer(p) -> None:
                            "which search does not support yet (verify does)"])
 
 
+def _check_tokenisation(p, examples) -> None:
+    """Every example the search scores, tokenised before the weights load (a prompt or answer that tokenises
+    to nothing fails here, not after the sweep); the tokenizer is kept for the load."""
+    from ..evaluate import check_tokenisation
+    from ..progress import console
+
+    with console.status("tokenising the examples"):
+        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+        check_tokenisation("causal", p.tokenizer, examples)
+
+
 def prepare(opts: SearchOptions) -> _Prepared:
     """Plan (no weights), grid, benchmark split and the run key: every input problem fails here."""
     import yaml
@@ -252,6 +263,8 @@ def prepare(opts: SearchOptions) -> _Prepared:
     tasks = _tasks(opts, p, bench, split, validation)
     if tasks:
         validation = [ex for t in tasks for ex in t.validation]
+    tests = [] if opts.skip_test else [ex for t in tasks for ex in t.split.test] if tasks else split.test
+    _check_tokenisation(p, [*validation, *tests])
     with console.status("identifying the weights"):
         identity = weights_identity(p.source, memo_dir=memo_dir_if_present())
     key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
