@@ -60,9 +60,19 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
         digest = h.hexdigest()
         if _stat_key(path) != key:  # written to while we read it: do not memoise a mixture
             return digest
+        if memo_dir is not None and _within(path, Path(memo_dir)):
+            memo_dir = None  # never write the memo among the files it hashes (a cache pointed at the model)
         _write_sidecar(memo_dir, {**sidecar, key: digest})
     _memo[key] = digest
     return digest
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        folder = folder.expanduser().resolve()
+        return folder in path.resolve().parents
+    except (OSError, RuntimeError):
+        return True  # unresolvable: do not write there
 
 
 def _read_sidecar(memo_dir) -> dict:

@@ -137,11 +137,12 @@ class _Measure:
     baseline_cache: object = None  # the opened BaselineCache (None: --no-cache or an unusable folder)
 
 
-def _open_cache(enabled: bool, dry_run: bool):
-    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
+def _open_cache(enabled: bool, dry_run: bool, protect=()):
+    """The baseline cache, checked before any weights load (an unusable folder, or one inside an input of the
+    run: a warning, no cache)."""
     from .baseline_cache import BaselineCache
 
-    cache = BaselineCache.open(enabled, clean=not dry_run)
+    cache = BaselineCache.open(enabled, clean=not dry_run, protect=protect)
     return cache if cache.enabled else None
 
 
@@ -204,7 +205,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
-    cache = _open_cache(opts.baseline_cache, opts.dry_run)
+    cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
@@ -277,7 +278,7 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
-    cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
+    cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe]) if verifying else None
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run) if verifying else None
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,

@@ -84,3 +84,39 @@ def test_apply_report_of_old_weights_is_refused_with_a_stale_index_beside_them(w
     assert main(["apply", str(recipe), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
     assert "measured another model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------- a cache folder is never the model source (or inside it)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["the model folder", "a folder inside it"])
+def test_a_baseline_cache_pointed_into_the_model_source_is_a_warning_and_writes_nothing_there(
+        ws, tmp_path, monkeypatch, capsys, where):
+    """Before: LASER_EXPORT_BASELINE_CACHE=<the model folder> wrote cache entries, a prefix *.safetensors and the
+    checksum memo into the model source (exit 0); every path the tool writes goes through the output policy."""
+    src = tmp_path / "m"
+    shutil.copytree(ws / "llama", src)
+    before = _listing(src)
+    monkeypatch.setenv("LASER_EXPORT_BASELINE_CACHE", str(src if where == "the model folder" else src / "cache"))
+    recipe = _recipe(tmp_path / "r.yaml", src, ws / "bench.jsonl")
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "rep.json"), "--no-progress"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "is inside an input of this run" in err and "continuing without the cache" in err
+    assert _listing(src) == before
+    assert main([str(recipe), "--out", str(tmp_path / "o"), "--report", str(tmp_path / "rep2.json"), "--no-progress"]) == 0
+    assert _listing(src) == before
+
+
+def test_the_checksum_memo_is_never_written_among_the_files_it_hashes(ws, tmp_path):
+    from laser_export.identity import SIDECAR, file_sha256
+
+    src = tmp_path / "m"
+    shutil.copytree(ws / "llama", src)
+    file_sha256(src / "model.safetensors", memo_dir=src)
+    assert not (src / SIDECAR).exists()
+    file_sha256(src / "config.json", memo_dir=tmp_path / "memo")  # elsewhere: memoised as before
+    assert (tmp_path / "memo" / SIDECAR).is_file()
