@@ -94,10 +94,12 @@ def _select(p: Plan, limit: int | None, progress: bool = True, tokenise: bool = 
 def _check_tokenisation(p: Plan, scorer: str, examples, progress: bool) -> None:
     """Tokenise the examples before the weights load (the tokenizer is kept for the load)."""
     from .evaluate import check_tokenisation
+    from .verify import check_perplexity_input
 
     with status("tokenising the examples", progress):
         p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
         check_tokenisation(scorer, p.tokenizer, examples)
+        check_perplexity_input(p)
 
 
 def _verify_writes(report: Path, n: int, cache) -> list[str]:

@@ -377,18 +377,35 @@ def check_report_json(report: dict, where: str) -> None:
     walk(report, "")
 
 
+def _perplexity_ids(p: Plan, tokenizer, context: int):
+    """(token ids, options) of the recipe's perplexity text; BenchmarkError naming perplexity when the text
+    cannot be read or has fewer than 2 tokens."""
+    from .perplexity import PerplexityOptions, load_text, token_ids
+
+    spec = p.recipe.perplexity
+    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
+                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
+    ids = token_ids(tokenizer, load_text(opts), opts.max_tokens)
+    if len(ids) < 2:
+        where = f"perplexity.path {spec.path}" if spec.path is not None else f"perplexity: {spec.dataset}"
+        raise BenchmarkError(f"{where}: the text has {len(ids)} tokens; perplexity needs at least 2")
+    return ids, opts
+
+
+def check_perplexity_input(p: Plan) -> None:
+    """The recipe's perplexity text read and tokenised with the plan's tokenizer before the weights load: a
+    missing, non-UTF-8, non-regular or too short text fails here, not after loading (runner._select)."""
+    if p.recipe.perplexity is not None and p.tokenizer is not None:
+        _perplexity_ids(p, p.tokenizer, p.recipe.perplexity.context)
+
+
 def _perplexity_input(p: Plan, loaded: Loaded):
     """Token ids and options of the recipe's perplexity measurement (None when it has none)."""
     spec = p.recipe.perplexity
     if spec is None:
         return None, None
-    from .perplexity import PerplexityOptions, load_text, token_ids
-
     max_pos = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or spec.context
-    context = min(spec.context, max_pos)
-    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
-                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
-    return token_ids(loaded.tokenizer, load_text(opts), opts.max_tokens), opts
+    return _perplexity_ids(p, loaded.tokenizer, min(spec.context, max_pos))
 
 
 def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:

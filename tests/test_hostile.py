@@ -676,6 +676,14 @@ CASES: list[Case] = [
     Case("search-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing", argv=lambda c: [
         "search", "--model", _tokenizer_drops(c, "~"), "--benchmark", "jsonl", "--benchmark-path", _tilde_data(c),
         "--out", str(c.tmp / "found.yaml"), "--layers", "2", "--matrices", "fc_in", "--rhos", "0.5"]),
+    Case("perplexity-one-token", X, "p.txt: the text has 1 tokens; perplexity needs at least 2",
+         recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: (c.tmp / "p.txt").write_text("w4\n"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("perplexity-missing", X, "perplexity.path: ", recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "no.txt")}},
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("perplexity-fifo", X, "perplexity.path: ", recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: os.mkfifo(c.tmp / "p.txt"), argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
 ]
 
 
@@ -692,7 +700,7 @@ BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-to
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
                   "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-no", "verify-report-is", "push-",
-                  "run-", "dry-run", "apply-", "env-", "search-")
+                  "run-", "dry-run", "apply-", "env-", "search-", "perplexity-")
 
 
 def SEARCH(c: Ctx, *extra):
