@@ -165,6 +165,10 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
 
     if "onnx" in recipe.export.formats and (why := ort_runtime.missing()):
         problems.append(f"export.formats: onnx: {why}")
+    from .export.gguf import llama_cpp_missing
+
+    if why := llama_cpp_missing(recipe.export.gguf_types):
+        problems.append(f"export.gguf_types: {why}")
     if problems:
         raise RecipeError(problems)
 
@@ -236,14 +240,13 @@ def densify_targets(p: Plan, model) -> list[str]:
 def check_finite_targets(p: Plan, model) -> None:
     """Every target matrix is finite: the SVD of a matrix with inf/NaN is undefined (NaN factors or
     a LinAlgError). A SourceError naming the module, raised before anything is written."""
-    import torch
-
+    from .finite import count_nonfinite
     from .intervene import target_matrix
 
     problems = []
     for t in p.targets:
         name, w = target_matrix(model, p.family, t)  # also an accelerate-offloaded weight, or a fused block
-        bad = int((~torch.isfinite(w)).sum())
+        bad = count_nonfinite(w)
         if bad:
             problems.append(
                 f"model.source: {name} ({t.field}, layer {t.layer} {t.alias}) holds {bad} non-finite values "

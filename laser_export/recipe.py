@@ -251,7 +251,7 @@ class ExportSpec(_Strict):
     )
     onnx_quantized: Bool = Field(False, description="also write onnx/model_quantized.onnx (8-bit dynamic, "
                                  "onnxruntime's quantizer): the file transformers.js loads by default")
-    gguf_types: list[Literal["Q8_0", "Q4_0"]] = Field(
+    gguf_types: list[Literal["Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]] = Field(
         [], description="quantized GGUF variants written next to the export-dtype file (<name>-Q8_0.gguf)")
     hub: HubSpec | None = None
 

@@ -192,10 +192,10 @@ class ScoresNotFinite(CheckFailed):
 
 
 def _first_nonfinite(model) -> str | None:
-    import torch
+    from .finite import count_nonfinite
 
     for name, t in model.named_parameters():
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if count_nonfinite(t):
             return name
     return None
 

@@ -229,3 +229,51 @@ def test_llama_cpp_runs_a_float16_smollm2_export(smollm2_gguf, tmp_path):
             if len(got) == len(want):
                 break
         assert sum(a == b for a, b in zip(got, want)) / len(want) >= need, (file, got, want)
+
+
+def test_k_quants_need_llama_cpp_python_and_check_says_so(tmp_path, capsys, monkeypatch):
+    """Q4_K_M & co are made by llama.cpp's own quantizer (llama-cpp-python): without it, `check` refuses the
+    recipe naming the field and the package (exit 2), before anything loads."""
+    import importlib.util
+
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    save_tiny("llama", tmp_path / "m")
+    recipe = {"name": "g", "model": {"source": str(tmp_path / "m")}, "storage": "dense",
+              "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.1}],
+              "export": {"formats": ["safetensors", "gguf"], "gguf_types": ["Q4_K_M"]}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check", str(tmp_path / "r.yaml")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "export.gguf_types: Q4_K_M is written by llama.cpp's own quantizer, which needs llama-cpp-python" in err
+
+
+@pytest.mark.slow
+def test_q4_k_m_variant_by_llama_cpp_runs_in_llama_cpp(tmp_path):
+    """A Q4_K_M variant (what LASER models ship as) written by llama.cpp's quantizer from the F16 export: k-quant
+    tensors (rows of 256), 1-D tensors F32, read back by transformers and run by llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (see the README)")
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=512, vocab_size=len(tok),
+                                         max_position_embeddings=128)).eval()
+    info = write_gguf(model, tmp_path / "m.gguf", arch="llama", dtype="float16", tokenizer=tok,
+                      quantized=("Q4_K_M",))
+    (v,) = info["variants"]
+    assert v["file"] == "m-Q4_K_M.gguf" and v["quantizer"].startswith("llama.cpp (llama-cpp-python ")
+    assert {"Q4_K", "F32"} <= set(v["tensor_types"]) and v["tensor_bytes"] < info["tensor_bytes"] / 2
+    reader = gguf.GGUFReader(str(tmp_path / v["file"]))
+    assert all(t.tensor_type.name == "F32" for t in reader.tensors if len(t.shape) == 1 or t.shape[1] == 1)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=v["file"], dtype=torch.float32).eval()
+    ids = torch.tensor([tok(TEXT[:40])["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(back(ids).logits).all()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / v["file"]), n_ctx=128, n_threads=1, verbose=False)
+    out = llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True)
+    assert isinstance(next(out), int)

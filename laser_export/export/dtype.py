@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..finite import count_overflows
 from ..recipe import RecipeError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -20,7 +21,7 @@ def _overflows(model: nn.Module, dtype: torch.dtype) -> list[str]:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if not t.is_floating_point() or t.device.type == "meta":
             continue
-        n = int((torch.isfinite(t) & ~torch.isfinite(t.to(dtype))).sum())
+        n = count_overflows(t, dtype)
         if n:
             bad.append(f"{name} ({n} of {t.numel()} values beyond the {str(dtype).removeprefix('torch.')} range)")
     return bad

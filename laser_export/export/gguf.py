@@ -7,6 +7,8 @@ helpers) and follows the rules of llama.cpp's ``convert_hf_to_gguf.py``:
   kernels add an F16 norm to an F32 activation and abort); 2-D tensors take the file's type. ``Q8_0`` / ``Q4_0``
   variants are quantized with ``gguf.quants``; a matrix whose rows are not a whole number of blocks falls back to
   F16, and a ``Q4_0`` file keeps the token embedding and output matrix in ``Q8_0`` (llama-quantize's rule).
+  ``Q4_K_M`` / ``Q5_K_M`` / ``Q6_K`` (what LASER models ship as) are made by llama.cpp's own quantizer through
+  llama-cpp-python (optional; ``check`` refuses them without it), from the export-dtype file.
 * **tokenizer**: from the source GGUF file when there is one (its ``tokenizer.*`` keys are copied), else from the
   transformers tokenizer through ``gguf.vocab`` (GPT-2 byte-level BPE, Llama-style byte-fallback BPE, or a
   SentencePiece model) and ``gguf.SpecialVocab`` (merges, special token ids, chat template). The ``gpt2`` models'
@@ -45,8 +47,12 @@ class GgufExportError(CheckFailed):
 
 
 _GGML_TYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-#: quantized variants the ``gguf`` package can write (``export.gguf_types``)
-GGUF_TYPES = ("Q8_0", "Q4_0")
+#: k-quant variants, written by llama.cpp's own quantizer (``llama_model_quantize`` of llama-cpp-python, an
+#: optional dependency) from the export-dtype file: the ``gguf`` package cannot write k-quants
+LLAMA_CPP_TYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+#: quantized variants (``export.gguf_types``): the ``gguf`` package writes Q8_0/Q4_0, llama.cpp the k-quants
+GGUF_TYPES = ("Q8_0", "Q4_0", *LLAMA_CPP_TYPES)
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
                "Q4_0": "MOSTLY_Q4_0"}
 #: keys llama.cpp reads before it can load a file of architecture ``{arch}`` (checked by :func:`missing_keys`)
@@ -341,6 +347,50 @@ def _write_file(path: Path, tensors, *, model, arch: str, file_type: str, tokeni
     return {"file": path.name, "type": file_type, "tensor_types": types, "tensor_bytes": nbytes, "vocab": vocab}
 
 
+def llama_cpp_missing(types) -> str | None:
+    """Why the k-quant variants among ``types`` cannot be written here (llama-cpp-python absent); None if they can."""
+    import importlib.util
+
+    wanted = [t for t in types if t in LLAMA_CPP_TYPES]
+    if wanted and importlib.util.find_spec("llama_cpp") is None:
+        return (f"{', '.join(wanted)} is written by llama.cpp's own quantizer, which needs llama-cpp-python "
+                "(pip install llama-cpp-python; it builds llama.cpp from source)")
+    return None
+
+
+def _llama_quantize(src: Path, dst: Path, file_type: str) -> dict:
+    """``dst``: ``src`` quantized to a k-quant ``file_type`` by llama.cpp (llama-quantize's own tensor rules:
+    mixed types per tensor, 1-D tensors F32); returns its manifest fields, read back from the file."""
+    import ctypes
+    import logging
+    import os
+    from importlib.metadata import version
+
+    import gguf
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_TYPES[file_type])
+    params.nthread = os.cpu_count() or 1
+    log = logging.getLogger("llama-cpp-python")  # llama-cpp-python prints llama.cpp's log by this logger's level
+    level = log.level
+    log.setLevel(logging.ERROR)  # llama-quantize's line per tensor is not the user's
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
+    if rc != 0 or not dst.is_file():
+        raise GgufExportError(f"llama.cpp could not quantize {src.name} to {file_type} (llama_model_quantize "
+                              f"returned {rc})")
+    types: dict[str, int] = {}
+    nbytes = 0
+    for t in gguf.GGUFReader(str(dst)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        nbytes += int(t.n_bytes)
+    return {"file": dst.name, "type": file_type, "tensor_types": types, "tensor_bytes": nbytes,
+            "quantizer": f"llama.cpp (llama-cpp-python {version('llama-cpp-python')})"}
+
+
 def variant_path(path: Path, file_type: str) -> Path:
     """``name.gguf`` → ``name-Q8_0.gguf`` (the file of a quantized variant)."""
     return path.with_name(f"{path.stem}-{file_type}{path.suffix}")
@@ -350,7 +400,8 @@ def write_gguf(model, path: Path, *, arch: str, dtype: str, source_gguf: Path | 
                name: str | None = None, reference=None, tolerance: float = 1e-4, tokenizer=None,
                quantized: tuple[str, ...] | list[str] = (), provenance: dict | None = None) -> dict:
     """Write ``model`` (dense) to ``path`` as GGUF in the export ``dtype`` (1-D tensors F32), plus one file per
-    ``quantized`` type (``Q8_0``, ``Q4_0``) next to it. The vocabulary comes from ``source_gguf`` when given, else
+    ``quantized`` type (``Q8_0``, ``Q4_0`` by the ``gguf`` package; ``Q4_K_M``, ``Q5_K_M``, ``Q6_K`` by llama.cpp from
+    the export-dtype file) next to it. The vocabulary comes from ``source_gguf`` when given, else
     from ``tokenizer``. With ``reference``, each file is read back with transformers and its logits compared
     (:func:`check_gguf`; the quantized files are measured, not held to ``tolerance``). Returns the manifest entry."""
     unknown = [q for q in quantized if q not in GGUF_TYPES]
@@ -361,7 +412,10 @@ def write_gguf(model, path: Path, *, arch: str, dtype: str, source_gguf: Path | 
     main = _write_file(path, tensors, file_type=_GGML_TYPES[dtype], **kw)
     variants = []
     for q in quantized:
-        entry = _write_file(variant_path(path, q), tensors, file_type=q, **kw)
+        if q in LLAMA_CPP_TYPES:
+            entry = _llama_quantize(path, variant_path(path, q), q)
+        else:
+            entry = _write_file(variant_path(path, q), tensors, file_type=q, **kw)
         entry["max_abs_diff"] = None if reference is None else check_gguf(reference, path.parent / entry["file"],
                                                                            None)
         variants.append(entry)
