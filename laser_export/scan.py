@@ -164,6 +164,7 @@ def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> 
     from .sources import check_config, family_of, resolve_source
     from .stream import meta_model  # noqa: F401 - fail early if accelerate is missing
 
+    check_outputs(opts)
     source = resolve_source(opts.source, opts.revision)
     source.check_files()
     config = source.load_config(trust_remote_code=opts.trust_remote_code)
@@ -197,6 +198,19 @@ def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> 
     if opts.plot:
         result["plot"] = str(plot_scan(result, out.with_suffix(".png")))
     return result
+
+
+def check_outputs(opts: ScanOptions) -> None:
+    """The output policy for the scan JSON and its heatmap, before anything is read: never the source (a
+    local folder or file) or a file inside it, never a folder or a FIFO. Raises OutputError (exit 2)."""
+    from .policy import check_file_output
+
+    local = Path(opts.source).expanduser()
+    held = [local] if local.exists() else []
+    check_file_output(opts.out, "--out", protect=held)
+    if opts.plot:
+        png = Path(opts.out).with_suffix(".png")
+        check_file_output(png, f"--out ({png.name})", protect=held)
 
 
 def _base_prefix(config, family, trust_remote_code: bool) -> str:

@@ -676,6 +676,14 @@ CASES: list[Case] = [
     Case("search-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing", argv=lambda c: [
         "search", "--model", _tokenizer_drops(c, "~"), "--benchmark", "jsonl", "--benchmark-path", _tilde_data(c),
         "--out", str(c.tmp / "found.yaml"), "--layers", "2", "--matrices", "fc_in", "--rhos", "0.5"]),
+    Case("scan-out-is-model-config", X, "is inside an input of this run",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.ws / "llama" / "config.json")]),
+    Case("scan-out-in-model", X, "is inside an input of this run",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.ws / "llama" / "scan.json")]),
+    Case("scan-plot-is-the-gguf-source", X, "--out (x.png)",
+         setup=lambda c: (c.tmp / "x.png").write_bytes(b"GGUF"),
+         argv=lambda c: ["scan", str(c.tmp / "x.png"), "--out", str(c.tmp / "x.json")]),
+    Case("scan-out-is-a-folder", X, "is a folder", argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp)]),
     Case("perplexity-one-token", X, "p.txt: the text has 1 tokens; perplexity needs at least 2",
          recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
          setup=lambda c: (c.tmp / "p.txt").write_text("w4\n"),
@@ -700,7 +708,7 @@ BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-to
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
                   "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-no", "verify-report-is", "push-",
-                  "run-", "dry-run", "apply-", "env-", "search-", "perplexity-")
+                  "run-", "dry-run", "apply-", "env-", "search-", "perplexity-", "scan-")
 
 
 def SEARCH(c: Ctx, *extra):
