@@ -684,6 +684,11 @@ CASES: list[Case] = [
          setup=lambda c: (c.tmp / "x.png").write_bytes(b"GGUF"),
          argv=lambda c: ["scan", str(c.tmp / "x.png"), "--out", str(c.tmp / "x.json")]),
     Case("scan-out-is-a-folder", X, "is a folder", argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp)]),
+    Case("out-inside-source", X, "is inside an input of this run", argv=lambda c: [str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
+    Case("apply-out-inside-source", X, "is inside an input of this run",
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
+    Case("works-apply-out-reports", 0, "exported", recipe=B(), argv=lambda c: ["apply", str(c.recipe), "--out", "reports"],
+         new=("reports", "reports/*")),  # apply writes no report: reports/<name>.verify.json is no reason to refuse
     Case("perplexity-one-token", X, "p.txt: the text has 1 tokens; perplexity needs at least 2",
          recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
          setup=lambda c: (c.tmp / "p.txt").write_text("w4\n"),
