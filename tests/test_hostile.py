@@ -689,6 +689,8 @@ CASES: list[Case] = [
          argv=lambda c: ["apply", str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
     Case("works-apply-out-reports", 0, "exported", recipe=B(), argv=lambda c: ["apply", str(c.recipe), "--out", "reports"],
          new=("reports", "reports/*")),  # apply writes no report: reports/<name>.verify.json is no reason to refuse
+    Case("search-out-is-the-scan", X, "is an input of this run", setup=lambda c: (c.tmp / "scan.json").write_text("{}"),
+         argv=lambda c: SEARCH(c)[:-2] + ["--from-scan", str(c.tmp / "scan.json"), "--out", str(c.tmp / "scan.json")]),
     Case("perplexity-one-token", X, "p.txt: the text has 1 tokens; perplexity needs at least 2",
          recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
          setup=lambda c: (c.tmp / "p.txt").write_text("w4\n"),

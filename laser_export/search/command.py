@@ -160,7 +160,7 @@ def check_outputs(opts: SearchOptions, protect: Sequence[str | Path] = ()) -> No
 
     if opts.name is not None and (why := check_name(opts.name)):
         raise RecipeError([f"--name: {why}"])
-    held = [*protected_inputs(None, opts.template, *_names(opts.benchmark_path)), *protect]
+    held = [*protected_inputs(None, opts.template, opts.from_scan, *_names(opts.benchmark_path)), *protect]
     if opts.model and Path(opts.model).expanduser().exists():
         held.append(Path(opts.model).expanduser())
     if opts.template:
