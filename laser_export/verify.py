@@ -298,6 +298,7 @@ class Measurement:
             "delta": delta,
             "claims": claims,
             "interventions": self.loaded.entries,
+            "reduction": p.recipe.reduction.model_dump(),  # how they were reduced (apply --report compares it)
             "passed": bool(claims) and all(c["passed"] for c in claims),
             "scorer": self.scorer,
             "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
@@ -363,6 +364,9 @@ def load_report(path: Path, p: Plan) -> dict:
     ivs = [(e.get("layer"), e.get("matrix")) for e in report.get("interventions") or [] if isinstance(e, dict)]
     if ivs != planned:
         raise RecipeError([f"--report: {path} measured other interventions than the recipe's; verify it again"])
+    if report.get("reduction") != recipe.reduction.model_dump():  # another SVD gives other factors
+        raise RecipeError([f"--report: {path} measured matrices reduced with {report.get('reduction')!r}, this recipe "
+                           f"reduces with {recipe.reduction.model_dump()!r}; verify the recipe again"])
     return report
 
 

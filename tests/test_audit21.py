@@ -120,3 +120,20 @@ def test_the_checksum_memo_is_never_written_among_the_files_it_hashes(ws, tmp_pa
     assert not (src / SIDECAR).exists()
     file_sha256(src / "config.json", memo_dir=tmp_path / "memo")  # elsewhere: memoised as before
     assert (tmp_path / "memo" / SIDECAR).is_file()
+
+
+# ------------------------------------------------------- apply --report: the reduction is part of the interventions
+
+
+def test_apply_report_measured_with_another_svd_is_refused(ws, tmp_path, capsys):
+    """Before: a report measured with the exact SVD was accepted for a recipe that reduces with the randomized
+    one (same layers, ranks and storage, other factors): the card certified matrices that were never measured."""
+    recipe = _recipe(tmp_path / "r.yaml", ws / "llama", ws / "bench.jsonl")
+    report = tmp_path / "rep.json"
+    assert main(["verify", str(recipe), "--report", str(report), "--no-progress", "--no-cache"]) == 0
+    assert json.loads(report.read_text())["reduction"]["method"] == "exact"
+    assert main(["apply", str(recipe), "--out", str(tmp_path / "ok"), "--report", str(report), "--no-progress"]) == 0
+    other = _recipe(tmp_path / "r2.yaml", ws / "llama", ws / "bench.jsonl", reduction={"method": "randomized"})
+    capsys.readouterr()
+    assert main(["apply", str(other), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
+    assert "reduced with" in capsys.readouterr().err and not (tmp_path / "o").exists()
