@@ -367,7 +367,35 @@ def load_report(path: Path, p: Plan) -> dict:
     if report.get("reduction") != recipe.reduction.model_dump():  # another SVD gives other factors
         raise RecipeError([f"--report: {path} measured matrices reduced with {report.get('reduction')!r}, this recipe "
                            f"reduces with {recipe.reduction.model_dump()!r}; verify the recipe again"])
+    _check_report_claims(path, report, p)
     return report
+
+
+def _check_report_claims(path: Path, report: dict, p: Plan) -> None:
+    """The report verified this recipe's claims (metric, claimed values, tolerance) on this recipe's benchmark
+    split (name, split, seed, validation fraction, subsample), else RecipeError: the card shows the report's
+    claims next to the recipe it embeds."""
+    from .recipe import RecipeError
+
+    recipe, bench = p.recipe, p.recipe.benchmark
+    want = [] if recipe.claims is None else [
+        [f"{side}.accuracy", bench.metric, claim.accuracy, recipe.claims.tolerance]
+        for side, claim in (("baseline", recipe.claims.baseline), ("reduced", recipe.claims.reduced))]
+    got = [[c.get(k) for k in ("name", "metric", "claimed", "tolerance")]
+           for c in report.get("claims") or [] if isinstance(c, dict)]
+    if got != want:
+        def brief(claims):
+            return ", ".join(f"{n} {m} {c} ±{t}" for n, m, c, t in claims) or "none"
+
+        raise RecipeError([f"--report: {path} verified other claims ({brief(got)}) than this recipe makes "
+                           f"({brief(want)}); verify the recipe again"])
+    measured = report.get("benchmark") if isinstance(report.get("benchmark"), dict) else {}
+    split_keys = () if bench is None or bench.split == "all" else ("seed", "validation_fraction")  # all: no split
+    for key in ("name", "split", "subsample", *split_keys):
+        here = getattr(bench, key) if bench is not None else None
+        if bench is not None and measured.get(key) != here:
+            raise RecipeError([f"--report: {path} measured benchmark.{key} {measured.get(key)!r}, this recipe's is "
+                               f"{here!r}; verify the recipe again"])
 
 
 def check_report_json(report: dict, where: str) -> None:

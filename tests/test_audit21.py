@@ -137,3 +137,22 @@ def test_apply_report_measured_with_another_svd_is_refused(ws, tmp_path, capsys)
     capsys.readouterr()
     assert main(["apply", str(other), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
     assert "reduced with" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"claims": {"baseline": {"accuracy": 0.9}, "reduced": {"accuracy": 0.95}, "tolerance": 0.01}}, "verified other claims"),
+    ({"benchmark": {"name": "jsonl", "split": "test", "seed": 3, "validation_fraction": 0.25, "batch_size": 8}},
+     "measured benchmark.seed 0, this recipe's is 3"),
+])
+def test_apply_report_of_other_claims_or_another_split_is_refused(ws, tmp_path, capsys, change, fragment):
+    """Before: the card showed the report's claims as passed next to an embedded recipe claiming other numbers
+    (or on another split), exit 0."""
+    recipe = _recipe(tmp_path / "r.yaml", ws / "llama", ws / "bench.jsonl")
+    report = tmp_path / "rep.json"
+    assert main(["verify", str(recipe), "--report", str(report), "--no-progress", "--no-cache"]) == 0
+    if "benchmark" in change:
+        change = {"benchmark": {**change["benchmark"], "path": str(ws / "bench.jsonl")}}
+    other = _recipe(tmp_path / "r2.yaml", ws / "llama", ws / "bench.jsonl", **change)
+    capsys.readouterr()
+    assert main(["apply", str(other), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
+    assert fragment in capsys.readouterr().err and not (tmp_path / "o").exists()
