@@ -22,7 +22,7 @@ config attribute names (``["num_attention_heads", "num_key_value_heads", "num_ke
 fused q/k/v by head counts). ``{"module": "mlp.experts", "tensor": "gate_up_proj", "experts":
 "num_local_experts", ...}`` names a fused 3-D expert tensor ``[experts, out, in]`` (transformers 5's
 Mixtral/Qwen3-MoE layout): the alias means one (out, in) matrix per expert, the config attribute gives
-their number. A spec alias is reduced block by block (:mod:`laser_export.fused`), dense write-back.
+their number. A spec alias is reduced block by block (:mod:`laser_export.fused`), dense or factorised per block.
 The ``router`` alias (the MoE gate) belongs to no group: it is reduced only when named.
 
 Adding an architecture = adding one ``families/<name>.json`` file (and one row of the tiny-model
@@ -239,7 +239,7 @@ def matrix_spec(family: Family, alias: str) -> MatrixSpec:
 
 def is_fused(family: Family, alias: str) -> bool:
     """True when the alias is given as a :class:`MatrixSpec` (a row block, experts, or a module such as a
-    router that is not a plain linear layer): reduced by :mod:`laser_export.fused`, dense write-back only."""
+    router that is not a plain linear layer): reduced by :mod:`laser_export.fused` (dense write-back, or per-block factors)."""
     return not isinstance(family.matrices[alias], str)
 
 

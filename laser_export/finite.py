@@ -3,7 +3,7 @@
 ``int((~torch.isfinite(t)).sum())`` on a 206M-element bf16 embedding made a float32 copy, two bool tensors and an
 int64 one: 3.4 GB and ~25 s for the read-back of a 1.6 GB checkpoint (more than the checkpoint itself). Here a
 tensor is checked in chunks of :data:`CHUNK` elements, for the IEEE float types by their exponent bits (all ones:
-inf or NaN) on an integer view, and counted only when a chunk holds one. Imports nothing from the package."""
+inf or NaN) on an integer view (numpy on CPU), and counted only when a chunk holds one. Imports nothing from the package."""
 
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ def _chunks(t: torch.Tensor):
         yield flat[i : i + CHUNK]
 
 
-def _bad(chunk: torch.Tensor) -> torch.Tensor:
+def _bad(chunk: torch.Tensor):
+    """A boolean array (numpy for a CPU float32/16 chunk: ~7x faster than the same torch ops here; else torch)."""
     bits = _EXPONENT.get(chunk.dtype)
     if bits is None:
         return ~torch.isfinite(chunk)
     view, mask = bits
-    return (chunk.view(view) & mask) == mask
+    ints = chunk.view(view)
+    if ints.device.type == "cpu":
+        ints = ints.numpy()
+    return (ints & mask) == mask
 
 
 def count_nonfinite(t: torch.Tensor) -> int:

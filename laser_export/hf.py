@@ -26,21 +26,25 @@ QUANT_METHOD = "laser"
 
 
 class LaserConfig(QuantizationConfigMixin):
-    """``ranks``: qualified module name → rank of its LowRankLinear replacement."""
+    """``ranks``: qualified module name → rank of its LowRankLinear replacement. ``fused``: fused tensor
+    name → its shape and factorised blocks (:mod:`laser_export.fused`)."""
 
-    def __init__(self, ranks: dict[str, int] | None = None, laser_export_version: str | None = None, **kwargs):
+    def __init__(self, ranks: dict[str, int] | None = None, laser_export_version: str | None = None,
+                 fused: dict | None = None, **kwargs):
         from . import __version__
 
         self.quant_method = QUANT_METHOD
         self.ranks = dict(ranks or {})
+        self.fused = dict(fused or {})
         self.laser_export_version = laser_export_version or __version__
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "quant_method": QUANT_METHOD,
             "ranks": dict(self.ranks),
             "laser_export_version": self.laser_export_version,
         }
+        return {**out, "fused": dict(self.fused)} if self.fused else out
 
 
 def swap_to_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
@@ -59,7 +63,7 @@ def swap_to_lowrank(model: nn.Module, ranks: dict[str, int]) -> None:
         model.set_submodule(name, new)
 
 
-def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> None:
+def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files, fused: dict | None = None) -> None:
     """Every factor of every factorised module is in the checkpoint with the shape its rank implies.
 
     transformers would otherwise leave a missing factor as uninitialised memory (it does not know how
@@ -73,26 +77,30 @@ def check_factors(model: nn.Module, ranks: dict[str, int], checkpoint_files) -> 
     for f in files:
         with safe_open(f, framework="pt") as sf:  # reads the header only
             stored.update({k: list(sf.get_slice(k).get_shape()) for k in sf.keys()})
+    from .fused import expected_shapes
+
     prefix = getattr(model, "base_model_prefix", "")
     problems = []
+    wanted = {}  # tensor name -> (shape, what explains it)
     for name, rank in ranks.items():
         mod = model.get_submodule(name)
         want = {"weight": [int(rank), mod.in_features], "weight_out": [mod.out_features, int(rank)]}
         if mod.bias is not None:
             want["bias"] = [mod.out_features]
-        for part, shape in want.items():
-            key = f"{name}.{part}"
-            candidates = [key, f"{prefix}.{key}" if prefix else key, key.removeprefix(f"{prefix}.")]
-            found = next((stored[c] for c in candidates if c in stored), None)
-            if found is None:  # transformers may save under legacy prefixes (Gemma3: language_model.model.*)
-                found = _unique_suffix_match(stored, key)
-            if found is None:
-                problems.append(f"{key} is missing")
-            elif list(found) != shape:
-                problems.append(f"{key} has shape {list(found)}, rank {rank} needs {shape}")
+        wanted.update({f"{name}.{part}": (shape, f"rank {rank}") for part, shape in want.items()})
+    wanted.update({k: (v, "quantization_config.fused") for k, v in expected_shapes(fused or {}).items()})
+    for key, (shape, why) in wanted.items():
+        candidates = [key, f"{prefix}.{key}" if prefix else key, key.removeprefix(f"{prefix}.")]
+        found = next((stored[c] for c in candidates if c in stored), None)
+        if found is None:  # transformers may save under legacy prefixes (Gemma3: language_model.model.*)
+            found = _unique_suffix_match(stored, key)
+        if found is None:
+            problems.append(f"{key} is missing")
+        elif list(found) != shape:
+            problems.append(f"{key} has shape {list(found)}, {why} needs {shape}")
     if problems:
         raise ValueError(
-            "factorised checkpoint is incomplete or inconsistent with its quantization_config.ranks: "
+            "factorised checkpoint is incomplete or inconsistent with its quantization_config: "
             + "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
         )
 
@@ -118,11 +126,18 @@ class LaserQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .fused import prepare_fused
+
+        fused = getattr(self.quantization_config, "fused", None) or {}
         swap_to_lowrank(model, self.quantization_config.ranks)
-        check_factors(model, self.quantization_config.ranks, checkpoint_files)
+        check_factors(model, self.quantization_config.ranks, checkpoint_files, fused)
+        prepare_fused(model, fused)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .fused import assemble_fused
+
+        assemble_fused(model, getattr(self.quantization_config, "fused", None) or {})
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -145,11 +160,15 @@ def register() -> None:
 
 
 def mark_factorised(model: nn.Module) -> dict[str, int]:
-    """Record the LowRankLinear modules of an in-memory model in its config, so save_pretrained
-    writes the quantization_config that from_pretrained needs. Returns the ranks."""
+    """Record the LowRankLinear modules (and factorised fused blocks, :mod:`laser_export.fused`) of an
+    in-memory model in its config, so save_pretrained writes the quantization_config that from_pretrained
+    needs. Returns the ranks."""
+    from .fused import fused_records
+
     ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    if ranks:
-        model.config.quantization_config = LaserConfig(ranks)
+    fused = fused_records(model)
+    if ranks or fused:
+        model.config.quantization_config = LaserConfig(ranks, fused=fused)
     elif getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return ranks

@@ -69,8 +69,8 @@ class Target:
 
 def plan_targets(interventions: Iterable[Intervention], config, family: Family,
                  storage: str | None = None) -> list[Target]:
-    """Expand groups (and MoE experts) and check layers/aliases against the config; with ``storage``, also
-    that the storage applies to every alias. Raises RecipeError naming fields."""
+    """Expand groups (and MoE experts) and check layers/aliases against the config (every alias takes
+    either ``storage``; fused blocks too, :mod:`laser_export.fused`). Raises RecipeError naming fields."""
     n = num_layers(config)
     problems, targets, seen = [], [], {}
     for i, iv in enumerate(interventions):
@@ -92,10 +92,6 @@ def plan_targets(interventions: Iterable[Intervention], config, family: Family,
                     continue
                 seen[key] = i
                 targets.append(Target(i, iv.layer, alias, iv.rho, iv.rank, expert))
-    if storage is not None and not problems:
-        from .fused import refuse_factorised
-
-        problems += refuse_factorised(targets, family, storage)
     if problems:
         raise RecipeError(problems)
     return targets
@@ -334,10 +330,11 @@ def truncation_error(matrix: torch.Tensor, svd: TruncatedSVD, k: int, chunk_rows
 
 
 def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCache, full_svd: bool,
-                  undoable: bool) -> tuple[Undo | None, dict]:
+                  undoable: bool, storage: str = "dense") -> tuple[Undo | None, dict]:
     """Reduce one fused block (:mod:`laser_export.fused`): SVD of that block only, W_k written back into
-    the fused tensor. Returns (undo or None, manifest entry)."""
-    from .fused import block_ref
+    the fused tensor; ``factorised`` (where the factors are smaller) also keeps the block's thin factors
+    for the export. Returns (undo or None, manifest entry)."""
+    from .fused import block_ref, factorise_block
 
     ref = block_ref(model, family, t.layer, t.alias, t.expert)
     matrix = ref.matrix(model)
@@ -349,6 +346,10 @@ def _reduce_block(model, family: Family, t: Target, shape, k: int, cache: SVDCac
         return None, _matrix_entry(t, ref.name, shape, k, "dense", itemsize, 0.0, frobenius_norm(matrix))
     svd = cache.get(ref.name, matrix, min(shape) if full_svd else k)
     err, norm = truncation_error(matrix, svd, k)
+    if storage == "factorised" and factorised_saves_bytes(k, shape):
+        restore = factorise_block(model, ref, *svd.factors(k), undoable)
+        entry = _matrix_entry(t, ref.name, shape, k, "factorised", itemsize, err, norm)
+        return (Undo(restore) if undoable else None), entry
     restore = ref.write(model, svd.reconstruct(k, dtype=matrix.dtype), undoable)
     entry = _matrix_entry(t, ref.name, shape, k, "dense", itemsize, err, norm)
     return (Undo(restore) if undoable else None), entry
@@ -428,11 +429,6 @@ def apply(
     Returns :class:`Applied`: ``applied()`` restores the model bit-exactly, ``applied.entries`` is
     the per-matrix manifest (rank, shape, Frobenius error from the dropped singular values, bytes).
     """
-    from .fused import refuse_factorised
-
-    refused = refuse_factorised(targets, family, storage)
-    if refused:
-        raise RecipeError(refused)
     cache = SVDCache(max_bytes=0) if cache is None else cache
     plan = resolve(model, family, targets)
     undos: list[Undo] = []
@@ -441,8 +437,8 @@ def apply(
         for t, name, shape, k in plan:
             if progress:
                 progress(f"SVD {name} {shape[0]}×{shape[1]} → rank {k}")
-            if is_fused(family, t.alias):  # a row block / one expert of a fused tensor: dense, in place
-                undo, entry = _reduce_block(model, family, t, shape, k, cache, full_svd, undoable)
+            if is_fused(family, t.alias):  # a row block / one expert of a fused tensor, in place
+                undo, entry = _reduce_block(model, family, t, shape, k, cache, full_svd, undoable, storage)
                 undos += [undo] if undo is not None else []
                 entries.append(entry)
                 continue

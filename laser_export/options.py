@@ -290,6 +290,8 @@ class SearchOptions:
     compose: int = option(3, "max interventions stacked greedily (1: no stacking)", check=positive_int)
     compose_tries: int = option(6, "max stacking attempts", check=at_least(0))
     rank_by_snr: bool = option(False, "sweep matrices in order of data-free SNR")
+    per_expert: bool = option(False, "MoE: each expert of an expert alias is its own candidate (default: all "
+                              "experts of a layer reduced together); the recipe names the experts")
     prune_snr: float | None = option(None, "sweep only the top FRACTION of matrices by SNR", check=unit_interval,
                                      metavar="FRACTION")
     tolerance: float = option(0.005, "claims tolerance written to the recipe", check=closed_unit)

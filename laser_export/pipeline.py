@@ -97,6 +97,13 @@ def plan(recipe: Recipe, yaml_text: str = "", *, weights_free: bool = False) -> 
         raise RecipeError([
             f"perplexity: measured for causal LMs; {family.name} (model_type {config.model_type!r}) is {family.task}"
         ])
+    if recipe.lm_eval is not None:
+        from .lm_eval_block import lm_eval_missing
+
+        if family.task != "causal-lm":
+            raise RecipeError([f"lm_eval: lm-eval's HFLM scores causal LMs; {family.name} is {family.task}"])
+        if why := lm_eval_missing():
+            raise RecipeError([f"lm_eval: {why}"])
     if recipe.benchmark is not None:
         from .benchmarks import BENCHMARKS
 

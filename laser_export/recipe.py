@@ -50,6 +50,25 @@ def _size(v) -> int:
     return size
 
 
+def _language(v):
+    """``model.language``: an ISO 639-1 (``en``) or ISO 639-3 (``eng``, ``yue``) code, or a list of them, as the
+    Hub's card metadata takes them; checked against pycountry's ISO 639 table."""
+    if v is None:
+        return v
+    import pycountry
+
+    codes = [v] if isinstance(v, str) else v
+    if not isinstance(codes, list) or not codes or not all(isinstance(c, str) for c in codes):
+        raise ValueError(f"expected a language code or a list of them (ISO 639-1/639-3, e.g. en), got {v!r}")
+    for c in codes:
+        key = {2: "alpha_2", 3: "alpha_3"}.get(len(c))
+        if c != c.lower() or key is None or pycountry.languages.get(**{key: c}) is None:
+            raise ValueError(f"{c!r} is not an ISO 639-1 or ISO 639-3 language code (lowercase, e.g. en, fr, yue)")
+    if len(set(codes)) != len(codes):
+        raise ValueError(f"language codes must be distinct, got {codes}")
+    return v
+
+
 def _rank(v):
     """An explicit rank: a positive integer, or ``auto`` (the Marchenko–Pastur rule)."""
     if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
@@ -124,6 +143,8 @@ class ModelSpec(_Strict):
     )
     base_model: str | None = Field(None, description="Hub id of the original model, for the model card")
     license: str | None = Field(None, description="license of the source weights, carried to the model card")
+    language: Annotated[str | list[str] | None, BeforeValidator(_language)] = Field(
+        None, description="language(s) of the model, ISO 639-1/639-3 codes (en, [en, fr]), carried to the model card")
     trust_remote_code: Bool = False
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available")
     device_map: str | dict[str, int | str] | None = Field(
@@ -214,6 +235,27 @@ class PerplexitySpec(_Strict):
         return self
 
 
+class LmEvalSpec(_Strict):
+    """lm-evaluation-harness tasks that verify measures before and after the reduction (collateral cost, with
+    paired-bootstrap CIs over the same documents). Needs the ``laser-export[lm-eval]`` extra."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names (e.g. arc_easy, hellaswag)")
+    num_fewshot: Int | None = Field(None, ge=0, description="few-shot examples per prompt (null: each task's default)")
+    limit: Int | None = Field(None, ge=1, description="score only the first N documents of each task")
+    batch_size: Int = Field(1, ge=1)
+    include_path: str | None = Field(None, description="folder of extra lm-eval task YAMLs (local tasks)")
+
+    @field_validator("tasks")
+    @classmethod
+    def _distinct(cls, v):
+        blank = [i for i, t in enumerate(v) if not t.strip()]
+        if blank:
+            raise ValueError(f"task names must not be empty (item {blank[0]})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"task names must be distinct, got {v}")
+        return v
+
+
 class Claim(_Strict):
     accuracy: Float = Field(ge=0, le=1)
 
@@ -277,6 +319,7 @@ class Recipe(_Strict):
     benchmark: BenchmarkSpec | None = None
     claims: Claims | None = None
     perplexity: PerplexitySpec | None = None
+    lm_eval: LmEvalSpec | None = None
     export: ExportSpec = ExportSpec()
 
     @model_validator(mode="after")

@@ -137,6 +137,22 @@ class _Measure:
     progress: bool = True
     prefix_cache: bool = True
     baseline_cache: object = None  # the opened BaselineCache (None: --no-cache or an unusable folder)
+    lm_eval: object = None  # the recipe's lm_eval block, prepared (lm_eval_block.LmEvalPasses)
+
+
+def _prepare_lm_eval(p: Plan, progress: bool, dry_run: bool = False):
+    """The recipe's lm-eval tasks, checked and their data loaded before the weights (None: no lm_eval block).
+    A dry run checks the task names only: loading the data may download it."""
+    if p.recipe.lm_eval is None:
+        return None
+    from .lm_eval_block import check_tasks, prepare
+
+    if dry_run:
+        check_tasks(p.recipe.lm_eval)
+        return None
+
+    with status(f"loading lm-eval tasks {', '.join(p.recipe.lm_eval.tasks)}", progress):
+        return prepare(p.recipe.lm_eval)
 
 
 def _open_cache(enabled: bool, dry_run: bool, protect=()):
@@ -157,8 +173,15 @@ def _measure_reduce(p: Plan, loaded, m: _Measure | None, progress: bool) -> dict
         session = Measurement(p, loaded, limit=m.limit, progress=m.progress, selected=m.selected,
                               prefix_cache=m.prefix_cache, baseline_cache=m.baseline_cache)
         session.baseline()
+        if m.lm_eval is not None:
+            m.lm_eval.baseline(loaded.model, loaded.tokenizer)
     reduce_loaded(p, loaded, progress=progress)
-    return session.reduced() if session is not None else None
+    if session is None:
+        return None
+    report = session.reduced()
+    if m.lm_eval is not None:
+        report["lm_eval"] = m.lm_eval.reduced(loaded.model, loaded.tokenizer)
+    return report
 
 
 def _execute(p: Plan, measure: _Measure | None, job, *, stream: bool = False, progress: bool = True):
@@ -209,9 +232,10 @@ def verify(opts: VerifyOptions) -> RunResult:
     check_report_path(path, flag, [*_protected(p), opts.recipe])
     cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run)
+    lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run)
     if opts.dry_run:
         return RunResult(report_path=path, planned=_plan_lines(p, _verify_writes(path, len(selected[0]), cache)))
-    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache)
+    measure = _Measure(selected, path, opts.limit, opts.progress, opts.prefix_cache, cache, lm_eval)
     report, _ = _execute(p, measure, None, progress=opts.progress)
     return RunResult(report_path=path, report=report)
 
@@ -282,6 +306,10 @@ def run(opts: RunOptions) -> RunResult:
                   f"{recipe.storage}")
     cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe]) if verifying else None
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run) if verifying else None
+    lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run) if verifying else None
+    if recipe.lm_eval is not None and not verifying:
+        console.print("lm_eval: not measured (run measures only when it verifies claims; `laser-export verify` "
+                      "measures without claims)")
     if opts.dry_run:
         return RunResult(out=out, report_path=report_path,
                          planned=_plan_lines(p, _run_writes(p, out, opts, report_path, selected, repo_id, cache)))
@@ -290,7 +318,7 @@ def run(opts: RunOptions) -> RunResult:
     job = ExportJob(p, out, overwrite=opts.overwrite, protect=_protected(p), skip_verify=opts.skip_verify,
                     repo_id=opts.repo_id, private=opts.private, progress=opts.progress)
     measure = _Measure(selected, report_path, opts.limit, opts.progress, opts.prefix_cache,
-                       cache) if verifying else None
+                       cache, lm_eval) if verifying else None
     report, manifest = _execute(p, measure, job, stream=opts.stream, progress=opts.progress)
     _exported(out, manifest, "streamed, " if opts.stream else "")
     result = RunResult(out=out, report_path=report_path, report=report, manifest=manifest.to_json())

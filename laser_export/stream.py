@@ -26,7 +26,7 @@ the same as for a model loaded whole.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -204,9 +204,13 @@ def _plan_matrices(p, model, src: _Source) -> dict[str, _MatrixPlan]:
     from .architectures import module_name
     from .lowrank import is_conv1d
 
+    from .architectures import is_fused
+
     plans, problems = {}, []
     prefix = getattr(model, "base_model_prefix", "")
     for t in p.targets:
+        if is_fused(p.family, t.alias):  # a block of a fused tensor: laser_export.stream_fused
+            continue
         name = module_name(model, p.family, t.layer, t.alias)
         key = f"{name}.weight"
         if key not in src.by_key and prefix and key.startswith(prefix + "."):
@@ -286,7 +290,7 @@ class _Reducer:
         return out
 
 
-def _write_config(p, src: _Source, out_folder: Path, ranks: dict[str, int]):
+def _write_config(p, src: _Source, out_folder: Path, ranks: dict[str, int], fused: dict | None = None):
     """config.json (dtype, the ``laser`` quantization_config of a factorised export) and generation config."""
     from .hf import LaserConfig
 
@@ -297,8 +301,8 @@ def _write_config(p, src: _Source, out_folder: Path, ranks: dict[str, int]):
         floats = [t.dtype for t in src.tensors if t.dtype.is_floating_point]
         if floats:
             config.dtype = floats[0]
-    if ranks:
-        config.quantization_config = LaserConfig(ranks)
+    if ranks or fused:
+        config.quantization_config = LaserConfig(ranks, fused=fused)
     elif getattr(config, "quantization_config", None) is not None:
         del config.quantization_config
     config.save_pretrained(out_folder)
@@ -319,6 +323,7 @@ class Streamed:
     model: object
     ranks: dict[str, int]
     expected: dict[str, list[int]]
+    fused: dict = field(default_factory=dict)  # quantization_config.fused (factorised fused blocks)
 
 
 def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> Streamed:
@@ -328,16 +333,32 @@ def stream_reduce(p, out_folder: Path, options: StreamOptions | None = None) -> 
     into ``out_folder`` (an existing, empty folder, normally the writer's temporary folder)."""
     options = options or StreamOptions()
     src = _Source(p)
+    from .stream_fused import FusedStream
+
     model = meta_model(p.config, p.family, p.recipe.model.trust_remote_code)
+    fused = FusedStream(p, model, src)  # MoE experts, row blocks of fused tensors
     reducer = _Reducer(p, src, _plan_matrices(p, model, src))
-    out = [o for t in src.tensors for o in reducer.tensors(t)]
+    if fused.fused_layout:  # factorised fused blocks: every tensor under its in-memory name, as in memory
+        out = fused.fused_outputs(reducer)
+    else:
+        out = [o for t in src.tensors for o in (fused.source_tensors(t) or reducer.tensors(t))]
     try:
         files = write_shards(out_folder, out, parse_size(options.max_shard_size), options.progress)
     finally:
         src.reader.close()
-    config = _write_config(p, src, out_folder, reducer.ranks)
-    return Streamed(reducer.ordered_entries(p), files, config, model, reducer.ranks,
-                    {t.key: list(t.shape) for t in out})
+    records = fused.records()
+    config = _write_config(p, src, out_folder, reducer.ranks, records)
+    return Streamed(_entries_in_order(p, reducer, fused), files, config, model, reducer.ranks,
+                    {t.key: list(t.shape) for t in out}, records)
+
+
+def _entries_in_order(p, reducer: _Reducer, fused) -> list[dict]:
+    """One entry per target in recipe order: plain matrices from the reducer, fused blocks from ``fused``."""
+    from .architectures import is_fused
+
+    plain, blocks = iter(reducer.ordered_entries(p)), iter(fused.blocks)
+    return [fused.entries[id(next(blocks).target)] if is_fused(p.family, t.alias) else next(plain)
+            for t in p.targets]
 
 
 def streamable(p) -> str | None:
@@ -353,10 +374,6 @@ def streamable(p) -> str | None:
         return "export.dtype (a cast after loading) applies to the in-memory path"
     if p.recipe.model.device_map is not None:
         return "model.device_map applies to the in-memory path"
-    from .architectures import is_fused
-
-    if any(is_fused(p.family, t.alias) for t in p.targets):
-        return "row blocks of fused tensors and MoE experts are reduced in memory"
     if p.source.kind == "folder":
         folder = Path(p.source.location)
         try:
@@ -393,7 +410,8 @@ class StreamedWeights:
         p.loaded_dtype = str(streamed.config.dtype).removeprefix("torch.")
         tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
         tokenizer.save_pretrained(folder)
-        checkpoint, auto_map = finish_checkpoint(folder, streamed.model, streamed.ranks, streamed.expected)
+        checkpoint, auto_map = finish_checkpoint(folder, streamed.model, {**streamed.ranks, **streamed.fused},
+                                                streamed.expected)
         return Written(streamed.entries, p.loaded_dtype, checkpoint, auto_map, True, None, tokenizer)
 
 

@@ -467,6 +467,10 @@ def print_report(report: dict) -> None:
             f"{ppl['n_tokens']} tokens): baseline {ppl['baseline']:.3f}, reduced {ppl['reduced']:.3f} "
             f"(×{ppl['ratio']:.4f})"
         )
+    if report.get("lm_eval"):
+        from .lm_eval_block import print_lm_eval
+
+        print_lm_eval(report["lm_eval"])
     for side in ("baseline", "reduced"):
         warning = answer_balance.side_warning(report.get("answer_balance"), side, report["metrics"][side].get("top1"))
         if warning:

@@ -187,7 +187,7 @@ def public_recipe(recipe: Recipe, recipe_yaml: str) -> tuple[Recipe, str]:
     name only — a card is published, the local layout is not."""
     recipe = recipe.model_copy(deep=True)
     for obj, name in ((recipe.model, "source"), (recipe.model, "offload_folder"), (recipe.benchmark, "path"),
-                      (recipe.perplexity, "path")):
+                      (recipe.perplexity, "path"), (recipe.lm_eval, "include_path")):
         value = getattr(obj, name, None) if obj is not None else None
         if isinstance(value, str) and _is_local(value):
             public = _public_name(value)
@@ -282,8 +282,26 @@ def _eval_results(ctx: CardContext) -> list[EvalResult]:
     return results
 
 
+def _lm_eval_section(ctx: CardContext) -> dict | None:
+    """The verify report's lm-eval measurement (``report["lm_eval"]``), when there is one."""
+    if ctx.report is None or not ctx.report.model_extra:
+        return None
+    section = ctx.report.model_extra.get("lm_eval")
+    return section if isinstance(section, dict) and section else None
+
+
+def _lm_eval(ctx: CardContext) -> list[str]:
+    from ..lm_eval_card import card_lines
+
+    return card_lines(_lm_eval_section(ctx))
+
+
 def _card_data(ctx: CardContext) -> ModelCardData:
     eval_results = _eval_results(ctx)
+    if ctx.verified:
+        from ..lm_eval_card import eval_results as lm_eval_results
+
+        eval_results += lm_eval_results(_lm_eval_section(ctx), ctx.family.pipeline_tag if ctx.family else "text-generation")
     tags = ["laser", "low-rank", "rank-reduction", "svd", "laser-export", f"laser-{ctx.storage}"]
     if ctx.source.model_type:
         tags.append(ctx.source.model_type)
@@ -295,6 +313,7 @@ def _card_data(ctx: CardContext) -> ModelCardData:
         base_model=base,
         base_model_relation=BASE_MODEL_RELATION if base else None,
         license=ctx.source.license or ctx.recipe.model.license,
+        language=ctx.recipe.model.language,
         library_name="transformers",
         pipeline_tag=ctx.family.pipeline_tag if ctx.family else None,
         tags=tags,
@@ -513,6 +532,8 @@ def _limits(ctx: CardContext) -> list[str]:
     if ctx.recipe.benchmark is None:
         return out + [""]
     other = "Other tasks were" if _perplexity(ctx) is not None else "General language-modelling quality (perplexity) and other tasks were"
+    if _lm_eval_section(ctx) is not None:
+        other = other.replace("Other tasks", "Tasks other than the lm-eval ones above").replace("other tasks", "tasks other than the lm-eval ones above")
     out += [f"- One benchmark ({ctx.recipe.benchmark.name}), one held-out split. {other} not measured here and may "
             "be worse.", "- The selection (layer, matrix, ρ) was made on the validation split of the same benchmark.", ""]
     return out
@@ -570,7 +591,7 @@ def _recipe_and_citation(ctx: CardContext) -> list[str]:
             "## Citation", "", "```bibtex", BIBTEX, "```", ""]
 
 
-SECTIONS = (_intro, _what_changed, _results, _claims, _costs, _limits, _formats, _how_to_load, _recipe_and_citation)
+SECTIONS = (_intro, _what_changed, _results, _claims, _costs, _lm_eval, _limits, _formats, _how_to_load, _recipe_and_citation)
 
 
 def render_card(

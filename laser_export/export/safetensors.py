@@ -56,15 +56,16 @@ def _saved_names(model: nn.Module, state: dict) -> dict[str, str]:
     return out
 
 
-def check_checkpoint(folder: Path, model: nn.Module) -> None:
-    """Every parameter of ``model`` is in the files with the same shape; nothing extra is stored."""
+def check_checkpoint(folder: Path, model: nn.Module, original_format: bool = True) -> None:
+    """Every parameter of ``model`` is in the files with the same shape; nothing extra is stored.
+    ``original_format=False``: saved under the in-memory names (``save_original_format=False``)."""
     stored = checkpoint_tensors(folder)
     if not stored:
         raise ExportError(f"{folder}: no safetensors files were written")
     problems = []
     params = dict(model.named_parameters())
     state = model.state_dict()
-    saved = _saved_names(model, state)
+    saved = _saved_names(model, state) if original_format else {k: k for k in state}
     for name, p in params.items():
         on_disk = saved.get(name, name)
         if isinstance(on_disk, tuple):  # saved split (MoE experts): every part is there, numbers add up
@@ -103,10 +104,13 @@ def write_checkpoint(model: nn.Module, tokenizer, folder: Path, *, max_shard_siz
     """Save an in-memory model (weights, config, generation config, tokenizer, loading code of a factorised
     model) into ``folder`` (already created) and read it back. Returns ``{"checkpoint", "auto_map"}``, the
     manifest's records of it."""
+    from ..fused import stored_form
+
     ranks = mark_factorised(model)
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    with stored_form(model) as fused:  # factorised fused blocks: saved under the in-memory (fused) names
+        model.save_pretrained(folder, max_shard_size=max_shard_size, **({"save_original_format": False} if fused else {}))
+        check_checkpoint(folder, model, original_format=not fused)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    check_checkpoint(folder, model)
-    checkpoint, auto_map = finish_checkpoint(folder, model, ranks)
+    checkpoint, auto_map = finish_checkpoint(folder, model, {**ranks, **fused})
     return {"checkpoint": checkpoint.model_dump(), "auto_map": auto_map}

@@ -297,7 +297,7 @@ def _sweep(opts: SearchOptions, pr: _Prepared, model, tokenizer, svd):
             batch_size=pr.bench["batch_size"], results=pr.log, compose=opts.compose, compose_tries=opts.compose_tries,
             prune_snr=opts.prune_snr, rank_by_snr=opts.rank_by_snr, storage=p.recipe.storage, svd=svd,
             progress=opts.progress, pool=pool, strategy=opts.strategy, eta=opts.eta,
-            scan_snr=pr.scan, beam=opts.beam, tasks=[(t.name, len(t.validation), t.weight) for t in pr.tasks] if pr.tasks else None,
+            scan_snr=pr.scan, beam=opts.beam, per_expert=opts.per_expert, tasks=[(t.name, len(t.validation), t.weight) for t in pr.tasks] if pr.tasks else None,
         )
     finally:
         if pool is not None:
@@ -331,7 +331,8 @@ def _print_validation(result) -> None:
         m = r["metrics"]
         # choice tasks (FEVER, TruthfulQA, ...) score top-1 only: no answer log-prob / log-loss
         extra = "".join(f" {k} {m[k]:.3f}" for k in ("logprob", "logloss") if k in m)
-        console.print(f"  L{r['layer']:>2} {r['matrix']:<6} ρ={rho_label(r['rho']):<5} k={r['rank']:<4} top1 {m['top1']:.4f} "
+        where = r["matrix"] + (f"[e{r['experts'][0]}]" if r.get("experts") else "")  # --per-expert
+        console.print(f"  L{r['layer']:>2} {where:<6} ρ={rho_label(r['rho']):<5} k={r['rank']:<4} top1 {m['top1']:.4f} "
                       f"({r['delta_top1'] * 100:+.2f} pts){extra}")
     if result.halving:
         h = result.halving

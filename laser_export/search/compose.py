@@ -36,7 +36,7 @@ def compose_greedy(
     for cand in ranked[1:]:
         if len(kept) >= max_interventions or (max_tries is not None and tries >= max_tries):
             break
-        if any(c.site == cand.site for c in kept):
+        if any(c.unit == cand.unit for c in kept):
             continue
         tries += 1
         trial = kept + [cand]
@@ -69,7 +69,7 @@ def compose_beam(
         grown = []
         for kept, _m in beam:
             for cand in ranked:
-                if any(c.site == cand.site for c in kept):
+                if any(c.unit == cand.unit for c in kept):
                     continue
                 trial = kept + [cand]
                 ident = tuple(sorted(c.key for c in trial))

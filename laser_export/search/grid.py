@@ -27,19 +27,27 @@ class Candidate:
     layer: int
     matrix: str
     rho: float | str  # a fraction of the max rank kept, or AUTO
+    expert: int | None = None  # --per-expert: this one expert of an MoE alias (None: every expert together)
 
     @property
     def key(self) -> str:
-        return f"L{self.layer}.{self.matrix}.rank-auto" if self.rho == AUTO else f"L{self.layer}.{self.matrix}.rho{self.rho:g}"
+        where = f"L{self.layer}.{self.matrix}" + (f"[e{self.expert}]" if self.expert is not None else "")
+        return f"{where}.rank-auto" if self.rho == AUTO else f"{where}.rho{self.rho:g}"
 
     @property
     def site(self) -> tuple[int, str]:
+        """(layer, matrix): what the SNR ranking orders (every expert of an MoE alias together)."""
         return (self.layer, self.matrix)
 
+    @property
+    def unit(self) -> tuple[int, str, int | None]:
+        """What one intervention reduces: composition keeps at most one ρ per unit."""
+        return (self.layer, self.matrix, self.expert)
+
     def as_intervention(self) -> dict:
-        if self.rho == AUTO:
-            return {"layer": self.layer, "matrix": self.matrix, "rank": AUTO}
-        return {"layer": self.layer, "matrix": self.matrix, "rho": self.rho}
+        out = {"layer": self.layer, "matrix": self.matrix}
+        out.update({"rank": AUTO} if self.rho == AUTO else {"rho": self.rho})
+        return {**out, "experts": [self.expert]} if self.expert is not None else out
 
 
 def set_key(cands: Sequence[Candidate]) -> str:
@@ -51,7 +59,8 @@ def candidate_id(c: Candidate, rank: int) -> str:
     """The exact id of a candidate in the results log: its site and the integer rank it keeps. Two ρ that keep
     the same rank are the same model (one measurement); two that print alike (``0.06249999``, ``0.0625``) but
     keep different ranks are different candidates."""
-    return f"L{c.layer}.{c.matrix}.k{int(rank)}"
+    expert = f".e{c.expert}" if c.expert is not None else ""
+    return f"L{c.layer}.{c.matrix}{expert}.k{int(rank)}"
 
 
 def set_id(ids: Sequence[str]) -> str:

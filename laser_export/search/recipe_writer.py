@@ -135,8 +135,10 @@ def _yaml_text(data: dict) -> str:
     class _Dumper(yaml.SafeDumper):
         pass
 
-    def repr_dict(dumper, value):  # leaf mappings (one intervention, a claim) on one line
-        flow = all(not isinstance(v, (dict, list)) for v in value.values())
+    def repr_dict(dumper, value):  # leaf mappings (one intervention, with its experts list; a claim) on one line
+        flow = all(not isinstance(v, (dict, list)) or ("matrix" in value and isinstance(v, list)
+                                                       and all(not isinstance(x, (dict, list)) for x in v))
+                   for v in value.values())
         return dumper.represent_mapping("tag:yaml.org,2002:map", value, flow_style=flow and len(value) <= 4)
 
     def repr_list(dumper, value):  # lists of scalars inline: [safetensors, onnx]

@@ -100,30 +100,42 @@ class Swapper:
 
     def __init__(self, model, family: Family, svd: SVDCache, storage: str):
         self.model, self.family, self.svd, self.storage = model, family, svd, storage
-        self._auto: dict[tuple[int, str], AutoRank] = {}
+        self._auto: dict[tuple[int, str, int | None], AutoRank] = {}
 
     def name(self, layer: int, alias: str) -> str:
         return module_name(self.model, self.family, layer, alias)
 
-    def auto(self, layer: int, alias: str) -> AutoRank:
-        """``rank: auto`` of a site's matrix (expert 0's for an MoE alias), from the same full decomposition
-        every ρ uses (exact SVD), else from its exact singular values."""
-        if (layer, alias) not in self._auto:
-            dec = self.decomposition(layer, alias)
+    def auto(self, layer: int, alias: str, expert: int | None = None) -> AutoRank:
+        """``rank: auto`` of a site's matrix (expert 0's for an MoE alias, or ``expert``'s), from the same full
+        decomposition every ρ uses (exact SVD), else from its exact singular values."""
+        if (layer, alias, expert) not in self._auto:
+            if expert is None:
+                dec = self.decomposition(layer, alias)
+                t = self.targets(0, layer, alias)[0]
+            else:
+                t = self.targets(0, layer, alias, expert=expert)[0]
+                name, w = target_matrix(self.model, self.family, t)
+                dec = self.svd.get(name, w, min(w.shape))
             S = dec.S if dec.exact and dec.components == min(dec.shape) else singular_values(
-                target_matrix(self.model, self.family, self.targets(0, layer, alias)[0])[1])
-            self._auto[(layer, alias)] = auto_rank(S, dec.shape)
-        return self._auto[(layer, alias)]
+                target_matrix(self.model, self.family, t)[1])
+            self._auto[(layer, alias, expert)] = auto_rank(S, dec.shape)
+        return self._auto[(layer, alias, expert)]
 
-    def targets(self, index: int, layer: int, alias: str, rho: float | str | None = None) -> list[Target]:
-        """The matrices of one site: one, or one per expert of an MoE alias (all experts together); ``rho``
-        AUTO keeps the auto rank."""
+    def targets(self, index: int, layer: int, alias: str, rho: float | str | None = None,
+                expert: int | None = None) -> list[Target]:
+        """The matrices of one site: one, or one per expert of an MoE alias (all experts together, or only
+        ``expert``); ``rho`` AUTO keeps the auto rank."""
         n = num_experts(self.family, alias, self.model.config)
-        experts = [None] if n is None else range(n)
+        experts = [None] if n is None else ([expert] if expert is not None else range(n))
         if rho == AUTO:
-            found = self.auto(layer, alias)
+            found = self.auto(layer, alias, expert)
             return [Target(index, layer, alias, None, found.rank, expert=e, auto=found) for e in experts]
         return [Target(index, layer, alias, rho, expert=e) for e in experts]
+
+    def experts(self, alias: str) -> list[int | None]:
+        """--per-expert: the experts of an MoE alias, each its own candidate ([None] for other aliases)."""
+        n = num_experts(self.family, alias, self.model.config)
+        return [None] if n is None else list(range(n))
 
     def decomposition(self, layer: int, alias: str):
         """The site's decomposition (for MoE: every expert's is computed and cached, expert 0's returned)."""
@@ -134,7 +146,9 @@ class Swapper:
         return decs[0]
 
     def rank(self, c: Candidate) -> int:
-        return self.auto(c.layer, c.matrix).rank if c.rho == AUTO else rank_for(c.rho, self.shape(c.layer, c.matrix))
+        if c.rho == AUTO:
+            return self.auto(c.layer, c.matrix, c.expert).rank
+        return rank_for(c.rho, self.shape(c.layer, c.matrix))
 
     def ident(self, c: Candidate) -> str:
         """The candidate's exact id in the results log (:func:`~laser_export.search.grid.candidate_id`)."""
@@ -147,7 +161,7 @@ class Swapper:
     def apply(self, cands: Sequence[Candidate]) -> Callable[[], None]:
         """Reduce ``cands`` in the model; returns the undo. A full-rank candidate is the model itself
         (left unchanged)."""
-        targets = [t for i, c in enumerate(cands) for t in self.targets(i, c.layer, c.matrix, c.rho)]
+        targets = [t for i, c in enumerate(cands) for t in self.targets(i, c.layer, c.matrix, c.rho, c.expert)]
         return intervene.apply(self.model, targets, family=self.family, storage=self.storage, cache=self.svd,
                                full_svd=True)
 
@@ -361,11 +375,12 @@ def _rows(grid, single, baseline_of, swap: Swapper, extra: dict | None = None) -
 
 def _compose(grid, single, baseline, candidates_ok, results: ResultsLog, scorer, swap: Swapper, compose,
              compose_tries, best, beam: int = 0):
-    """Greedy composition of the helpful candidates (best ρ per site, best first)."""
-    per_site: dict[tuple[int, str], Candidate] = {}
+    """Greedy composition of the helpful candidates (best ρ per matrix — per expert with --per-expert —
+    best first)."""
+    per_site: dict[tuple, Candidate] = {}
     for c in sorted(candidates_ok, key=lambda c: selection_key(single[c]), reverse=True):
-        if single[c]["top1"] > baseline["top1"] and c.site not in per_site:
-            per_site[c.site] = c
+        if single[c]["top1"] > baseline["top1"] and c.unit not in per_site:
+            per_site[c.unit] = c
     ranked = list(per_site.values())
 
     def evaluate_set(cands: list[Candidate]) -> dict:
@@ -421,6 +436,7 @@ def run_search(
     scan_snr: dict | None = None,
     tasks: Sequence[tuple[str, int, float]] | None = None,
     beam: int = 0,
+    per_expert: bool = False,
 ) -> SearchResult:
     """Sweep ``layers × matrices × rhos`` on ``examples`` (the validation split) and compose.
 
@@ -428,7 +444,8 @@ def run_search(
     (:mod:`.halving`, rate ``eta``, subsets drawn with ``halving_seed``) — in process only. ``scan_snr``:
     {(layer, matrix): snr row} from ``laser-export scan`` orders/prunes the sites instead of the SVDs.
     ``tasks``: several benchmarks in ``examples`` (see :func:`metrics_of`). ``beam``: compose by a beam
-    search of that width (:func:`.compose.compose_beam`) instead of greedily.
+    search of that width (:func:`.compose.compose_beam`) instead of greedily. ``per_expert``: each expert of
+    an MoE alias is its own candidate (default: the experts of a layer are reduced together).
     ``pool``: an object with ``baseline()``, ``score_candidates(cands, baseline)`` (yielding
     ``(candidate, metrics)`` as they finish) and ``score_set(cands)`` — e.g. a
     :class:`~laser_export.search.ray_pool.RayPool` — scores instead of this process; ``model`` is then
@@ -448,7 +465,8 @@ def run_search(
     snr_rows = _site_snr(swap, layers, matrices, scan_snr)
     timings = {"svd_s": time.perf_counter() - t0, "capture_s": 0.0, "score_s": 0.0}
     sites, site_order = _site_order(snr_rows, layers, matrices, prune_snr, rank_by_snr or scan_snr is not None)
-    grid = [Candidate(l, a, r) for (l, a) in site_order for r in rhos]
+    grid = [Candidate(l, a, r, e) for (l, a) in site_order
+            for e in (swap.experts(a) if per_expert else [None]) for r in rhos]
 
     if strategy == "grid":
         base_row = results.get("baseline") or results.add("baseline", "baseline", scorer.baseline())
