@@ -156,3 +156,23 @@ def test_apply_report_of_other_claims_or_another_split_is_refused(ws, tmp_path, 
     capsys.readouterr()
     assert main(["apply", str(other), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress"]) == 2
     assert fragment in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ nothing pushed names a local absolute path
+
+
+def test_onnx_export_names_no_local_path(tmp_path):
+    """Before: torch.onnx recorded each node's Python stack trace in the graph (pkg.torch.onnx.stack_trace): the
+    pushed model.onnx named the absolute paths of the local environment (e.g. a venv under the home folder)."""
+    import os
+
+    import transformers
+
+    from laser_export.export.onnx import export_onnx
+    from test_onnx import TEXTS, char_tokenizer, tiny_llama
+
+    export_onnx(tiny_llama(), char_tokenizer(), tmp_path, sample_texts=TEXTS)
+    data = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"pkg.torch.onnx.stack_trace" not in data
+    for local in (os.path.dirname(torch.__file__), os.path.dirname(transformers.__file__), str(Path.home())):
+        assert local.encode() not in data, local
