@@ -136,7 +136,8 @@ def check_output(
         if nonempty:
             if not is_export(out):
                 raise OutputError(
-                    f"{shown}: exists, is not empty and is not a laser-export export (no {MANIFEST}); "
+                    f"{shown}: exists, is not empty and is not a laser-export export "
+                    f"({'its ' + MANIFEST + ' is not ours' if (out / MANIFEST).exists() else 'no ' + MANIFEST}); "
                     "it is never replaced, choose a new folder"
                 )
             if not overwrite:

@@ -626,7 +626,7 @@ CASES: list[Case] = [
     Case("out-symlink-loop", X, "cannot be resolved", setup=lambda c: os.symlink("out", c.out), new=("out",)),
     Case("out-manifest-fifo-overwrite", X, "is not a laser-export export",
          setup=lambda c: (c.out.mkdir(), os.mkfifo(c.out / "manifest.json")), argv=run_args("--overwrite"), new=("out/manifest.json",)),
-    Case("out-manifest-deeply-nested", X, "is not a laser-export export",
+    Case("out-manifest-deeply-nested", X, "is not a laser-export export (its manifest.json is not ours)",
          setup=lambda c: (c.out.mkdir(), (c.out / "manifest.json").write_text("[" * 100000 + "]" * 100000)), argv=run_args("--overwrite")),
     Case("recipe-fifo", X, "is not a regular file (a FIFO", setup=lambda c: (c.recipe.unlink(), os.mkfifo(c.recipe)),
          new=("r.yaml",)),
