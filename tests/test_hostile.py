@@ -479,6 +479,8 @@ CASES: list[Case] = [
          recipe=DATA('{"prompt": "p", "choices": ["a", "a", "b"], "label": 1}\n')),
     Case("data-answer-tokenises-to-nothing", X, "example 'line1': answer/choice '~' tokenises to nothing",
          recipe=lambda c: {**DATA('{"prompt": "w4 w5", "answer": "~"}\n' * 2)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
+    Case("data-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing and the tokenizer adds no BOS",
+         recipe=lambda c: {**DATA('{"prompt": "~", "answer": "w5"}\n' * 4)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
     Case("data-prompt-too-long", X, "example 'line1': prompt is 1,000,001 characters (limit 1,000,000",
          recipe=DATA('{"prompt": "%s", "answer": "w5"}\n' % ("w" * 1_000_001))),
     Case("data-line-too-long", X, "d.jsonl:1: line longer than 16 MiB",
