@@ -208,8 +208,10 @@ def _check_finite(side: str, metrics: dict, model, dtype: str | None) -> None:
         return
     weight = _first_nonfinite(model)
     where = f"weight {weight} holds inf/NaN" if weight else f"the activations overflow in {dtype}"
+    advice = ("load the model in float32 or bfloat16 (model.dtype)" if dtype in ("float16", None)
+              else f"the checkpoint itself is not usable as loaded in {dtype}")
     raise ScoresNotFinite(f"{side} pass: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite ({where}); "
-                          "nothing is reported: load the model in float32 or bfloat16 (model.dtype)")
+                          f"nothing is reported: {advice}")
 
 
 def report_model(p: Plan) -> dict:

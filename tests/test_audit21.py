@@ -176,3 +176,18 @@ def test_onnx_export_names_no_local_path(tmp_path):
     assert b"pkg.torch.onnx.stack_trace" not in data
     for local in (os.path.dirname(torch.__file__), os.path.dirname(transformers.__file__), str(Path.home())):
         assert local.encode() not in data, local
+
+
+def test_nan_in_a_float32_checkpoint_is_named_without_advising_float32(ws, tmp_path, capsys):
+    """A NaN in an untouched weight of a float32 model: exit 1 naming the weight, no report; the advice to load
+    in float32 (right for model.dtype float16) was wrong here."""
+    src = tmp_path / "m"
+    shutil.copytree(ws / "llama", src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"][1, 1] = float("nan")
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    recipe = _recipe(tmp_path / "r.yaml", src, ws / "bench.jsonl")
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "rep.json"), "--no-progress", "--no-cache"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.layers.0.mlp.up_proj.weight holds inf/NaN" in err and "load the model in float32" not in err
+    assert not (tmp_path / "rep.json").exists()
