@@ -203,13 +203,16 @@ def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> 
 def check_outputs(opts: ScanOptions) -> None:
     """The output policy for the scan JSON and its heatmap, before anything is read: never the source (a
     local folder or file) or a file inside it, never a folder or a FIFO. Raises OutputError (exit 2)."""
-    from .policy import check_file_output
+    from .policy import OutputError, check_file_output
 
     local = Path(opts.source).expanduser()
     held = [local] if local.exists() else []
     check_file_output(opts.out, "--out", protect=held)
     if opts.plot:
         png = Path(opts.out).with_suffix(".png")
+        if png == Path(opts.out):
+            raise OutputError(f"--out {opts.out}: the heatmap goes to <out stem>.png, which would replace the scan "
+                              f"JSON; name the JSON otherwise (e.g. {png.with_suffix('.json')})")
         check_file_output(png, f"--out ({png.name})", protect=held)
 
 

@@ -685,6 +685,8 @@ CASES: list[Case] = [
     Case("scan-plot-is-the-gguf-source", X, "--out (x.png)",
          setup=lambda c: (c.tmp / "x.png").write_bytes(b"GGUF"),
          argv=lambda c: ["scan", str(c.tmp / "x.png"), "--out", str(c.tmp / "x.json")]),
+    Case("scan-out-is-its-own-heatmap", X, "would replace the scan JSON",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp / "x.png")]),
     Case("scan-out-is-a-folder", X, "is a folder", argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp)]),
     Case("out-inside-source", X, "is inside an input of this run", argv=lambda c: [str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
     Case("apply-out-inside-source", X, "is inside an input of this run",
