@@ -159,7 +159,7 @@ def _gguf_matrices(source, sites: list[_Site], family, config) -> Iterator[tuple
 
 def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> dict:
     """Scan ``opts.source``; returns (and writes to ``opts.out``) {source, model_type, rhos, matrices: [...]}."""
-    from .atomic import write_json
+    from .atomic import clean_part_debris, write_json
     from .progress import bar
     from .sources import check_config, family_of, resolve_source
     from .stream import meta_model  # noqa: F401 - fail early if accelerate is missing
@@ -194,6 +194,7 @@ def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> 
               "model_type": config.model_type, "rhos": list(opts.rhos), "matrices": rows}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_part_debris(out.parent)  # .part files of killed scan writes
     write_json(out, result, indent=1)
     if opts.plot:
         result["plot"] = str(plot_scan(result, out.with_suffix(".png")))

@@ -181,3 +181,25 @@ def test_nan_in_a_float32_checkpoint_is_named_without_advising_float32(ws, tmp_p
     err = " ".join(capsys.readouterr().err.split())
     assert "model.layers.0.mlp.up_proj.weight holds inf/NaN" in err and "load the model in float32" not in err
     assert not (tmp_path / "rep.json").exists()
+
+
+# ------------------------------------------------------------ .part debris of killed search / scan writes
+
+
+def test_search_and_scan_remove_part_debris_of_killed_writes(ws, tmp_path):
+    """A search or scan killed while writing its recipe / sweep / scan JSON left a .part temporary that nothing
+    removed; the next run in that folder removes those of dead writers (a live writer's stays)."""
+    import os
+
+    for name in ("s", "sc"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".f.yaml.999999999-abc.part").write_text("half")
+        (tmp_path / name / ".f.yaml.1t2-abc.part").write_text("half, pid reused")
+        (tmp_path / name / f".f.yaml.{os.getpid()}-live.part").write_text("being written")
+    assert main(["scan", str(ws / "llama"), "--out", str(tmp_path / "sc" / "scan.json"), "--layers", "2",
+                 "--matrices", "fc_in", "--no-progress"]) == 0
+    assert main(["search", "--model", str(ws / "llama"), "--benchmark", "jsonl", "--benchmark-path", str(ws / "bench.jsonl"),
+                 "--out", str(tmp_path / "s" / "f.yaml"), "--layers", "2", "--matrices", "fc_in", "--rhos", "0.5",
+                 "--compose", "1", "--skip-test", "--no-progress"]) == 0
+    for name in ("s", "sc"):
+        assert sorted(p.name for p in (tmp_path / name).glob(".*.part")) == [f".f.yaml.{os.getpid()}-live.part"]

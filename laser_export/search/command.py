@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import stats
 from ..architectures import num_layers
-from ..atomic import write_json
+from ..atomic import clean_part_debris, write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label, set_key
@@ -430,6 +430,7 @@ def search(opts: SearchOptions) -> SearchOutcome:
              "results_file": str(pr.log.path), **result.to_json(), "test": test}
     json_path = pr.stem.parent / f"{pr.stem.name}.sweep.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    clean_part_debris(json_path.parent)  # .part files of killed search writes (the recipe, sweep files go here)
     write_json(json_path, sweep, indent=1, newline=False)
     png = plot_sweep(result, pr.stem.parent / f"{pr.stem.name}.sweep.png", metric=opts.plot_metric,
                      model=model_stem(source), benchmark=bench["name"])
