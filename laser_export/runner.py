@@ -194,6 +194,10 @@ def _execute(p: Plan, measure: _Measure | None, job, *, stream: bool = False, pr
 
         return None, export_streamed(job)
     loaded = load_model(p, progress=progress)
+    if job is not None and measure is not None:  # an export cast that overflows fails now, not after the verify
+        from .export.dtype import check_castable
+
+        check_castable(loaded.model, p.recipe.export.dtype)
     report = _measure_reduce(p, loaded, measure, progress)
     if report is not None:
         from .verify import print_report

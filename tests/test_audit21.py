@@ -203,3 +203,19 @@ def test_search_and_scan_remove_part_debris_of_killed_writes(ws, tmp_path):
                  "--compose", "1", "--skip-test", "--no-progress"]) == 0
     for name in ("s", "sc"):
         assert sorted(p.name for p in (tmp_path / name).glob(".*.part")) == [f".f.yaml.{os.getpid()}-live.part"]
+
+
+def test_export_dtype_overflow_fails_before_the_verify(ws, tmp_path, capsys):
+    """run with export.dtype float16 and a weight beyond its range: exit 2 naming the tensor right after loading
+    (before: the whole verify ran and wrote its report, then the export was refused)."""
+    src = tmp_path / "m"
+    shutil.copytree(ws / "llama", src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = 1e6
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    recipe = _recipe(tmp_path / "r.yaml", src, ws / "bench.jsonl", export={"dtype": "float16"})
+    report = tmp_path / "rep.json"
+    assert main([str(recipe), "--out", str(tmp_path / "o"), "--report", str(report), "--no-progress", "--no-cache"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "export.dtype: float16: model.layers.1.mlp.up_proj.weight (1 of 2048 values beyond the float16 range)" in err
+    assert not report.exists() and not (tmp_path / "o").exists()
