@@ -158,6 +158,8 @@ def check_file_output(path: str | Path, flag: str, *, protect: Iterable[str | Pa
     shown = _shown(flag, path, target)
     if target.is_dir():
         raise OutputError(f"{shown}: is a folder; give a file path such as {Path(path) / 'report.json'}")
+    if str(path).endswith(("/", os.sep)):  # `dir/` names a folder: never a file called `dir`
+        raise OutputError(f"{shown}: ends with '/', a folder; give a file path such as {Path(path) / 'report.json'}")
     if target.exists() and not target.is_file():
         raise OutputError(f"{shown}: exists and is not a regular file (a FIFO, device or socket); never written")
     _check_not_protected(target, shown, protect, folder=False)
