@@ -398,6 +398,27 @@ def _check_report_claims(path: Path, report: dict, p: Plan) -> None:
         if bench is not None and measured.get(key) != here:
             raise RecipeError([f"--report: {path} measured benchmark.{key} {measured.get(key)!r}, this recipe's is "
                                f"{here!r}; verify the recipe again"])
+    if bench is not None:
+        _check_report_examples(path, measured, p)
+
+
+def _check_report_examples(path: Path, measured: dict, p: Plan) -> None:
+    """The report scored the examples this recipe's data gives (their SHA-256, with the report's --limit), else
+    RecipeError: the same benchmark name and split over another data file are other numbers. Where the data cannot
+    be read here (apply runs where the data is not), one line says the examples were not compared."""
+    from .benchmarks import BenchmarkError
+    from .recipe import RecipeError
+
+    try:
+        _, info = select_examples(p, measured.get("limit"))
+    except BenchmarkError as err:
+        console.print(f"[yellow]--report: the examples it scored were not compared with this recipe's data "
+                      f"({' '.join(str(err).split())[:200]})[/]")
+        return
+    if measured.get("examples_sha256") != info["examples_sha256"]:
+        raise RecipeError([f"--report: {path} scored other examples (sha256 {str(measured.get('examples_sha256'))[:12]}) "
+                           f"than this recipe's data gives ({info['examples_sha256'][:12]}, "
+                           f"{p.recipe.benchmark.path or p.recipe.benchmark.name}); verify the recipe again"])
 
 
 def check_report_json(report: dict, where: str) -> None:

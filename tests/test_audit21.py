@@ -219,3 +219,30 @@ def test_export_dtype_overflow_fails_before_the_verify(ws, tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "export.dtype: float16: model.layers.1.mlp.up_proj.weight (1 of 2048 values beyond the float16 range)" in err
     assert not report.exists() and not (tmp_path / "o").exists()
+
+
+def test_apply_report_of_other_examples_is_refused_and_missing_data_is_said(ws, tmp_path, capsys):
+    """Same benchmark name, split and seed over another data file: the report scored other examples (before:
+    accepted, the card showed numbers of other data). Where the data is not on the apply machine, one line says
+    the examples were not compared and the export goes on."""
+    import shutil
+
+    recipe = _recipe(tmp_path / "r.yaml", ws / "llama", ws / "bench.jsonl")
+    report = tmp_path / "rep.json"
+    assert main(["verify", str(recipe), "--report", str(report), "--no-progress", "--no-cache"]) == 0
+    lines = (ws / "bench.jsonl").read_text().splitlines()
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text("\n".join(lines[:-1] + [json.dumps({"prompt": "w4 w5", "answer": "w6"})]) + "\n")
+    other = _recipe(tmp_path / "r2.yaml", ws / "llama", other_data)
+    res = _cli("apply", other, "--out", tmp_path / "o", "--report", report)
+    assert res.returncode == 2 and "scored other examples" in " ".join(res.stderr.split()), res.stderr
+    assert not (tmp_path / "o").exists()
+    moved = tmp_path / "gone.jsonl"
+    shutil.copy(ws / "bench.jsonl", moved)
+    away = _recipe(tmp_path / "r3.yaml", ws / "llama", moved)
+    assert main(["verify", str(away), "--report", str(tmp_path / "rep3.json"), "--no-progress", "--no-cache"]) == 0
+    moved.unlink()
+    capsys.readouterr()
+    assert main(["apply", str(away), "--out", str(tmp_path / "o3"), "--report", str(tmp_path / "rep3.json"),
+                 "--no-progress"]) == 0
+    assert "the examples it scored were not compared with this recipe's data" in " ".join(capsys.readouterr().err.split())
