@@ -246,3 +246,25 @@ def test_apply_report_of_other_examples_is_refused_and_missing_data_is_said(ws, 
     assert main(["apply", str(away), "--out", str(tmp_path / "o3"), "--report", str(tmp_path / "rep3.json"),
                  "--no-progress"]) == 0
     assert "the examples it scored were not compared with this recipe's data" in " ".join(capsys.readouterr().err.split())
+
+
+def test_model_dtype_float16_overflow_is_named_before_scoring(ws, tmp_path, capsys, monkeypatch):
+    """issue 21: `model.dtype: float16` of a checkpoint with a weight beyond the float16 range verified with NaN
+    log-probs (then: exit 1 after the baseline pass). Now: exit 2 naming model.dtype and the weight, before any
+    scoring, no report."""
+    import laser_export.verify as verify
+
+    src = tmp_path / "m"
+    shutil.copytree(ws / "llama", src)
+    state = load_file(src / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"][1, 1] = 1e6
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    recipe = _recipe(tmp_path / "r.yaml", src, ws / "bench.jsonl")
+    data = yaml.safe_load(recipe.read_text())
+    data["model"]["dtype"] = "float16"
+    recipe.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(verify.Measurement, "baseline", lambda self: pytest.fail("scored before the check"))
+    assert main(["verify", str(recipe), "--report", str(tmp_path / "rep.json"), "--no-progress", "--no-cache"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model.dtype: float16: model.layers.0.mlp.up_proj.weight holds 1 values beyond the float16 range" in err
+    assert not (tmp_path / "rep.json").exists()
