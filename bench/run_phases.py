@@ -127,10 +127,12 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}")
     print(f"plain load+save: {plain['wall']:.1f} s, peak RSS {plain['maxrss'] / 1e9:.2f} GB")
     print("laser-export run, by phase (wall; peak RSS while it ran):")
-    for phase, sec in run["phases"].items():
-        print(f"  {phase:18s} {sec:7.1f} s   {run['peaks'].get(phase, 0) / 1e9:6.2f} GB")
+    order = ["load", "baseline pass", "reduce", "reduced pass", "export: write", "  of which read-back"]
+    for phase in sorted(run["phases"], key=lambda p: order.index(p) if p in order else len(order)):
+        sec = run["phases"][phase]
+        print(f"  {phase:20s} {sec:7.1f} s   {run['peaks'].get(phase, 0) / 1e9:6.2f} GB")
     other = run["wall"] - sum(v for k, v in run["phases"].items() if not k.startswith(" "))
-    print(f"  {'everything else':18s} {other:7.1f} s   (recipe, plan, tokenising, scoring set-up, card, manifest)")
+    print(f"  {'everything else':20s} {other:7.1f} s   (recipe, plan, tokenising, scoring set-up, card, manifest)")
     print(f"run: {run['wall']:.1f} s = {run['wall'] / plain['wall']:.2f}x plain load+save; peak RSS "
           f"{run['maxrss'] / 1e9:.2f} GB = {run['maxrss'] / model_bytes:.2f}x model bytes")
 

@@ -22,7 +22,8 @@ is not the model's forward (:attr:`laser_export.prefix.PrefixCache.exact`): a ``
 why, and reruns use the cached baseline with full forwards. An unreadable, truncated or mismatching prefix
 file is a miss: the run scores the baseline again (capture).
 
-An unusable cache folder (a file, read-only, not writable, disk full) is a one-line warning from
+An unusable cache folder (a file, read-only, not writable, disk full, the model source or another input of
+the run, or inside one) is a one-line warning from
 :meth:`BaselineCache.open`, before any weights load, and the run goes on without the cache; a write that fails
 later (disk full) is reported as not stored. ``.part`` temporaries of killed writers are removed when the
 cache is opened. Reports name entries by key and file name, never by absolute path.
@@ -146,6 +147,19 @@ def _over_budget(size: int, budget: int) -> PrefixStatus:
     return PrefixStatus("skipped", f"{_gb(size)} > {PREFIX_CACHE_GB_VAR} {_gb(budget)}", None, size)
 
 
+def _inside_input(root: Path, protect) -> str | None:
+    """Why the cache folder must not be written: it is (or is inside) an input of the run; None otherwise."""
+    try:
+        here = root.expanduser().resolve()
+        for p in protect:
+            held = Path(p).expanduser().resolve()
+            if here == held or held in here.parents:
+                return f"is inside an input of this run ({held}: the model source, data or recipe); never written"
+    except (OSError, RuntimeError):  # a symlink loop: _unusable says why
+        return None
+    return None
+
+
 def _unusable(root: Path) -> str | None:
     """Why the cache folder cannot be used (not a folder, not writable, read-only, nearly full), or None.
     Writes nothing that stays: an existing folder gets a probe file, removed at once; a missing one is
@@ -186,16 +200,17 @@ class BaselineCache:
 
     @classmethod
     def open(cls, enabled: bool = True, directory: str | Path | None = None, warn=None,
-             clean: bool = True) -> "BaselineCache":
+             clean: bool = True, protect=()) -> "BaselineCache":
         """Check :func:`check_cache_settings` (raises ``EnvironmentSettingError``), then the folder: one that
-        cannot be used (a file, read-only, not writable, disk full) is a one-line warning (``warn``, default
-        the console) and a disabled cache; a usable one is cleaned of ``.part`` debris of killed writers
-        (unless ``clean=False``: a dry run changes nothing)."""
+        cannot be used (a file, read-only, not writable, disk full, or one of ``protect`` — the run's inputs:
+        model source, data, recipe — or inside one) is a one-line warning (``warn``, default the console) and a
+        disabled cache; a usable one is cleaned of ``.part`` debris of killed writers (unless ``clean=False``:
+        a dry run changes nothing)."""
         check_cache_settings()
         cache = cls(enabled, Path(directory) if directory is not None else None)
         if not enabled:
             return cache
-        why = _unusable(cache.root)
+        why = _inside_input(cache.root, protect) or _unusable(cache.root)
         if why is not None:
             if warn is None:
                 from .progress import console

@@ -235,7 +235,7 @@ def cmd_push(opts) -> int:
 def cmd_apply(opts) -> int:
     from .policy import precheck
 
-    precheck(opts.recipe, out=opts.out or "", overwrite=opts.overwrite)
+    precheck(opts.recipe, out=opts.out or "", overwrite=opts.overwrite, verifying=False)  # apply writes no report
     from .runner import apply
 
     apply(opts)

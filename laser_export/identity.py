@@ -2,8 +2,8 @@
 
 :func:`model_identity` says what a loaded model is made of, by content, never by path or time:
 
-* a local folder: the SHA-256 of each file transformers loads (the weight files named by
-  ``model.safetensors.index.json``, else ``model.safetensors``, else the ``pytorch_model.bin`` index or file;
+* a local folder: the SHA-256 of each file transformers loads (``model.safetensors``, else the weight files
+  named by ``model.safetensors.index.json``, else the ``pytorch_model.bin`` file or index;
   other ``*.safetensors`` in the folder, e.g. a backup, are not loaded and not hashed), of the config,
   tokenizer and generation files (``*.json``, ``*.txt``, ``*.model``, ``*.jinja``, ``*.tiktoken``) and of the
   remote-code ``*.py`` files;
@@ -60,9 +60,19 @@ def file_sha256(path: str | Path, memo_dir: str | Path | None = None) -> str:
         digest = h.hexdigest()
         if _stat_key(path) != key:  # written to while we read it: do not memoise a mixture
             return digest
+        if memo_dir is not None and _within(path, Path(memo_dir)):
+            memo_dir = None  # never write the memo among the files it hashes (a cache pointed at the model)
         _write_sidecar(memo_dir, {**sidecar, key: digest})
     _memo[key] = digest
     return digest
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        folder = folder.expanduser().resolve()
+        return folder in path.resolve().parents
+    except (OSError, RuntimeError):
+        return True  # unresolvable: do not write there
 
 
 def _read_sidecar(memo_dir) -> dict:
@@ -94,19 +104,20 @@ def _still_there(key: str) -> bool:
 
 
 def weight_files(folder: str | Path) -> list[Path]:
-    """The weight files transformers loads from ``folder``: the shards an index names (safetensors first),
-    else ``model.safetensors``, else ``pytorch_model.bin``; else every ``*.safetensors`` / ``*.bin`` there."""
+    """The weight files transformers loads from ``folder``, in ``from_pretrained``'s order: ``model.safetensors``
+    (it wins over a stale index beside it), else the shards ``model.safetensors.index.json`` names, else
+    ``pytorch_model.bin``, else the shards of its index; else every ``*.safetensors`` / ``*.bin`` there."""
     folder = Path(folder)
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / single).is_file():
+            return [folder / single]
         if (folder / index).is_file():
             try:
                 shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
                 return [folder / s for s in shards]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass  # unreadable index: the loader fails on it; identify by what is there
-        if (folder / single).is_file():
-            return [folder / single]
     return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
 
 

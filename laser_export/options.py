@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import MISSING, dataclass, field, fields
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,6 +126,13 @@ def layers_syntax(value) -> str:
     return str(value)
 
 
+def file_path(value) -> Path:
+    """A path a file is written to: ``dir/`` (a trailing slash) names a folder, never a file called ``dir``."""
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise ValueError(f"{value!r} ends with '/', a folder; give a file path such as {value}report.json")
+    return Path(value)
+
+
 def non_empty(value) -> str:
     if not str(value).strip():
         raise ValueError("must not be empty")
@@ -181,7 +189,7 @@ _VERIFY = dict(
     limit=lambda: option(None, "score only the first N examples of the split (reported; can never satisfy a "
                          "claim)", check=positive_int, metavar="N"),
     report=lambda: option(None, "verify report JSON (default: reports/<name>.verify.json; a run also copies it "
-                          "into the export)", metavar="PATH"),
+                          "into the export)", metavar="PATH", check=file_path),
     prefix_cache=lambda: option(True, "score the reduced model with full forwards instead of replaying from the "
                                 "lowest reduced layer", flag="--no-prefix-cache"),
     baseline_cache=lambda: option(True, "score the baseline again instead of reading it from the baseline cache "

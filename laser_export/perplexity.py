@@ -46,6 +46,8 @@ def load_text(opts: PerplexityOptions) -> str:
                 return "\n\n".join(read_text(f, "perplexity.path") for f in txt)
         elif not p.exists():
             raise BenchmarkError(f"perplexity.path: {p} does not exist")
+        else:
+            raise BenchmarkError(f"perplexity.path: {p} is not a regular file or folder (a FIFO, device or socket)")
     from .benchmarks.hub import load_rows
 
     rows = load_rows("perplexity", opts.dataset, opts.config, opts.split, opts.path)

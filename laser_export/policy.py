@@ -1,7 +1,7 @@
 """The output policy: which paths laser-export may write, append to or replace. Every writer asks here.
 
 * :func:`check_output` — an export folder (``--out``): never the working directory, home or a parent
-  of them, never a folder holding the model source, the data or the recipe, never a non-empty folder
+  of them, never a folder holding the model source, the data or the recipe, or inside one of them, never a non-empty folder
   that is not a laser-export export, an existing export only with ``--overwrite``;
 * :func:`check_file_output` — one file we write (``--report``, search ``--out``/``--results``, sweep
   files): never a folder, a FIFO or device, a protected input (the model source or anything inside it,
@@ -104,6 +104,9 @@ def _check_not_protected(target: Path, shown: str, protect: Iterable[str | Path]
         held = _resolve(p, str(p))
         if folder and _inside(held, target):
             raise OutputError(f"{shown}: holds the model source or data ({held}); never replaced, choose a new folder")
+        if folder and _inside(target, held):
+            raise OutputError(f"{shown}: is inside an input of this run ({held}: the model source or data); never "
+                              "written, choose a folder elsewhere")
         if not folder and _inside(target, held):
             where = "is" if target == held else "is inside"
             raise OutputError(f"{shown}: {where} an input of this run ({held}: the model source, data, recipe or "
@@ -116,7 +119,7 @@ def check_output(
     """Check that an export may be written to ``out_dir``; return its resolved path. No side effects.
 
     Refused: the working directory or any parent of it, the home folder or any parent of it, a folder
-    that holds (or is) one of ``protect`` (the model source, the data), a file, a non-empty folder that
+    that holds, is or is inside one of ``protect`` (the model source, the data), a file, a non-empty folder that
     is not a laser-export export, an existing export without ``overwrite``, a parent that cannot be
     written. Raises :class:`OutputError` naming ``flag`` and the folder.
     """
@@ -133,7 +136,8 @@ def check_output(
         if nonempty:
             if not is_export(out):
                 raise OutputError(
-                    f"{shown}: exists, is not empty and is not a laser-export export (no {MANIFEST}); "
+                    f"{shown}: exists, is not empty and is not a laser-export export "
+                    f"({'its ' + MANIFEST + ' is not ours' if (out / MANIFEST).exists() else 'no ' + MANIFEST}); "
                     "it is never replaced, choose a new folder"
                 )
             if not overwrite:
@@ -154,6 +158,8 @@ def check_file_output(path: str | Path, flag: str, *, protect: Iterable[str | Pa
     shown = _shown(flag, path, target)
     if target.is_dir():
         raise OutputError(f"{shown}: is a folder; give a file path such as {Path(path) / 'report.json'}")
+    if str(path).endswith(("/", os.sep)):  # `dir/` names a folder: never a file called `dir`
+        raise OutputError(f"{shown}: ends with '/', a folder; give a file path such as {Path(path) / 'report.json'}")
     if target.exists() and not target.is_file():
         raise OutputError(f"{shown}: exists and is not a regular file (a FIFO, device or socket); never written")
     _check_not_protected(target, shown, protect, folder=False)

@@ -94,10 +94,12 @@ def _select(p: Plan, limit: int | None, progress: bool = True, tokenise: bool = 
 def _check_tokenisation(p: Plan, scorer: str, examples, progress: bool) -> None:
     """Tokenise the examples before the weights load (the tokenizer is kept for the load)."""
     from .evaluate import check_tokenisation
+    from .verify import check_perplexity_input
 
     with status("tokenising the examples", progress):
         p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
         check_tokenisation(scorer, p.tokenizer, examples)
+        check_perplexity_input(p)
 
 
 def _verify_writes(report: Path, n: int, cache) -> list[str]:
@@ -153,11 +155,12 @@ def _prepare_lm_eval(p: Plan, progress: bool, dry_run: bool = False):
         return prepare(p.recipe.lm_eval)
 
 
-def _open_cache(enabled: bool, dry_run: bool):
-    """The baseline cache, checked before any weights load (an unusable folder: a warning, no cache)."""
+def _open_cache(enabled: bool, dry_run: bool, protect=()):
+    """The baseline cache, checked before any weights load (an unusable folder, or one inside an input of the
+    run: a warning, no cache)."""
     from .baseline_cache import BaselineCache
 
-    cache = BaselineCache.open(enabled, clean=not dry_run)
+    cache = BaselineCache.open(enabled, clean=not dry_run, protect=protect)
     return cache if cache.enabled else None
 
 
@@ -191,6 +194,10 @@ def _execute(p: Plan, measure: _Measure | None, job, *, stream: bool = False, pr
 
         return None, export_streamed(job)
     loaded = load_model(p, progress=progress)
+    if job is not None and measure is not None:  # an export cast that overflows fails now, not after the verify
+        from .export.dtype import check_castable
+
+        check_castable(loaded.model, p.recipe.export.dtype)
     report = _measure_reduce(p, loaded, measure, progress)
     if report is not None:
         from .verify import print_report
@@ -227,7 +234,7 @@ def verify(opts: VerifyOptions) -> RunResult:
     p = plan(recipe, text)
     path, flag = _report_path(recipe.name, opts.report)
     check_report_path(path, flag, [*_protected(p), opts.recipe])
-    cache = _open_cache(opts.baseline_cache, opts.dry_run)
+    cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe])
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run)
     lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run)
     if opts.dry_run:
@@ -301,7 +308,7 @@ def run(opts: RunOptions) -> RunResult:
         check_report_path(report_path, flag, [*_protected(p), opts.recipe], out=out)
     console.print(f"[bold]{recipe.name}[/]: {p.family.name} from {p.source.describe()}, {count(len(p.targets), 'matrix', 'matrices')}, "
                   f"{recipe.storage}")
-    cache = _open_cache(opts.baseline_cache, opts.dry_run) if verifying else None
+    cache = _open_cache(opts.baseline_cache, opts.dry_run, [*_protected(p), opts.recipe]) if verifying else None
     selected = _select(p, opts.limit, opts.progress, not opts.dry_run) if verifying else None
     lm_eval = _prepare_lm_eval(p, opts.progress, opts.dry_run) if verifying else None
     if recipe.lm_eval is not None and not verifying:

@@ -159,11 +159,12 @@ def _gguf_matrices(source, sites: list[_Site], family, config) -> Iterator[tuple
 
 def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> dict:
     """Scan ``opts.source``; returns (and writes to ``opts.out``) {source, model_type, rhos, matrices: [...]}."""
-    from .atomic import write_json
+    from .atomic import clean_part_debris, write_json
     from .progress import bar
     from .sources import check_config, family_of, resolve_source
     from .stream import meta_model  # noqa: F401 - fail early if accelerate is missing
 
+    check_outputs(opts)
     source = resolve_source(opts.source, opts.revision)
     source.check_files()
     config = source.load_config(trust_remote_code=opts.trust_remote_code)
@@ -193,10 +194,27 @@ def scan(opts: ScanOptions, on_matrix: Callable[[dict], None] | None = None) -> 
               "model_type": config.model_type, "rhos": list(opts.rhos), "matrices": rows}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_part_debris(out.parent)  # .part files of killed scan writes
     write_json(out, result, indent=1)
     if opts.plot:
         result["plot"] = str(plot_scan(result, out.with_suffix(".png")))
     return result
+
+
+def check_outputs(opts: ScanOptions) -> None:
+    """The output policy for the scan JSON and its heatmap, before anything is read: never the source (a
+    local folder or file) or a file inside it, never a folder or a FIFO. Raises OutputError (exit 2)."""
+    from .policy import OutputError, check_file_output
+
+    local = Path(opts.source).expanduser()
+    held = [local] if local.exists() else []
+    check_file_output(opts.out, "--out", protect=held)
+    if opts.plot:
+        png = Path(opts.out).with_suffix(".png")
+        if png == Path(opts.out):
+            raise OutputError(f"--out {opts.out}: the heatmap goes to <out stem>.png, which would replace the scan "
+                              f"JSON; name the JSON otherwise (e.g. {png.with_suffix('.json')})")
+        check_file_output(png, f"--out ({png.name})", protect=held)
 
 
 def _base_prefix(config, family, trust_remote_code: bool) -> str:

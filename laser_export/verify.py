@@ -208,8 +208,10 @@ def _check_finite(side: str, metrics: dict, model, dtype: str | None) -> None:
         return
     weight = _first_nonfinite(model)
     where = f"weight {weight} holds inf/NaN" if weight else f"the activations overflow in {dtype}"
+    advice = ("load the model in float32 or bfloat16 (model.dtype)" if dtype in ("float16", None)
+              else f"the checkpoint itself is not usable as loaded in {dtype}")
     raise ScoresNotFinite(f"{side} pass: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite ({where}); "
-                          "nothing is reported: load the model in float32 or bfloat16 (model.dtype)")
+                          f"nothing is reported: {advice}")
 
 
 def report_model(p: Plan) -> dict:
@@ -298,6 +300,7 @@ class Measurement:
             "delta": delta,
             "claims": claims,
             "interventions": self.loaded.entries,
+            "reduction": p.recipe.reduction.model_dump(),  # how they were reduced (apply --report compares it)
             "passed": bool(claims) and all(c["passed"] for c in claims),
             "scorer": self.scorer,
             "dtype": {"weights": p.loaded_dtype, "compute": p.compute_dtype},
@@ -363,7 +366,59 @@ def load_report(path: Path, p: Plan) -> dict:
     ivs = [(e.get("layer"), e.get("matrix")) for e in report.get("interventions") or [] if isinstance(e, dict)]
     if ivs != planned:
         raise RecipeError([f"--report: {path} measured other interventions than the recipe's; verify it again"])
+    if report.get("reduction") != recipe.reduction.model_dump():  # another SVD gives other factors
+        raise RecipeError([f"--report: {path} measured matrices reduced with {report.get('reduction')!r}, this recipe "
+                           f"reduces with {recipe.reduction.model_dump()!r}; verify the recipe again"])
+    _check_report_claims(path, report, p)
     return report
+
+
+def _check_report_claims(path: Path, report: dict, p: Plan) -> None:
+    """The report verified this recipe's claims (metric, claimed values, tolerance) on this recipe's benchmark
+    split (name, split, seed, validation fraction, subsample), else RecipeError: the card shows the report's
+    claims next to the recipe it embeds."""
+    from .recipe import RecipeError
+
+    recipe, bench = p.recipe, p.recipe.benchmark
+    want = [] if recipe.claims is None else [
+        [f"{side}.accuracy", bench.metric, claim.accuracy, recipe.claims.tolerance]
+        for side, claim in (("baseline", recipe.claims.baseline), ("reduced", recipe.claims.reduced))]
+    got = [[c.get(k) for k in ("name", "metric", "claimed", "tolerance")]
+           for c in report.get("claims") or [] if isinstance(c, dict)]
+    if got != want:
+        def brief(claims):
+            return ", ".join(f"{n} {m} {c} ±{t}" for n, m, c, t in claims) or "none"
+
+        raise RecipeError([f"--report: {path} verified other claims ({brief(got)}) than this recipe makes "
+                           f"({brief(want)}); verify the recipe again"])
+    measured = report.get("benchmark") if isinstance(report.get("benchmark"), dict) else {}
+    split_keys = () if bench is None or bench.split == "all" else ("seed", "validation_fraction")  # all: no split
+    for key in ("name", "split", "subsample", *split_keys):
+        here = getattr(bench, key) if bench is not None else None
+        if bench is not None and measured.get(key) != here:
+            raise RecipeError([f"--report: {path} measured benchmark.{key} {measured.get(key)!r}, this recipe's is "
+                               f"{here!r}; verify the recipe again"])
+    if bench is not None:
+        _check_report_examples(path, measured, p)
+
+
+def _check_report_examples(path: Path, measured: dict, p: Plan) -> None:
+    """The report scored the examples this recipe's data gives (their SHA-256, with the report's --limit), else
+    RecipeError: the same benchmark name and split over another data file are other numbers. Where the data cannot
+    be read here (apply runs where the data is not), one line says the examples were not compared."""
+    from .benchmarks import BenchmarkError
+    from .recipe import RecipeError
+
+    try:
+        _, info = select_examples(p, measured.get("limit"))
+    except BenchmarkError as err:
+        console.print(f"[yellow]--report: the examples it scored were not compared with this recipe's data "
+                      f"({' '.join(str(err).split())[:200]})[/]")
+        return
+    if measured.get("examples_sha256") != info["examples_sha256"]:
+        raise RecipeError([f"--report: {path} scored other examples (sha256 {str(measured.get('examples_sha256'))[:12]}) "
+                           f"than this recipe's data gives ({info['examples_sha256'][:12]}, "
+                           f"{p.recipe.benchmark.path or p.recipe.benchmark.name}); verify the recipe again"])
 
 
 def check_report_json(report: dict, where: str) -> None:
@@ -377,18 +432,35 @@ def check_report_json(report: dict, where: str) -> None:
     walk(report, "")
 
 
+def _perplexity_ids(p: Plan, tokenizer, context: int):
+    """(token ids, options) of the recipe's perplexity text; BenchmarkError naming perplexity when the text
+    cannot be read or has fewer than 2 tokens."""
+    from .perplexity import PerplexityOptions, load_text, token_ids
+
+    spec = p.recipe.perplexity
+    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
+                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
+    ids = token_ids(tokenizer, load_text(opts), opts.max_tokens)
+    if len(ids) < 2:
+        where = f"perplexity.path {spec.path}" if spec.path is not None else f"perplexity: {spec.dataset}"
+        raise BenchmarkError(f"{where}: the text has {len(ids)} tokens; perplexity needs at least 2")
+    return ids, opts
+
+
+def check_perplexity_input(p: Plan) -> None:
+    """The recipe's perplexity text read and tokenised with the plan's tokenizer before the weights load: a
+    missing, non-UTF-8, non-regular or too short text fails here, not after loading (runner._select)."""
+    if p.recipe.perplexity is not None and p.tokenizer is not None:
+        _perplexity_ids(p, p.tokenizer, p.recipe.perplexity.context)
+
+
 def _perplexity_input(p: Plan, loaded: Loaded):
     """Token ids and options of the recipe's perplexity measurement (None when it has none)."""
     spec = p.recipe.perplexity
     if spec is None:
         return None, None
-    from .perplexity import PerplexityOptions, load_text, token_ids
-
     max_pos = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None) or spec.context
-    context = min(spec.context, max_pos)
-    opts = PerplexityOptions(dataset=spec.dataset, config=spec.config, split=spec.split, path=spec.path,
-                             max_tokens=spec.max_tokens, context=context, stride=min(spec.stride, context))
-    return token_ids(loaded.tokenizer, load_text(opts), opts.max_tokens), opts
+    return _perplexity_ids(p, loaded.tokenizer, min(spec.context, max_pos))
 
 
 def _measure_perplexity(loaded: Loaded, ids, opts, progress: bool) -> dict:

@@ -479,6 +479,8 @@ CASES: list[Case] = [
          recipe=DATA('{"prompt": "p", "choices": ["a", "a", "b"], "label": 1}\n')),
     Case("data-answer-tokenises-to-nothing", X, "example 'line1': answer/choice '~' tokenises to nothing",
          recipe=lambda c: {**DATA('{"prompt": "w4 w5", "answer": "~"}\n' * 2)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
+    Case("data-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing and the tokenizer adds no BOS",
+         recipe=lambda c: {**DATA('{"prompt": "~", "answer": "w5"}\n' * 4)(c), "model": {"source": _tokenizer_drops(c, "~")}}),
     Case("data-prompt-too-long", X, "example 'line1': prompt is 1,000,001 characters (limit 1,000,000",
          recipe=DATA('{"prompt": "%s", "answer": "w5"}\n' % ("w" * 1_000_001))),
     Case("data-line-too-long", X, "d.jsonl:1: line longer than 16 MiB",
@@ -626,7 +628,7 @@ CASES: list[Case] = [
     Case("out-symlink-loop", X, "cannot be resolved", setup=lambda c: os.symlink("out", c.out), new=("out",)),
     Case("out-manifest-fifo-overwrite", X, "is not a laser-export export",
          setup=lambda c: (c.out.mkdir(), os.mkfifo(c.out / "manifest.json")), argv=run_args("--overwrite"), new=("out/manifest.json",)),
-    Case("out-manifest-deeply-nested", X, "is not a laser-export export",
+    Case("out-manifest-deeply-nested", X, "is not a laser-export export (its manifest.json is not ours)",
          setup=lambda c: (c.out.mkdir(), (c.out / "manifest.json").write_text("[" * 100000 + "]" * 100000)), argv=run_args("--overwrite")),
     Case("recipe-fifo", X, "is not a regular file (a FIFO", setup=lambda c: (c.recipe.unlink(), os.mkfifo(c.recipe)),
          new=("r.yaml",)),
@@ -668,11 +670,51 @@ CASES: list[Case] = [
     Case("search-template-is-out", X, "is an input of this run",
          argv=lambda c: ["search", "--template", str(c.recipe), "--benchmark-path", str(c.ws / "data" / "bench.jsonl"),
                          "--out", str(c.recipe)]),
+    Case("search-out-trailing-slash", X, "ends with '/', a folder", argv=lambda c: SEARCH(c)[:-2] + ["--out", str(c.tmp / "newdir") + "/"]),
+    Case("report-trailing-slash", X, "ends with '/', a folder", recipe=B(),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "reps") + "/"]),
     Case("search-name-bad", X, "--name:", argv=lambda c: SEARCH(c, "--name", "../x")),
     Case("search-name-too-long", X, "--name:", argv=lambda c: SEARCH(c, "--name", "n" * 300)),
     Case("search-svd-cache-inf", X, "--svd-cache-gb: expected a finite number >= 0, got inf",
          argv=lambda c: SEARCH(c, "--svd-cache-gb", "inf")),
+    # ---- issue 21 re-trial (H12): what still failed late or wrote where it must not
+    Case("search-prompt-tokenises-to-nothing", X, "prompt tokenises to nothing", argv=lambda c: [
+        "search", "--model", _tokenizer_drops(c, "~"), "--benchmark", "jsonl", "--benchmark-path", _tilde_data(c),
+        "--out", str(c.tmp / "found.yaml"), "--layers", "2", "--matrices", "fc_in", "--rhos", "0.5"]),
+    Case("scan-out-is-model-config", X, "is inside an input of this run",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.ws / "llama" / "config.json")]),
+    Case("scan-out-in-model", X, "is inside an input of this run",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.ws / "llama" / "scan.json")]),
+    Case("scan-plot-is-the-gguf-source", X, "--out (x.png)",
+         setup=lambda c: (c.tmp / "x.png").write_bytes(b"GGUF"),
+         argv=lambda c: ["scan", str(c.tmp / "x.png"), "--out", str(c.tmp / "x.json")]),
+    Case("scan-out-is-its-own-heatmap", X, "would replace the scan JSON",
+         argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp / "x.png")]),
+    Case("scan-out-is-a-folder", X, "is a folder", argv=lambda c: ["scan", str(c.ws / "llama"), "--out", str(c.tmp)]),
+    Case("out-inside-source", X, "is inside an input of this run", argv=lambda c: [str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
+    Case("apply-out-inside-source", X, "is inside an input of this run",
+         argv=lambda c: ["apply", str(c.recipe), "--out", str(c.ws / "llama" / "sub")]),
+    Case("works-apply-out-reports", 0, "exported", recipe=B(), argv=lambda c: ["apply", str(c.recipe), "--out", "reports"],
+         new=("reports", "reports/*")),  # apply writes no report: reports/<name>.verify.json is no reason to refuse
+    Case("search-out-is-the-scan", X, "is an input of this run", setup=lambda c: (c.tmp / "scan.json").write_text("{}"),
+         argv=lambda c: SEARCH(c)[:-2] + ["--from-scan", str(c.tmp / "scan.json"), "--out", str(c.tmp / "scan.json")]),
+    Case("perplexity-one-token", X, "p.txt: the text has 1 tokens; perplexity needs at least 2",
+         recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: (c.tmp / "p.txt").write_text("w4\n"),
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("perplexity-missing", X, "perplexity.path: ", recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "no.txt")}},
+         argv=lambda c: ["verify", str(c.recipe), "--report", str(c.tmp / "rep.json")]),
+    Case("perplexity-fifo", X, "perplexity.path: ", recipe=lambda c: {**B()(c), "perplexity": {"path": str(c.tmp / "p.txt")}},
+         setup=lambda c: os.mkfifo(c.tmp / "p.txt"), argv=lambda c: [str(c.recipe), "--out", str(c.out), "--report", str(c.tmp / "rep.json")]),
 ]
+
+
+def _tilde_data(c: Ctx) -> str:
+    """Benchmark data whose every fourth prompt is '~' (a tokenizer that drops '~' makes it empty)."""
+    path = c.tmp / "tilde.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "~" if i % 4 == 0 else f"w{4 + i} w5", "answer": "w6"}) + "\n"
+                            for i in range(24)))
+    return str(path)
 
 
 #: case-id prefixes whose error must come before any weights load (load_model raises in those tests)
@@ -680,7 +722,7 @@ BEFORE_WEIGHTS = ("recipe-", "layer-", "rho-", "neither-", "rank-zero", "rank-to
                   "reduction-", "benchmark-", "metric-", "validation-", "batch-", "split-", "subsample-", "claim",
                   "export-", "shard-", "hub-repo", "onnx-", "model-", "trust-", "num-layers", "source-", "data-",
                   "counterfact-", "bigbench-", "limit-", "out-", "report-", "verify-no", "verify-report-is", "push-",
-                  "run-", "dry-run", "apply-", "env-", "search-")
+                  "run-", "dry-run", "apply-", "env-", "search-", "perplexity-", "scan-")
 
 
 def SEARCH(c: Ctx, *extra):
@@ -732,9 +774,11 @@ def test_hostile(case: Case, ws, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # default out/ and reports/ would land here and be seen
     ctx, argv = _prepare(case, ws, tmp_path, monkeypatch)
     if case.id.startswith(BEFORE_WEIGHTS):  # these must be refused before any weights load
+        import laser_export.pipeline as pipeline
         import laser_export.runner as runner
 
         monkeypatch.setattr(runner, "load_model", _raiser(lambda: AssertionError("weights were loaded")))
+        monkeypatch.setattr(pipeline, "load_model", _raiser(lambda: AssertionError("weights were loaded")))  # search
     ws_before = _snapshot(ws)
     tmp_before = _snapshot(tmp_path)
     try:

@@ -44,6 +44,8 @@ def test_weight_files_are_what_transformers_loads(tmp_path):
     assert "model-backup.safetensors" not in a["files"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= set(a["files"])
     (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-backup.safetensors"}}))
+    assert weight_files(m) == [m / "model.safetensors"]  # from_pretrained takes model.safetensors before an index
+    (m / "model.safetensors").unlink()
     assert weight_files(m) == [m / "model-backup.safetensors"]
 
 

@@ -325,3 +325,34 @@ def test_streamed_apply_of_fused_blocks_equals_the_in_memory_export(exported, tm
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "st").eval()(x).logits,
                                    AutoModelForCausalLM.from_pretrained(tmp_path / "mem").eval()(x).logits,
                                    rtol=0, atol=1e-5)  # the weights are equal (above); the loads' round-off differs
+
+
+@pytest.mark.slow  # a clean venv and a subprocess load
+def test_remote_code_loads_a_factorised_modernbert_export(tmp_path, clean_python):
+    """ModernBERT (masked LM, fused Wqkv / Wi row blocks) factorised: the shipped remote code loads it through
+    AutoModelForMaskedLM in a Python without laser-export, with the dense export's logits."""
+    import transformers
+    from cleanenv import run_clean
+
+    save_tiny("modernbert", tmp_path / "src")
+    ivs = [{"layer": 1, "matrix": "fc_in", "rank": 4}, {"layer": 2, "matrix": "v", "rank": 3}]
+    for storage in ("dense", "factorised"):
+        (tmp_path / f"{storage}.yaml").write_text(yaml.safe_dump({"name": "x", "model": {"source": str(tmp_path / "src")},
+                                                                  "interventions": ivs, "storage": storage}))
+        apply(ApplyOptions(tmp_path / f"{storage}.yaml", out=tmp_path / storage, progress=False))
+    x = tiny_inputs()
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = f"""
+import numpy, sys, torch, transformers
+m = transformers.AutoModelForMaskedLM.from_pretrained({str(tmp_path / 'factorised')!r}, trust_remote_code=True).eval()
+assert 'laser_export' not in sys.modules, 'laser_export imported'
+print('CLASS', type(m).__name__)
+with torch.no_grad():
+    numpy.save({str(tmp_path / 'out.npy')!r}, m(torch.from_numpy(numpy.load({str(tmp_path / 'x.npy')!r}))).logits.numpy())
+"""
+    res = run_clean(clean_python, code, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "CLASS Laser" in res.stdout, res.stdout
+    with torch.no_grad():
+        dense = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "dense").eval()(x).logits.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), dense, rtol=0, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import string
 import types
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -288,3 +289,15 @@ def test_unsupported_architectures_are_named(tmp_path):
 def test_sample_texts_must_make_a_padded_batch(llama_dense):
     with pytest.raises(ValueError, match="different lengths"):
         check_onnx_parity(llama_dense.model, char_tokenizer(), llama_dense.path, sample_texts=["abc", "xyz"])
+
+
+def test_the_graph_names_no_local_path(llama_dense):
+    """Issue 21 (no leaks): torch.onnx records each node's Python stack trace (pkg.torch.onnx.stack_trace), with
+    the absolute paths of the local environment's files (e.g. a venv under the home folder); the export (pushed
+    as is) drops them."""
+    import os
+
+    data = b"".join(p.read_bytes() for p in llama_dense.out.rglob("*") if p.is_file())
+    assert b"pkg.torch.onnx.stack_trace" not in data
+    for local in (os.path.dirname(torch.__file__), os.path.dirname(tf.__file__), str(Path.home())):
+        assert local.encode() not in data, local

@@ -27,11 +27,9 @@ def _overflows(model: nn.Module, dtype: torch.dtype) -> list[str]:
     return bad
 
 
-def cast_for_export(model: nn.Module, dtype: str | None) -> str:
-    """Cast ``model`` in place to ``dtype`` (None: keep the loaded dtype); return the export dtype.
-
-    A cast that would turn a finite weight into inf/NaN is refused (RecipeError naming ``export.dtype`` and the
-    tensors) before anything is changed or written."""
+def check_castable(model: nn.Module, dtype: str | None) -> None:
+    """RecipeError naming ``export.dtype`` and the tensors when casting ``model`` to ``dtype`` would turn a finite
+    weight into inf/NaN. Checked right after loading (before a verify spends its time) and again at the cast."""
     current = model_dtype(model)
     target = dtype or current
     if target != current:
@@ -40,6 +38,16 @@ def cast_for_export(model: nn.Module, dtype: str | None) -> str:
             raise RecipeError([f"export.dtype: {target}: " + "; ".join(bad[:5])
                                + (f" (and {len(bad) - 5} more)" if len(bad) > 5 else "")
                                + f"; keep {current} (remove export.dtype) or use bfloat16"])
+
+
+def cast_for_export(model: nn.Module, dtype: str | None) -> str:
+    """Cast ``model`` in place to ``dtype`` (None: keep the loaded dtype); return the export dtype.
+
+    A cast that would turn a finite weight into inf/NaN is refused (:func:`check_castable`) before anything is
+    changed or written."""
+    check_castable(model, dtype)
+    target = dtype or model_dtype(model)
+    if target != model_dtype(model):
         model.to(DTYPES[target])
     return target
 

@@ -337,6 +337,7 @@ def _export_graph(model, task: str, with_past: bool, opset: int, path: Path) -> 
         ) from err
     program = exported.program
     _rename_io(program.graph, task, with_past)
+    _drop_stack_traces(program)
     external = _initializer_bytes(program) > EXTERNAL_DATA_THRESHOLD
     for stale in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
         stale.unlink(missing_ok=True)
@@ -345,6 +346,20 @@ def _export_graph(model, task: str, with_past: bool, opset: int, path: Path) -> 
     else:
         ir.save(program, str(path))
     return external
+
+
+#: node metadata torch.onnx records: the Python stack of each node, with the absolute paths of the local
+#: environment's source files (e.g. a virtual environment under the home folder); never published
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _drop_stack_traces(program) -> None:
+    """Remove :data:`STACK_TRACE_KEY` from every node (graph, subgraphs, functions) of an onnx_ir model."""
+    import onnx_ir as ir
+
+    for graph in (program.graph, *program.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def _tolerance(dtype: str, tolerance: float, max_abs_logit: float) -> float:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from .. import stats
 from ..architectures import num_layers
-from ..atomic import write_json
+from ..atomic import clean_part_debris, write_json
 from ..recipe import RecipeError, load_recipe, parse_recipe
 from .compose import selection_key
 from .grid import Candidate, parse_layers, parse_matrices, parse_rhos, rho_label, set_key
@@ -160,7 +160,7 @@ def check_outputs(opts: SearchOptions, protect: Sequence[str | Path] = ()) -> No
 
     if opts.name is not None and (why := check_name(opts.name)):
         raise RecipeError([f"--name: {why}"])
-    held = [*protected_inputs(None, opts.template, *_names(opts.benchmark_path)), *protect]
+    held = [*protected_inputs(None, opts.template, opts.from_scan, *_names(opts.benchmark_path)), *protect]
     if opts.model and Path(opts.model).expanduser().exists():
         held.append(Path(opts.model).expanduser())
     if opts.template:
@@ -218,6 +218,17 @@ def _check_scorer(p) -> None:
                            "which search does not support yet (verify does)"])
 
 
+def _check_tokenisation(p, examples) -> None:
+    """Every example the search scores, tokenised before the weights load (a prompt or answer that tokenises
+    to nothing fails here, not after the sweep); the tokenizer is kept for the load."""
+    from ..evaluate import check_tokenisation
+    from ..progress import console
+
+    with console.status("tokenising the examples"):
+        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+        check_tokenisation("causal", p.tokenizer, examples)
+
+
 def prepare(opts: SearchOptions) -> _Prepared:
     """Plan (no weights), grid, benchmark split and the run key: every input problem fails here."""
     import yaml
@@ -252,6 +263,8 @@ def prepare(opts: SearchOptions) -> _Prepared:
     tasks = _tasks(opts, p, bench, split, validation)
     if tasks:
         validation = [ex for t in tasks for ex in t.validation]
+    tests = [] if opts.skip_test else [ex for t in tasks for ex in t.split.test] if tasks else split.test
+    _check_tokenisation(p, [*validation, *tests])
     with console.status("identifying the weights"):
         identity = weights_identity(p.source, memo_dir=memo_dir_if_present())
     key = run_key(weights=identity, dtype=p.recipe.model.dtype, libraries=library_versions(),
@@ -419,6 +432,7 @@ def search(opts: SearchOptions) -> SearchOutcome:
              "results_file": str(pr.log.path), **result.to_json(), "test": test}
     json_path = pr.stem.parent / f"{pr.stem.name}.sweep.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
+    clean_part_debris(json_path.parent)  # .part files of killed search writes (the recipe, sweep files go here)
     write_json(json_path, sweep, indent=1, newline=False)
     png = plot_sweep(result, pr.stem.parent / f"{pr.stem.name}.sweep.png", metric=opts.plot_metric,
                      model=model_stem(source), benchmark=bench["name"])
