@@ -72,6 +72,8 @@ class SourceInfo(_Artifact):
     model_type: str | None = None
     base_model: str | None = Field(None, description="Hub id of the original model")
     license: str | None = None
+    language: str | list[str] | None = Field(None, description="model.language, else the source model card's "
+                                             "`language` (ISO 639 codes)")
     dtype: str | None = Field(None, description="dtype the weights were loaded (and reduced) in")
     format: Literal["gguf", "transformers"] | None = Field(None, description="file format of the source")
     gguf_file: str | None = None

@@ -470,3 +470,34 @@ def test_no_model_index_for_data_without_a_hub_id():
     _, meta = parse(card)
     assert "model-index" not in meta
     assert '"json"' not in str(card) and "type: json" not in str(card)
+
+
+def test_language_is_carried_from_the_source_model_card(tmp_path):
+    """issue 16: `language` carried from the base model when known: a local source folder's own card (README.md
+    front matter) gives it to the export's manifest and card; `model.language` in the recipe wins; an invalid code
+    in the source card is ignored."""
+    import json
+
+    import yaml
+
+    from laser_export.cli import main
+    from tinymodels import save_tiny
+
+    save_tiny("llama", tmp_path / "m")
+    (tmp_path / "m" / "README.md").write_text("---\nlanguage:\n- en\n- fr\nlicense: apache-2.0\n---\n# base\n")
+
+    def export(name, **model):
+        recipe = {"name": name, "model": {"source": str(tmp_path / "m"), **model},
+                  "interventions": [{"layer": 1, "matrix": "fc_in", "rho": 0.5}]}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        assert main(["apply", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name), "--no-progress"]) == 0
+        card = (tmp_path / name / "README.md").read_text().split("---")[1]
+        return json.loads((tmp_path / name / "manifest.json").read_text())["model"]["language"], yaml.safe_load(card)
+
+    lang, meta = export("carried")
+    assert lang == ["en", "fr"] and meta["language"] == ["en", "fr"]
+    lang, meta = export("own", language="de")
+    assert lang == "de" and meta["language"] == "de"
+    (tmp_path / "m" / "README.md").write_text("---\nlanguage: English\n---\n")
+    lang, meta = export("invalid")
+    assert lang is None and "language" not in meta

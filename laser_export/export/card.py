@@ -313,7 +313,7 @@ def _card_data(ctx: CardContext) -> ModelCardData:
         base_model=base,
         base_model_relation=BASE_MODEL_RELATION if base else None,
         license=ctx.source.license or ctx.recipe.model.license,
-        language=ctx.recipe.model.language,
+        language=ctx.source.language or ctx.recipe.model.language,
         library_name="transformers",
         pipeline_tag=ctx.family.pipeline_tag if ctx.family else None,
         tags=tags,

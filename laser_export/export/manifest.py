@@ -48,10 +48,32 @@ def source_tensor_bytes(source) -> int | None:
         return None
 
 
+def card_language(source) -> str | list[str] | None:
+    """The ``language`` of the source's own model card (README.md front matter): a local folder's, or a Hub
+    source's from the local Hub cache (no download); None when absent, unreadable or not valid ISO 639 codes."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.repocard import metadata_load
+
+    from ..recipe import _language
+
+    card = None
+    if source.kind == "folder":
+        card = Path(source.location) / "README.md"
+    elif source.kind == "hub":
+        found = try_to_load_from_cache(source.location, "README.md", revision=source.revision)
+        card = Path(found) if isinstance(found, str) else None
+    try:
+        meta = metadata_load(card) if card is not None and card.is_file() else None
+        return _language((meta or {}).get("language"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def source_info(p) -> SourceInfo:
     m = p.recipe.model
     info = {"source": public_source(p.source), "revision": p.source.revision, "architecture": p.family.name,
             "model_type": p.config.model_type, "base_model": m.base_model, "license": m.license,
+            "language": m.language or card_language(p.source),
             "dtype": p.loaded_dtype or m.dtype, "tensor_bytes": source_tensor_bytes(p.source)}
     compute = getattr(p, "compute_dtype", None)
     if compute not in (None, p.loaded_dtype):  # model.compute_dtype, when it differs from the weights' dtype
