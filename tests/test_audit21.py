@@ -83,6 +83,7 @@ def test_identity_follows_model_safetensors_not_a_stale_index_beside_it(ws, tmp_
     assert weights_identity(str(src)) != before
 
 
+@pytest.mark.slow  # a verify, then `apply` in a fresh process (~5 s); CI runs the slow tests too
 def test_apply_report_of_old_weights_is_refused_with_a_stale_index_beside_them(ws, tmp_path, capsys):
     """apply --report: a report measured on other weights is refused, also when a stale index sits beside
     model.safetensors (before: exit 0, the card certified weights that were never measured)."""
@@ -135,6 +136,7 @@ def test_the_checksum_memo_is_never_written_among_the_files_it_hashes(ws, tmp_pa
 # ------------------------------------------------------- apply --report: the reduction is part of the interventions
 
 
+@pytest.mark.slow  # a verify, then `apply` in a fresh process (~5 s); CI runs the slow tests too
 def test_apply_report_measured_with_another_svd_is_refused(ws, tmp_path, capsys):
     """Before: a report measured with the exact SVD was accepted for a recipe that reduces with the randomized
     one (same layers, ranks and storage, other factors): the card certified matrices that were never measured."""
@@ -149,6 +151,7 @@ def test_apply_report_measured_with_another_svd_is_refused(ws, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a verify, then `apply` in a fresh process (~5 s); CI runs the slow tests too
 @pytest.mark.parametrize("change, fragment", [
     ({"claims": {"baseline": {"accuracy": 0.9}, "reduced": {"accuracy": 0.95}, "tolerance": 0.01}}, "verified other claims"),
     ({"benchmark": {"name": "jsonl", "split": "test", "seed": 3, "validation_fraction": 0.25, "batch_size": 8}},
@@ -221,6 +224,7 @@ def test_export_dtype_overflow_fails_before_the_verify(ws, tmp_path, capsys):
     assert not report.exists() and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow  # a verify, then `apply` in a fresh process (~5 s); CI runs the slow tests too
 def test_apply_report_of_other_examples_is_refused_and_missing_data_is_said(ws, tmp_path, capsys):
     """Same benchmark name, split and seed over another data file: the report scored other examples (before:
     accepted, the card showed numbers of other data). Where the data is not on the apply machine, one line says
