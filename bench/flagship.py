@@ -120,6 +120,16 @@ def build(folder: Path, config, dtype: torch.dtype, shard_bytes: int) -> int:
     return sum(t.nbytes for t in tensors)
 
 
+def gptj_checkpoint(work: Path, layers: int) -> tuple[Path, int]:
+    """``work/ckpt``: a GPT-J-shaped bf16 checkpoint of ``layers`` blocks, built once and reused (the other
+    benches' starting point); returns (folder, tensor bytes on disk)."""
+    src = work / "ckpt"
+    if not (src / "config.json").is_file():
+        print(f"building a {layers}-layer GPT-J-shaped bf16 checkpoint in {src} ...", flush=True)
+        build(src, gptj_config(layers), torch.bfloat16, 5 * 10**9)
+    return src, sum(f.stat().st_size for f in src.glob("*.safetensors"))
+
+
 def gptj_config(layers: int):
     from transformers import GPTJConfig
 

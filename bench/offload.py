@@ -55,17 +55,12 @@ def main() -> None:
     ap.add_argument("--disk-from", type=int, default=None, help="first block on disk (default: half the blocks)")
     ap.add_argument("--workdir", default="/work/flagship-tmp/offload")
     args = ap.parse_args()
-    import torch
     import yaml
 
     import flagship
 
     work = Path(args.workdir)
-    src = work / "ckpt"
-    if not (src / "config.json").is_file():
-        print(f"building a {args.layers}-layer GPT-J-shaped bf16 checkpoint in {src} ...", flush=True)
-        flagship.build(src, flagship.gptj_config(args.layers), torch.bfloat16, 5 * 10**9)
-    model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    src, model_bytes = flagship.gptj_checkpoint(work, args.layers)
     disk_from = args.layers // 2 if args.disk_from is None else args.disk_from
     plain = flagship.recipe(work, "inmemory", "gptj-counterfact", src, args.layers, dtype="bfloat16")
     data = yaml.safe_load(plain.read_text())

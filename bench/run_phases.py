@@ -107,16 +107,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--workdir", default="/work/flagship-tmp/phases")
     args = ap.parse_args()
-    import torch
-
     import flagship
 
     work = Path(args.workdir)
-    src = work / "ckpt"
-    if not (src / "config.json").is_file():
-        print(f"building a {args.layers}-layer GPT-J-shaped bf16 checkpoint in {src} ...", flush=True)
-        flagship.build(src, flagship.gptj_config(args.layers), torch.bfloat16, 5 * 10**9)
-    model_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    src, model_bytes = flagship.gptj_checkpoint(work, args.layers)
     recipe = flagship.recipe(work, "phases", "gptj-counterfact", src, args.layers, dtype="bfloat16")
     for d in ("plain", "out"):
         shutil.rmtree(work / d, ignore_errors=True)
