@@ -53,9 +53,38 @@ def _post(module: nn.Module, args, output):
         t.data = original
 
 
+#: a Linear with more weights than this computes in row blocks of :data:`BLOCK_ROWS` output features, so its
+#: compute-dtype copy is one block, not the whole matrix (GPT-J's 50400x4096 lm_head: 0.83 GB in float32)
+BIG_LINEAR = 1 << 27
+BLOCK_ROWS = 4096
+
+
+def _embedding_post(module: nn.Module, args, output):
+    """An embedding looks rows up in its own dtype; only the rows it returns are cast (exact: a lookup copies)."""
+    dtype = getattr(module, _MARK)[0]
+    return output.to(dtype) if torch.is_tensor(output) and output.is_floating_point() else output
+
+
+def _blocked_linear(module: nn.Linear):
+    """``module``'s forward in the compute dtype, one block of output features at a time."""
+    original = module.forward
+
+    def forward(x):
+        if torch.onnx.is_in_onnx_export():
+            return original(x)
+        dtype = getattr(module, _MARK)[0]
+        x, w, b = x.to(dtype), module.weight, module.bias
+        return torch.cat([torch.nn.functional.linear(x, w[i : i + BLOCK_ROWS].to(dtype),
+                                                     None if b is None else b[i : i + BLOCK_ROWS].to(dtype))
+                          for i in range(0, w.shape[0], BLOCK_ROWS)], dim=-1)
+
+    return forward
+
+
 def install(model: nn.Module, dtype: torch.dtype) -> int:
     """Hook every module that holds floating tensors of another dtype (idempotent; new modules, e.g. the
-    reduced ones, are hooked by calling it again). Returns how many modules were hooked now."""
+    reduced ones, are hooked by calling it again). An ``nn.Embedding`` casts only the rows it returns; an
+    ``nn.Linear`` over :data:`BIG_LINEAR` weights computes block by block. Returns how many modules were hooked."""
     n = 0
     for module in model.modules():
         if hasattr(module, _MARK):
@@ -63,7 +92,13 @@ def install(model: nn.Module, dtype: torch.dtype) -> int:
         own = [*module._parameters.values(), *module._buffers.values()]
         if not any(t is not None and t.is_floating_point() and t.dtype != dtype for t in own):
             continue
-        handles = (module.register_forward_pre_hook(_pre), module.register_forward_hook(_post, always_call=True))
+        if type(module) is nn.Embedding:
+            handles = (module.register_forward_hook(_embedding_post),)
+        elif type(module) is nn.Linear and module.weight.numel() > BIG_LINEAR and not module._forward_hooks:
+            module.forward = _blocked_linear(module)  # an instance attribute: nn.Module.__call__ finds it first
+            handles = ()
+        else:
+            handles = (module.register_forward_pre_hook(_pre), module.register_forward_hook(_post, always_call=True))
         object.__setattr__(module, _MARK, (dtype, handles))
         n += 1
     return n
@@ -75,3 +110,4 @@ def remove(model: nn.Module) -> None:
         if mark is not None:
             for h in mark[1]:
                 h.remove()
+            module.__dict__.pop("forward", None)  # a blocked Linear's own forward again

@@ -31,6 +31,37 @@ def test_fp16_weights_compute_in_fp32_exactly_and_stay_fp16(model_type):
         assert model(x).logits.dtype == torch.float16
 
 
+@pytest.mark.parametrize("model_type", ["gptj", "llama"])
+def test_big_linears_compute_block_by_block_and_embeddings_cast_only_their_rows(model_type, monkeypatch):
+    """The compute-dtype copy of a big Linear (GPT-J's lm_head: 0.83 GB in float32) is one block of rows at a time,
+    an embedding's only the rows it returns: same logits as the float32 model (blocks are whole output features:
+    each logit is the same dot product, up to the summation order), weights still fp16, and the modules' own
+    forward after remove()."""
+    monkeypatch.setattr(compute_dtype, "BIG_LINEAR", 0)  # every Linear blocked, in blocks of 7 rows
+    monkeypatch.setattr(compute_dtype, "BLOCK_ROWS", 7)
+    model = tiny_model(model_type).half()
+    reference = tiny_model(model_type).half().float()
+    x = tiny_inputs()
+    compute_dtype.install(model, torch.float32)
+    assert any("forward" in m.__dict__ for m in model.modules())
+    casts = []
+    real = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: (casts.append(tuple(t.shape)), real(t, *a, **k))[1])
+    with torch.no_grad():
+        got = model(x).logits
+    monkeypatch.setattr(torch.Tensor, "to", real)
+    whole = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+             and m.weight.shape[0] > 7}
+    assert not whole & set(casts), whole & set(casts)  # no whole matrix or embedding table was cast
+    with torch.no_grad():  # float32 either way; the blocks only change the BLAS's summation order (last bits)
+        torch.testing.assert_close(got, reference(x).logits, rtol=0, atol=1e-5)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    compute_dtype.remove(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert model(x).logits.dtype == torch.float16
+
+
 def test_resolve_auto_and_explicit():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     dtype, note = compute_dtype.resolve("auto", torch.float16, cpu)
