@@ -14,23 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from laser_export.cli import main
 from laser_export.export.readback import read_back
 from laser_export.export.checkpoint import ExportError
-from tinymodels import save_tiny
+from tinymodels import checkpoint_tensors, save_tiny
 
 WORDS = [f"w{i}" for i in range(4, 100)]
 
 
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def test_streamed_and_in_memory_exports_are_the_same_folder(ws, tmp_path, storag
     assert a == b and a["export_dtype"] == "float32" and a["model"]["source"] == "llama"
     assert (st / "README.md").read_text() == (mem / "README.md").read_text()
     assert 'from_pretrained("out"' in (st / "README.md").read_text() and str(ws) not in (st / "README.md").read_text()
-    ta, tb = _tensors(st), _tensors(mem)
+    ta, tb = checkpoint_tensors(st), checkpoint_tensors(mem)
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     files = lambda d: sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())  # noqa: E731
     assert files(st) == files(mem)
@@ -126,7 +119,7 @@ def test_stale_index_next_to_model_safetensors_streams_what_transformers_loads(w
     recipe = _recipe(tmp_path / "r.yaml", src)
     assert main(["apply", str(recipe), "--out", str(tmp_path / "st"), "--no-progress"]) == 0
     assert main(["apply", str(recipe), "--out", str(tmp_path / "mem"), "--in-memory", "--no-progress"]) == 0
-    ta, tb = _tensors(tmp_path / "st"), _tensors(tmp_path / "mem")
+    ta, tb = checkpoint_tensors(tmp_path / "st"), checkpoint_tensors(tmp_path / "mem")
     assert all(torch.equal(ta[k], tb[k]) for k in tb)
     assert torch.equal(ta["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
 

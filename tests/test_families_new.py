@@ -13,12 +13,11 @@ import pytest
 import torch
 import transformers
 import yaml
-from safetensors import safe_open
 
 from laser_export.architectures import family_for
 from laser_export.cli import main
 from laser_export.runner import ApplyOptions, apply
-from tinymodels import save_tiny, tiny_inputs
+from tinymodels import checkpoint_tensors, save_tiny, tiny_inputs
 
 PLAIN = ["olmo2", "granite", "smollm3"]
 
@@ -29,12 +28,6 @@ def _recipe(path: Path, source: Path, storage: str, ivs, **extra) -> Path:
     return path
 
 
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def _auto(model_type):
@@ -53,7 +46,7 @@ def test_streamed_apply_equals_in_memory_and_loads_back(tmp_path, model_type, st
     st = apply(ApplyOptions(recipe, out=tmp_path / "st", progress=False)).manifest
     assert mem["streamed"] is False and st["streamed"] is True
     assert mem["matrices"] == st["matrices"] and {e["storage"] for e in st["matrices"]} == {storage}
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "st")
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "st")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     x = tiny_inputs()
     with torch.no_grad():

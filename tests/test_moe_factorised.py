@@ -23,7 +23,7 @@ from laser_export.export.safetensors import checkpoint_tensor_bytes
 from laser_export.intervene import apply as apply_targets, plan_targets, reduce_model
 from laser_export.recipe import Intervention
 from laser_export.runner import ApplyOptions, apply
-from tinymodels import save_tiny, tiny_inputs, tiny_model
+from tinymodels import checkpoint_tensors, save_tiny, tiny_inputs, tiny_model
 
 FAMILIES = ["mixtral", "qwen3_moe", "phi3"]
 
@@ -295,11 +295,6 @@ def test_remote_code_loads_the_factorised_export_and_refuses_a_tampered_one(expo
 
 
 # ---- streaming apply of fused tensors ------------------------------------------------------------------------------
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 @pytest.mark.parametrize("storage", ["dense", "factorised"])
@@ -315,7 +310,7 @@ def test_streamed_apply_of_fused_blocks_equals_the_in_memory_export(exported, tm
     st = apply(ApplyOptions(recipe, out=tmp_path / "st", progress=False)).manifest
     assert mem["streamed"] is False and st["streamed"] is True
     assert mem["matrices"] == st["matrices"] and {e["storage"] for e in st["matrices"]} == {storage}
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "st")
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "st")
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     qc = [json.loads((tmp_path / f / "config.json").read_text()).get("quantization_config") for f in ("mem", "st")]

@@ -107,12 +107,8 @@ def test_sweep_metrics_match_scoring_a_reduced_model_directly(bench):
     assert abs(row["metrics"]["logprob"] - direct["logprob"]) <= 1e-5
 
 
-def test_resume_skips_measured_candidates_and_gives_same_choice(bench, tmp_path, monkeypatch):
-    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
-    val = _split(bench).validation
-    path = tmp_path / "results.jsonl"
-    kw = dict(layers=[1, 2], matrices=["fc_in", "fc_up"], rhos=[0.1, 0.3, 0.6], batch_size=4, compose=1, progress=False)
-
+def _count_scorings(monkeypatch) -> dict:
+    """Count calls of the scorer from now on: ``calls["n"]``."""
     calls = {"n": 0}
     real = evaluate.score_examples
 
@@ -121,6 +117,16 @@ def test_resume_skips_measured_candidates_and_gives_same_choice(bench, tmp_path,
         return real(*a, **k)
 
     monkeypatch.setattr(evaluate, "score_examples", counting)
+    return calls
+
+
+def test_resume_skips_measured_candidates_and_gives_same_choice(bench, tmp_path, monkeypatch):
+    model, tok, fam = tiny_model("llama"), tiny_tokenizer(), family_for("llama")
+    val = _split(bench).validation
+    path = tmp_path / "results.jsonl"
+    kw = dict(layers=[1, 2], matrices=["fc_in", "fc_up"], rhos=[0.1, 0.3, 0.6], batch_size=4, compose=1, progress=False)
+
+    calls = _count_scorings(monkeypatch)
     first = run_search(model, tok, fam, val, results=ResultsLog(path, "k1"), **kw)
     lines = path.read_text().splitlines()
     assert calls["n"] == 1 + 12  # capture/baseline + every candidate
@@ -308,14 +314,7 @@ def test_resume_is_keyed_by_the_weights_not_the_path(bench, tmp_path, monkeypatc
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(rows) == 1 + 4 and len({r["run"] for r in rows}) == 1
 
-    calls = {"n": 0}
-    real = evaluate.score_examples
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(evaluate, "score_examples", counting)
+    calls = _count_scorings(monkeypatch)
     assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
     assert calls["n"] == 0  # same weights: everything resumed
     first_sweep = json.loads((tmp_path / "found.sweep.json").read_text())
@@ -594,14 +593,7 @@ def test_resume_is_keyed_by_the_tokenizer_too(bench, tmp_path, monkeypatch):
     assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
     tok = folder / "tokenizer.json"
     tok.write_text(tok.read_text().replace('"w4":', '"x4":', 1))  # same size: only content tells
-    calls = {"n": 0}
-    real = evaluate.score_examples
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(evaluate, "score_examples", counting)
+    calls = _count_scorings(monkeypatch)
     assert cli.main(_search_argv(folder, bench, out, "--skip-test")) == 0
     assert calls["n"] == 1 + 4  # nothing reused
     rows = [json.loads(line) for line in (tmp_path / "found.search.jsonl").read_text().splitlines()]

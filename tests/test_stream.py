@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from laser_export.cli import main
 from laser_export.runner import ApplyOptions, apply
 from laser_export.stream import list_tensors
-from tinymodels import tiny_inputs, tiny_model, tiny_tokenizer
+from tinymodels import checkpoint_tensors, tiny_inputs, tiny_model, tiny_tokenizer
 
 
 def _source(folder: Path, model_type: str, dtype=torch.float32, shard="20KB"):
@@ -31,13 +30,6 @@ def _recipe(path: Path, source: Path, storage: str, ivs, **model):
     return path
 
 
-def _tensors(folder: Path) -> dict:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                out[k] = st.get_tensor(k)
-    return out
 
 
 CASES = [
@@ -59,7 +51,7 @@ def test_streamed_export_equals_in_memory_export(tmp_path, model_type, storage, 
     mem = apply(ApplyOptions(recipe, out=tmp_path / "mem", in_memory=True, progress=False)).manifest
     st = apply(ApplyOptions(recipe, out=tmp_path / "st", progress=False)).manifest
     assert mem["streamed"] is False and st["streamed"] is True
-    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "st")
+    a, b = checkpoint_tensors(tmp_path / "mem"), checkpoint_tensors(tmp_path / "st")
     assert set(a) == set(b)
     want = {"float32": torch.float32}.get(model_kw.get("dtype"), dtype)  # default: the checkpoint's own dtype
     assert {t.dtype for t in b.values() if t.is_floating_point()} == {want}
@@ -91,7 +83,7 @@ def test_streamed_export_equals_in_memory_export(tmp_path, model_type, storage, 
 def test_stream_reads_headers_only_and_cli_apply(tmp_path, capsys):
     src = _source(tmp_path / "src", "llama")
     listed = list_tensors(src)
-    assert {t.key for t in listed} == set(_tensors(src)) and len({t.file for t in listed}) > 1
+    assert {t.key for t in listed} == set(checkpoint_tensors(src)) and len({t.file for t in listed}) > 1
     recipe = _recipe(tmp_path / "r.yaml", src, "factorised", [{"layer": 2, "matrix": "fc_in", "rho": 0.1}])
     assert main(["apply", str(recipe), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     assert "streamed" in capsys.readouterr().err

@@ -91,3 +91,15 @@ def save_tiny(model_type: str, folder, seed: int = 0):
     masked = family_for(model.config.model_type).task == "masked-lm"
     (tiny_mlm_tokenizer() if masked else tiny_tokenizer()).save_pretrained(folder)
     return model
+
+
+def checkpoint_tensors(folder) -> dict:
+    """Every tensor of the ``*.safetensors`` files in ``folder`` (name -> tensor), files in name order."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
