@@ -46,6 +46,14 @@ def count_nonfinite(t: torch.Tensor) -> int:
     return total
 
 
+def first_nonfinite(named_tensors) -> tuple[str, int] | None:
+    """(name, count) of the first of ``named_tensors`` (e.g. ``model.named_parameters()``) holding inf/NaN."""
+    for name, t in named_tensors:
+        if bad := count_nonfinite(t):
+            return name, bad
+    return None
+
+
 def count_overflows(t: torch.Tensor, dtype: torch.dtype) -> int:
     """How many elements of ``t`` are finite now and inf/NaN once cast to ``dtype``."""
     if not t.is_floating_point() or t.device.type == "meta":

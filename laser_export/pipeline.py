@@ -180,10 +180,18 @@ def _check_formats(recipe: Recipe, family: Family, config) -> None:
         raise RecipeError(problems)
 
 
+def load_tokenizer(p: Plan):
+    """The source's tokenizer, loaded once per plan (the examples are tokenised with it before the weights load,
+    and the load reuses it)."""
+    if p.tokenizer is None:
+        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+    return p.tokenizer
+
+
 def load_model(p: Plan, progress: bool = True) -> Loaded:
     m = p.recipe.model
     with status(f"loading {p.source.describe()}", progress):
-        tokenizer = p.tokenizer or p.source.load_tokenizer(trust_remote_code=m.trust_remote_code)
+        tokenizer = load_tokenizer(p)
         model = p.source.load_model(p.family, m.dtype, trust_remote_code=m.trust_remote_code, device=m.device,
                                     device_map=m.device_map, offload_folder=m.offload_folder)
     p.loaded_dtype = str(model.dtype).removeprefix("torch.")
@@ -198,15 +206,15 @@ def _check_converted_finite(p: Plan, model) -> None:
     """Weights converted on load to a narrower dtype (``model.dtype: float16`` of a float32/bfloat16 checkpoint)
     hold inf where a value is beyond its range: a SourceError naming the first such weight and ``model.dtype``,
     before any scoring (it gave NaN log-probs). A checkpoint loaded in its own dtype is not read here."""
-    from .finite import count_nonfinite
+    from .finite import first_nonfinite
 
     stored = str(getattr(p.config, "dtype", None) or getattr(p.config, "torch_dtype", None) or "").removeprefix("torch.")
     if p.loaded_dtype != "float16" or stored in ("", "float16"):
         return
-    for name, t in model.named_parameters():
-        if bad := count_nonfinite(t):
-            raise SourceError(f"model.dtype: float16: {name} holds {bad} values beyond the float16 range once converted "
-                              f"from the checkpoint's {stored} (inf); load it in bfloat16 or float32")
+    if found := first_nonfinite(model.named_parameters()):
+        name, bad = found
+        raise SourceError(f"model.dtype: float16: {name} holds {bad} values beyond the float16 range once converted "
+                          f"from the checkpoint's {stored} (inf); load it in bfloat16 or float32")
 
 
 def _set_compute_dtype(p: Plan, model) -> None:

@@ -265,7 +265,7 @@ def clean_debris(out_dir: str | Path, *, dry_run: bool = False) -> list[str]:
     """
     out = _resolve(out_dir, f"--out {out_dir}")
     done = [f"the previous export {out} is at {path} (moved aside by a run that still runs, pid "
-            f"{path.name.split('.old-')[1].split('-')[0].split('t')[0]}); left as it is"
+            f"{_DEBRIS.match(path.name)['pid'].partition('t')[0]}); left as it is"
             for path, kind in find_debris(out, alive=True) if kind == "old" and not out.exists()]
     for path, kind in find_debris(out):
         if kind == "old" and (path / "old").is_dir() and not out.exists():

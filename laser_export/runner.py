@@ -94,11 +94,11 @@ def _select(p: Plan, limit: int | None, progress: bool = True, tokenise: bool = 
 def _check_tokenisation(p: Plan, scorer: str, examples, progress: bool) -> None:
     """Tokenise the examples before the weights load (the tokenizer is kept for the load)."""
     from .evaluate import check_tokenisation
+    from .pipeline import load_tokenizer
     from .verify import check_perplexity_input
 
     with status("tokenising the examples", progress):
-        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
-        check_tokenisation(scorer, p.tokenizer, examples)
+        check_tokenisation(scorer, load_tokenizer(p), examples)
         check_perplexity_input(p)
 
 

@@ -408,7 +408,9 @@ class StreamedWeights:
             streamed = stream_reduce(p, folder, StreamOptions(
                 p.recipe.export.max_shard_size, lambda key: bar.update(task, advance=1, description=key)))
         p.loaded_dtype = str(streamed.config.dtype).removeprefix("torch.")
-        tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
+        from .pipeline import load_tokenizer
+
+        tokenizer = load_tokenizer(p)
         tokenizer.save_pretrained(folder)
         checkpoint, auto_map = finish_checkpoint(folder, streamed.model, {**streamed.ranks, **streamed.fused},
                                                 streamed.expected)

@@ -191,23 +191,16 @@ class ScoresNotFinite(CheckFailed):
     """A scoring pass produced NaN/inf (e.g. float16 overflow): never reported as a measurement."""
 
 
-def _first_nonfinite(model) -> str | None:
-    from .finite import count_nonfinite
-
-    for name, t in model.named_parameters():
-        if count_nonfinite(t):
-            return name
-    return None
-
-
 def _check_finite(side: str, metrics: dict, model, dtype: str | None) -> None:
     """Every metric of the ``side`` pass is a finite number, else ScoresNotFinite naming the pass (and the first
     non-finite weight, when one is)."""
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if not bad:
         return
-    weight = _first_nonfinite(model)
-    where = f"weight {weight} holds inf/NaN" if weight else f"the activations overflow in {dtype}"
+    from .finite import first_nonfinite
+
+    found = first_nonfinite(model.named_parameters())
+    where = f"weight {found[0]} holds inf/NaN" if found else f"the activations overflow in {dtype}"
     advice = ("load the model in float32 or bfloat16 (model.dtype)" if dtype in ("float16", None)
               else f"the checkpoint itself is not usable as loaded in {dtype}")
     raise ScoresNotFinite(f"{side} pass: {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite ({where}); "

@@ -222,11 +222,11 @@ def _check_tokenisation(p, examples) -> None:
     """Every example the search scores, tokenised before the weights load (a prompt or answer that tokenises
     to nothing fails here, not after the sweep); the tokenizer is kept for the load."""
     from ..evaluate import check_tokenisation
+    from ..pipeline import load_tokenizer
     from ..progress import console
 
     with console.status("tokenising the examples"):
-        p.tokenizer = p.source.load_tokenizer(trust_remote_code=p.recipe.model.trust_remote_code)
-        check_tokenisation("causal", p.tokenizer, examples)
+        check_tokenisation("causal", load_tokenizer(p), examples)
 
 
 def prepare(opts: SearchOptions) -> _Prepared:
